@@ -1,0 +1,353 @@
+"""Calibration: forward hooks that gather per-layer input statistics.
+
+For every layer we keep, per weight group (grouped convs have several), the sum of input
+rows' outer products H = X^T X (float64) and the number of rows. Convolutions see their
+input unfolded into patches, so that W_2d @ patch is the layer's output. Wanda's input
+feature norms are sqrt(diag(H)).
+
+Two ways to run: `collect_stats` runs the whole model once with hooks on the chosen layers;
+`Sequential` walks a model block by block (SparseGPT's scheme): block k+1 sees the outputs of
+block k after it was pruned, and only one block's statistics live at a time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.layers import groups_of, is_hf_conv1d
+
+Batch = torch.Tensor | tuple | list | Mapping
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer: hessian[g] = sum of x x^T over input rows of group g."""
+
+    hessian: torch.Tensor  # (G, d, d) float64
+    rows: int
+
+    @property
+    def groups(self) -> int:
+        return self.hessian.shape[0]
+
+    def col_sq(self) -> torch.Tensor:
+        """Sum of squares of each input feature, (G, d): the square of Wanda's feature norm."""
+        return torch.diagonal(self.hessian, dim1=1, dim2=2)
+
+
+def _conv_padding(module: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Pad x as the conv would, returning the padded input (so unfold needs no padding)."""
+    k, d = module.kernel_size, module.dilation
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            pad = (0,) * dims
+            pairs = [(0, 0)] * dims
+        else:  # "same" (stride 1 only, as PyTorch requires)
+            pairs = []
+            for i in range(dims):
+                total = d[i] * (k[i] - 1)
+                pairs.append((total // 2, total - total // 2))
+    else:
+        pairs = [(p, p) for p in pad]
+    flat = []
+    for left, right in reversed(pairs):
+        flat += [left, right]
+    if not any(flat):
+        return x
+    mode = module.padding_mode if module.padding_mode != "zeros" else "constant"
+    return F.pad(x, flat, mode=mode)
+
+
+def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patches of a conv input as rows: (N*L, C_in*prod(k)) in the weight's memory order."""
+    dims = len(module.kernel_size)
+    if x.dim() == dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    x = _conv_padding(module, x, dims)
+    patches = x
+    for i in range(dims):
+        k, s, d = module.kernel_size[i], module.stride[i], module.dilation[i]
+        patches = patches.unfold(2 + i, d * (k - 1) + 1, s)
+        if d > 1:
+            patches = patches[..., ::d]
+    # patches: (N, C, L1..Ldims, k1..kdims) -> rows (N*L, C*k1*..*kdims)
+    n, c = patches.shape[:2]
+    spatial = patches.shape[2 : 2 + dims]
+    perm = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
+    rows = patches.permute(perm).reshape(n * math.prod(spatial), -1)
+    return rows
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows per group: (G, rows, d) such that out_g = rows_g @ W_g^T."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        rows = unfold_conv_input(module, x)
+    elif is_hf_conv1d(module):
+        rows = x.reshape(-1, module.weight.shape[0])
+    else:
+        rows = x.reshape(-1, module.in_features)
+    g = groups_of(module)
+    return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
+
+
+class StatsCollector:
+    """Hooks on a set of layers that accumulate LayerStats from every forward pass."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = dict(layers)
+        self.stats: dict[str, LayerStats] = {}
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(name)) for name, m in self.layers.items()
+        ]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            if x.numel() == 0:
+                raise PruneError(f"{name}: received an empty input during calibration")
+            rows = input_rows(module, x.float())
+            if not torch.isfinite(rows).all():
+                raise PruneError(
+                    f"{name}: its calibration input holds NaN or Inf; check the calibration data "
+                    f"and the layers before it"
+                )
+            h = torch.matmul(rows.transpose(1, 2), rows).double()
+            if name in self.stats:
+                self.stats[name].hessian += h
+                self.stats[name].rows += rows.shape[1]
+            else:
+                self.stats[name] = LayerStats(h, rows.shape[1])
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _check_batch(batch: Batch, index: int) -> None:
+    tensors = []
+    if isinstance(batch, torch.Tensor):
+        tensors = [batch]
+    elif isinstance(batch, Mapping):
+        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    elif isinstance(batch, (tuple, list)):
+        tensors = [v for v in batch if isinstance(v, torch.Tensor)]
+    else:
+        raise PruneError(
+            f"calibration batch {index} is a {type(batch).__name__}; give tensors, tuples of "
+            f"tensors (positional arguments) or dicts (keyword arguments)"
+        )
+    if not tensors or any(t.numel() == 0 for t in tensors):
+        raise PruneError(f"calibration batch {index} is empty")
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise PruneError(f"calibration batch {index} holds NaN or Inf")
+
+
+def run_batch(model: nn.Module, batch: Batch):
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(*batch)
+
+
+def as_batches(calib) -> list[Batch]:
+    """Calibration data as a list of batches: a tensor is one batch, an iterable is many."""
+    if calib is None:
+        return []
+    if isinstance(calib, (torch.Tensor, Mapping)):
+        batches = [calib]
+    elif isinstance(calib, Iterable):
+        batches = list(calib)
+    else:
+        raise PruneError(f"calibration data must be a tensor or an iterable of batches, "
+                         f"got {type(calib).__name__}")
+    if not batches:
+        raise PruneError("the calibration set is empty; give at least one batch")
+    for i, b in enumerate(batches):
+        _check_batch(b, i)
+    return batches
+
+
+def _forward(model: nn.Module, batches: Sequence[Batch], progress: Callable[[], None] | None):
+    for i, batch in enumerate(batches):
+        try:
+            run_batch(model, batch)
+        except PruneError:
+            raise
+        except _StopForward:
+            pass
+        except Exception as e:  # a mis-shaped batch: say which one and why
+            raise PruneError(f"calibration batch {i} could not run through the model: {e}") from e
+        if progress:
+            progress()
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Sequence[Batch],
+    progress: Callable[[], None] | None = None,
+) -> dict[str, LayerStats]:
+    """Run every batch through the model once and return each layer's LayerStats."""
+    with StatsCollector(layers) as col:
+        _forward(model, batches, progress)
+    missing = [n for n in layers if n not in col.stats]
+    if missing:
+        raise PruneError(f"layers never ran during calibration: {', '.join(missing[:5])}")
+    return col.stats
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The chain of blocks for sequential calibration.
+
+    With names or globs, the matching modules in registration order (nested matches are
+    dropped). Without, the longest nn.ModuleList in the model (transformers' layer lists).
+    """
+    named = list(model.named_modules())
+    if blocks:
+        chosen = [(n, m) for n, m in named if n and any(fnmatch.fnmatchcase(n, p) for p in blocks)]
+        chosen = [(n, m) for n, m in chosen
+                  if not any(n.startswith(o + ".") for o, _ in chosen if o != n)]
+        if not chosen:
+            raise PruneError(f"no module matches blocks={list(blocks)}")
+        return chosen
+    lists = [(n, m) for n, m in named if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        raise PruneError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks; pass blocks=[...] with the "
+            f"names or globs of the modules that run one after another (e.g. 'layer*.*')"
+        )
+    name, mod = max(lists, key=lambda nm: len(nm[1]))
+    return [(f"{name}.{i}", b) for i, b in enumerate(mod)]
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, block: str):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise PruneError(f"block {block} takes no positional input to replace with the previous "
+                     f"block's output; sequential calibration cannot chain it")
+
+
+class Sequential:
+    """Block-by-block calibration: yields each stage's layers with their statistics.
+
+    Stages are: layers that run before the first block, each block, then layers after the
+    last block. The caller prunes a stage's layers before asking for the next stage, so the
+    statistics of later stages are computed on the already-pruned model.
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module],
+                 batches: Sequence[Batch], blocks: Sequence[str] | None = None):
+        self.model, self.layers, self.batches = model, dict(layers), list(batches)
+        self.blocks = find_blocks(model, blocks)
+        self.block_layers = []
+        taken = set()
+        for bname, _ in self.blocks:
+            inner = {n: m for n, m in self.layers.items() if n.startswith(bname + ".")}
+            self.block_layers.append(inner)
+            taken |= set(inner)
+        self.outer = {n: m for n, m in self.layers.items() if n not in taken}
+
+    @torch.no_grad()
+    def _check_chained(self) -> None:
+        """On the first batch, each block's input must be the previous block's output."""
+        seen_in, seen_out = {}, {}
+        handles = []
+        for i, (_, b) in enumerate(self.blocks):
+            def pre(mod, args, kwargs, i=i):
+                x = args[0] if args else kwargs.get("hidden_states")
+                seen_in.setdefault(i, x)
+
+            def post(mod, args, out, i=i):
+                seen_out.setdefault(i, _first_output(out))
+
+            handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(b.register_forward_hook(post))
+        try:
+            _forward(self.model, self.batches[:1], None)
+        finally:
+            for h in handles:
+                h.remove()
+        for i in range(1, len(self.blocks)):
+            a, b = seen_out.get(i - 1), seen_in.get(i)
+            if a is None or b is None or a.shape != b.shape or not torch.allclose(a, b):
+                raise PruneError(
+                    f"blocks {self.blocks[i - 1][0]} and {self.blocks[i][0]} are not chained "
+                    f"(the second's input is not the first's output); sequential calibration "
+                    f"needs blocks that run one after another: pass blocks=[...]"
+                )
+
+    @torch.no_grad()
+    def _catch_block_inputs(self, collector_layers: Mapping[str, nn.Module]):
+        inputs = []
+
+        def catch(mod, args, kwargs):
+            inputs.append((args, kwargs))
+            raise _StopForward
+
+        handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with StatsCollector(collector_layers) as col:
+                _forward(self.model, self.batches, None)
+        finally:
+            handle.remove()
+        return inputs, col.stats
+
+    def stages(self, progress: Callable[[str], None] | None = None):
+        """Yield (stage name, {layer: module}, {layer: LayerStats}); prune before continuing."""
+        self._check_chained()
+        inputs, pre_stats = self._catch_block_inputs(self.outer)
+        if pre_stats:
+            yield "before blocks", {n: self.outer[n] for n in pre_stats}, pre_stats
+            inputs, _ = self._catch_block_inputs({})
+        done = set(pre_stats)
+        for (bname, block), layers in zip(self.blocks, self.block_layers):
+            if progress:
+                progress(bname)
+            if layers:
+                with StatsCollector(layers) as col:
+                    with torch.no_grad():
+                        for args, kwargs in inputs:
+                            block(*args, **kwargs)
+                yield bname, layers, col.stats
+                del col
+            with torch.no_grad():
+                inputs = [
+                    _replace_hidden(args, kwargs, _first_output(block(*args, **kwargs)), bname)
+                    for args, kwargs in inputs
+                ]
+        del inputs
+        rest = {n: m for n, m in self.outer.items() if n not in done}
+        if rest:
+            stats = collect_stats(self.model, rest, self.batches)
+            yield "after blocks", rest, stats

@@ -1,0 +1,90 @@
+"""Layer discovery and the 2-D weight view every method works on.
+
+Prunable: nn.Linear, nn.Conv1d/2d/3d (grouped too) and transformers' GPT-2 Conv1D (found by
+duck typing so transformers is not imported here). The 2-D view is (out, in) with, for convs,
+in = in_channels/groups * prod(kernel_size) in PyTorch's memory order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D: weight stored as (in, out), y = x @ W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, *_CONVS)) or is_hf_conv1d(module)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out, in) matrix (a view where the layout allows)."""
+    w = module.weight
+    if is_hf_conv1d(module):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write an (out, in) matrix back into the layer's own weight layout, in place."""
+    w = module.weight
+    with torch.no_grad():
+        if is_hf_conv1d(module):
+            w.copy_(matrix.t().to(w.dtype))
+        else:
+            w.copy_(matrix.reshape(w.shape).to(w.dtype))
+
+
+def groups_of(module: nn.Module) -> int:
+    return int(getattr(module, "groups", 1)) if isinstance(module, _CONVS) else 1
+
+
+def find_layers(
+    model: nn.Module,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    keep_first: bool = False,
+    keep_last: bool = False,
+) -> dict[str, nn.Module]:
+    """Prunable layers by name, in registration order, filtered by name globs.
+
+    keep_first / keep_last leave the first / last prunable layer (before filtering) dense,
+    as is common for stems and classifier heads.
+    """
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise PruneError("include and exclude take a list of name globs, not a single string")
+    all_layers = [(n, m) for n, m in model.named_modules() if is_prunable(m)]
+    if not all_layers:
+        raise PruneError(
+            f"{type(model).__name__} has no prunable layer (nn.Linear, nn.Conv1d/2d/3d or "
+            f"GPT-2 Conv1D)"
+        )
+    skip = set()
+    if keep_first:
+        skip.add(all_layers[0][0])
+    if keep_last:
+        skip.add(all_layers[-1][0])
+    chosen = {
+        n: m
+        for n, m in all_layers
+        if n not in skip
+        and any(fnmatch.fnmatchcase(n, p) for p in include)
+        and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    }
+    if not chosen:
+        names = ", ".join(n for n, _ in all_layers[:8])
+        raise PruneError(
+            f"no prunable layer matches include={list(include)} exclude={list(exclude)}; "
+            f"prunable layers are: {names}{' ...' if len(all_layers) > 8 else ''}"
+        )
+    return chosen

@@ -1,0 +1,25 @@
+"""Wanda (Sun et al. 2023): |W_ij| * ||X_j||_2, compared within each output row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.methods.base import PruneConfig, register
+
+
+@register
+@dataclass
+class Wanda(PruneConfig):
+    """Weight magnitude times input feature norm. The paper compares per output row, so the
+    default pattern is 'unstructured:row'; N:M and 1xN work too."""
+
+    pattern: str = "unstructured:row"
+
+    method = "wanda"
+    needs = "hessian"
+
+    def score(self, w, hessian, layer):
+        norms = torch.diagonal(hessian).clamp_min(0).sqrt().to(w.dtype)
+        return w.abs() * norms.unsqueeze(0)
