@@ -32,7 +32,8 @@ def sparsegpt_reference(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, p
             w = W1[:, i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:i + prunem] ** 2 / (torch.diag(Hinv1)[i:i + prunem].reshape((1, -1))) ** 2
+                d1 = torch.diag(Hinv1)[i:i + prunem].reshape((1, -1))
+                tmp = W1[:, i:i + prunem] ** 2 / d1**2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0

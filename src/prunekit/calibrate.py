@@ -221,7 +221,8 @@ class _StopForward(Exception):
     pass
 
 
-def find_blocks(model: nn.Module, blocks: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+def find_blocks(model: nn.Module, blocks: Sequence[str] | None = None
+                ) -> list[tuple[str, nn.Module]]:
     """The chain of blocks for sequential calibration.
 
     With names or globs, the matching modules in registration order (nested matches are

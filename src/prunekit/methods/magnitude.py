@@ -20,7 +20,8 @@ class Magnitude(PruneConfig):
 
     def __post_init__(self):
         if self.scope not in ("layer", "global"):
-            raise PruneError(f"Magnitude(scope=...) must be 'layer' or 'global', got {self.scope!r}")
+            raise PruneError(
+                f"Magnitude(scope=...) must be 'layer' or 'global', got {self.scope!r}")
 
     def score(self, w, hessian, layer):
         return w.abs()

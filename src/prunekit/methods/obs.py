@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.errors import PruneError
 from prunekit.methods.base import PruneConfig, cholesky_lower, damped_hessian, register
 from prunekit.patterns import NM, Unstructured
 
@@ -55,22 +54,23 @@ def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM
         if nm is not None:
             group_left = torch.full((b, d // nm.m), nm.m - nm.n)
         for t in range(k):
-            active = cnt > t
             scores = x.square() / diag
             scores.masked_fill_(removed, math.inf)
             if nm is not None:
                 scores.masked_fill_((group_left == 0).repeat_interleave(nm.m, dim=1), math.inf)
             p = torch.argmin(scores, dim=1)
-            losses[r1:r2, t] = torch.where(active, scores[ar, p] / 2, math.inf)
+            best = scores[ar, p]
+            active = (cnt > t) & torch.isfinite(best)  # rows done, or with nothing left
+            losses[r1:r2, t] = torch.where(active, best / 2, math.inf)
             col = hinv[p]  # row p of the current inverse = column p (symmetric)
             if t:
                 coef[:, 0, :t] = factors[ar, :t, p]
                 col.sub_(torch.bmm(coef[:, :, :t], factors[:, :t]).squeeze(1))
-            hpp = col[ar, p].clamp_min(torch.finfo(w.dtype).tiny)
+            hpp = torch.where(active, col[ar, p], 1.0).clamp_min(torch.finfo(w.dtype).tiny)
             step = torch.where(active, x[ar, p] / hpp, 0.0)
             x.sub_(step.unsqueeze(1) * col)
             x[ar[active], p[active]] = 0.0
-            c = col / hpp.sqrt().unsqueeze(1)
+            c = col * (active / hpp.sqrt()).unsqueeze(1)
             factors[:, t] = c
             diag.sub_(c.square())
             removed[ar[active], p[active]] = True

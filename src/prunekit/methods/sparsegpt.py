@@ -32,8 +32,9 @@ def inverse_cholesky_upper(h: torch.Tensor, layer: str, dampening: float) -> tor
     """
     flipped = torch.flip(h, dims=(0, 1)).contiguous()
     chol = cholesky_lower(flipped, layer, dampening)
-    lapack = scipy.linalg.lapack.strtri if chol.dtype == torch.float32 else scipy.linalg.lapack.dtrtri
-    inv, info = lapack(np.asfortranarray(chol.numpy()), lower=1)
+    lapack = scipy.linalg.lapack
+    trtri = lapack.strtri if chol.dtype == torch.float32 else lapack.dtrtri
+    inv, info = trtri(np.asfortranarray(chol.numpy()), lower=1)
     if info != 0:
         raise PruneError(f"{layer}: triangular inverse failed (info={info}); raise dampening")
     return torch.flip(torch.from_numpy(np.ascontiguousarray(inv)), dims=(0, 1)).contiguous()
@@ -48,7 +49,8 @@ def _prune_from(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k smallest scores (True = prune)."""
     pruned = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
-        pruned.view(-1)[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = True
+        idx = torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices
+        pruned.view(-1)[idx] = True
     return pruned
 
 

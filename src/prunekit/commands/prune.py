@@ -1,0 +1,119 @@
+"""`prunekit prune` and `prunekit methods`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from prunekit.errors import PruneError
+from prunekit.methods import METHODS, get_method
+
+
+def register(sub) -> None:
+    p = sub.add_parser("methods", help="list the one-shot pruning methods and their options")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("prune", help="prune a model one-shot and save its weights")
+    p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
+    p.add_argument("--method", default="sparsegpt", help="method name (see `prunekit methods`)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to remove")
+    p.add_argument("--pattern", default=None, help="unstructured, unstructured:row, N:M, 1xN")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method option, e.g. -o blocksize=64 -o include=layer*")
+    p.add_argument("--weights", help="safetensors weights to load before pruning")
+    p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    p.add_argument("--out", help="write the pruned weights here (safetensors, atomic)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
+
+
+def _option_value(field: dataclasses.Field, text: str):
+    kind = str(field.type)
+    if "tuple" in kind:
+        return tuple(t for t in text.split(",") if t)
+    if "bool" in kind:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise PruneError(f"option {field.name} takes true or false, got {text!r}")
+    if "int" in kind and "float" not in kind:
+        return int(text)
+    if "float" in kind:
+        return float(text)
+    return text
+
+
+def make_config(method: str, sparsity=None, pattern=None, options=()):
+    """A method config from CLI-style arguments; unknown options name the valid ones."""
+    cls = get_method(method)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    if sparsity is not None:
+        kwargs["sparsity"] = sparsity
+    if pattern is not None:
+        kwargs["pattern"] = pattern
+    for item in options:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise PruneError(f"unknown option {item!r} for {method}; options are: "
+                             f"{', '.join(fields)}")
+        try:
+            kwargs[key] = _option_value(fields[key], value.strip())
+        except ValueError as e:
+            raise PruneError(f"option {key}: {e}") from e
+    return cls(**kwargs)
+
+
+def cmd_methods(args) -> int:
+    rows = []
+    for name, cls in sorted(METHODS.items()):
+        opts = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        pats = [p.__name__ for p in cls.patterns]
+        rows.append({"method": name, "needs_data": cls.needs != "none", "patterns": pats,
+                     "options": {k: v for k, v in opts.items()
+                                 if v is not dataclasses.MISSING}})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        data = "calibration data" if r["needs_data"] else "weights only"
+        print(f"{r['method']:<12} {data:<17} patterns: {', '.join(r['patterns'])}")
+        print(f"{'':<12} options: " + ", ".join(f"{k}={v!r}" for k, v in r["options"].items()))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from prunekit.models import calibration_batches, get_info, load_model
+
+    from prunekit.api import prune
+    from prunekit.io import save_weights
+
+    config = make_config(args.method, args.sparsity, args.pattern, args.option)
+    model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
+                       allow_pickle=args.allow_pickle)
+    calib = None
+    if config.needs != "none" or config.sequential:
+        if ":" in args.model:
+            raise PruneError(f"{config.method} needs calibration data, which prunekit can draw "
+                             f"only for registry models; use the Python API for {args.model}")
+        calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed)
+    report = prune(model, config, calib, progress=not args.quiet)
+    if args.out:
+        save_weights(model, args.out, metadata={"prunekit_report": report.to_dict()})
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(report)
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from torch import nn
+
+from prunekit import PruneError
+from prunekit.calibrate import Sequential, collect_stats, input_rows
+from prunekit.layers import find_layers, weight_matrix
+
+CONVS = [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
+    nn.Conv2d(4, 8, (3, 2), groups=2, padding=(1, 0)),
+    nn.Conv2d(4, 4, 3, groups=4, padding="same"),
+    nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"),
+    nn.Conv1d(4, 6, 5, stride=2, padding=2),
+    nn.Conv3d(4, 6, 3, padding=1, stride=(1, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: repr(c))
+def test_unfolded_rows_reproduce_the_conv(conv):
+    shape = {1: (2, 4, 11), 2: (2, 4, 9, 10), 3: (2, 4, 5, 6, 7)}[len(conv.kernel_size)]
+    x = torch.randn(shape)
+    rows = input_rows(conv, x)  # (G, n, d)
+    w = weight_matrix(conv).detach()
+    g = conv.groups
+    outs = [rows[i] @ wg.T for i, wg in enumerate(w.chunk(g))]
+    ref = (conv(x) - conv.bias.view(1, -1, *[1] * (x.dim() - 2))).detach()
+    ref = ref.movedim(1, -1).reshape(-1, ref.shape[1])
+    torch.testing.assert_close(torch.cat(outs, dim=1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_is_sum_of_outer_products():
+    lin = nn.Linear(5, 3)
+    xs = [torch.randn(4, 7, 5), torch.randn(2, 7, 5)]
+    stats = collect_stats(lin, {"l": lin}, xs)["l"]
+    allx = torch.cat([x.reshape(-1, 5) for x in xs]).double()
+    torch.testing.assert_close(stats.hessian[0], allx.T @ allx, rtol=1e-5, atol=1e-5)
+    assert stats.rows == 42
+    torch.testing.assert_close(stats.col_sq()[0], (allx**2).sum(0))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d=16, depth=3):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for b in self.blocks:
+            h = b(h, scale=0.5)
+        return self.head(h)
+
+
+def test_sequential_sees_pruned_inputs_and_one_block_at_a_time():
+    """Stage k's statistics equal a full forward pass of the model with stages < k pruned."""
+    torch.manual_seed(1)
+    net = Net()
+    batches = [torch.randn(4, 5, 8) for _ in range(3)]
+    layers = find_layers(net)
+    seq = Sequential(net, layers, batches)
+    stages = []
+    for stage, stage_layers, stats in seq.stages():
+        reference = collect_stats(net, stage_layers, batches)
+        for name in stage_layers:
+            torch.testing.assert_close(stats[name].hessian, reference[name].hessian,
+                                       rtol=1e-6, atol=1e-6)
+        stages.append((stage, sorted(stage_layers)))
+        with torch.no_grad():  # "prune" the stage so later stages must see the change
+            for m in stage_layers.values():
+                m.weight.mul_((torch.rand_like(m.weight) > 0.5).float())
+    assert stages == [
+        ("before blocks", ["embed"]),
+        ("blocks.0", ["blocks.0.fc1", "blocks.0.fc2"]),
+        ("blocks.1", ["blocks.1.fc1", "blocks.1.fc2"]),
+        ("blocks.2", ["blocks.2.fc1", "blocks.2.fc2"]),
+        ("after blocks", ["head"]),
+    ]
+
+
+def test_sequential_refuses_blocks_that_are_not_chained():
+    net = Net()
+    with pytest.raises(PruneError, match="not chained"):
+        list(Sequential(net, find_layers(net), [torch.randn(2, 8)],
+                        blocks=["blocks.0", "blocks.2"]).stages())
+
+
+def test_no_prunable_layer_and_bad_globs():
+    with pytest.raises(PruneError, match="no prunable layer"):
+        find_layers(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+    with pytest.raises(PruneError, match="prunable layers are"):
+        find_layers(Net(), include=["nothing*"])
+    names = list(find_layers(Net(), keep_first=True, keep_last=True))
+    assert names[0] == "blocks.0.fc1" and names[-1] == "blocks.2.fc2"
+
+
+def test_gpt2_conv1d_is_prunable_with_transposed_view():
+    from transformers.pytorch_utils import Conv1D
+    c = Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs, weight (4, 6)
+    x = torch.randn(3, 4)
+    w = weight_matrix(c)
+    assert w.shape == (6, 4)
+    torch.testing.assert_close(x @ w.T + c.bias, c(x))
+    assert list(find_layers(nn.Sequential(c))) == ["0"]
+    rows = input_rows(c, x)
+    torch.testing.assert_close(rows[0], x)
