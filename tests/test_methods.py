@@ -146,3 +146,11 @@ def test_prune_layer_bad_input():
         prune_layer(w, torch.randn(10, 8), OBS(sparsity=0.5, pattern="1x4"))
     with pytest.raises(PruneError, match="multiple of 3"):
         prune_layer(w, None, Magnitude(pattern="1:3"))
+
+
+def test_obs_can_empty_whole_rows_without_nan():
+    w, x = _data(rows=4, d=8)
+    new, keep = prune_layer(w, x, OBS(sparsity=0.9))
+    assert torch.isfinite(new).all()
+    assert int((~keep).sum()) == round(0.9 * 32)
+    assert (new[~keep] == 0).all()

@@ -124,3 +124,38 @@ def test_bad_calibration_and_configs():
         prune(net, Magnitude(sparsity=0.5), progress=False)
     with pytest.raises(PruneError, match="no prunable layer"):
         prune(nn.Sequential(nn.ReLU()), Magnitude(sparsity=0.5), progress=False)
+
+
+def _tiny_hf(kind):
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(11)
+    if kind == "bert":
+        cfg = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                         num_hidden_layers=3, vocab_size=100)
+        return BertModel(cfg, add_pooling_layer=False), "encoder.layer"
+    if kind == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_head=4, n_layer=3, vocab_size=100, bos_token_id=0,
+                         eos_token_id=0)
+        return GPT2LMHeadModel(cfg), "transformer.h"
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, num_hidden_layers=3, vocab_size=100)
+    return LlamaForCausalLM(cfg), "model.layers"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_sequential_on_transformers_equals_stagewise_reference(kind):
+    """Block inputs are cached with their keyword arguments (masks, rotary positions)."""
+    a, prefix = _tiny_hf(kind)
+    b, _ = _tiny_hf(kind)
+    a.eval()
+    b.eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 100, (2, 12), generator=g),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(2)]
+    cfg = dict(sparsity=0.5, exclude=("lm_head",))
+    prune(a, SparseGPT(sequential=True, **cfg), batches, progress=False)
+    for i in range(3):
+        prune(b, SparseGPT(include=(f"{prefix}.{i}.*",), **cfg), batches, progress=False)
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)

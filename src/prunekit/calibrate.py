@@ -246,6 +246,23 @@ def find_blocks(model: nn.Module, blocks: Sequence[str] | None = None
     return [(f"{name}.{i}", b) for i, b in enumerate(mod)]
 
 
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _is_cache(v) -> bool:
+    return type(v).__name__.endswith("Cache") and hasattr(v, "update")
+
+
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Drop key/value caches (transformers): a block rerun on cached inputs must not append
+    to a cache shared with earlier runs."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if k in _CACHE_KWARGS or _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
 def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -313,7 +330,7 @@ class Sequential:
         inputs = []
 
         def catch(mod, args, kwargs):
-            inputs.append((args, kwargs))
+            inputs.append(_without_cache(args, kwargs))
             raise _StopForward
 
         handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
