@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             if shape[1] <= (384 if args.quick else OBS_MAX_IN):
                 methods.append(prunekit.OBS(sparsity=sparsity, pattern=pattern))
             for cfg in methods:
-                (new, mask), secs = timed(lambda cfg=cfg: prunekit.prune_layer(w, h, cfg))
+                (new, mask), secs = timed(lambda cfg=cfg, w=w, h=h: prunekit.prune_layer(w, h, cfg))
                 row = dict(shape=f"{shape[0]}x{shape[1]}", source=source, setting=label,
                            method=cfg.method, seconds=secs, hessian_seconds=h_time,
                            err_calib=rel_error(w, new, x), err_heldout=rel_error(w, new, held),
@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     for shape in [(768, 3072), (4096, 4096)] if not args.quick else []:
         _, w, x, _ = synthetic_layer(shape, args.rows, seed=99)
         h = x.double().T @ x.double()
-        _, ours = timed(lambda: prunekit.prune_layer(w, h, prunekit.SparseGPT(sparsity=0.5)))
-        _, base = timed(lambda: published_sparsegpt(w, h, 0.5))
+        cfg = prunekit.SparseGPT(sparsity=0.5)
+        _, ours = timed(lambda w=w, h=h, cfg=cfg: prunekit.prune_layer(w, h, cfg))
+        _, base = timed(lambda w=w, h=h: published_sparsegpt(w, h, 0.5))
         side.append(dict(shape=f"{shape[0]}x{shape[1]}", prunekit_s=ours, published_s=base,
                          speedup=base / ours))
         print(f"SparseGPT {shape[0]}x{shape[1]} 50%: prunekit {ours:.2f} s, published "

@@ -127,8 +127,14 @@ def test_bad_calibration_and_configs():
 
 
 def _tiny_hf(kind):
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig
-    from transformers import LlamaForCausalLM
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
     torch.manual_seed(11)
     if kind == "bert":
         cfg = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
