@@ -10,7 +10,8 @@ costs O(d t) rather than O(d^2). Many rows are processed together as a batch.
 
 Unstructured (per layer): every row runs its greedy path up to `row_cap` times the target
 sparsity and records the loss of each removal; the layer's removals are then the smallest
-losses across rows, and each row is rerun to its chosen count. N:M and per-row unstructured
+losses across rows, and each row's kept weights are solved for directly on its support
+(the point the exact greedy steps reach). N:M and per-row unstructured
 need one pass.
 """
 
@@ -29,14 +30,16 @@ def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM
                batch: int = 32):
     """Greedy exact OBS on each row of w (rows, d), removing counts[r] weights from row r.
 
-    Returns the updated rows, the bool mask of removed weights, and the loss
-    w_p^2 / (2 [H^-1]_pp) of each removal (rows, max count) in removal order (+inf padded).
+    Returns the updated rows, the bool mask of removed weights, the loss
+    w_p^2 / (2 [H^-1]_pp) of each removal (rows, max count; +inf padded) and the removed
+    indices in removal order.
     """
     rows, d = w.shape
     kmax = int(counts.max()) if rows else 0
     out = w.clone()
     pruned = torch.zeros((rows, d), dtype=torch.bool)
     losses = torch.full((rows, kmax), math.inf, dtype=w.dtype)
+    order = torch.zeros((rows, kmax), dtype=torch.long)
     diag0 = torch.diagonal(hinv)
     for r1 in range(0, rows, batch):
         r2 = min(r1 + batch, rows)
@@ -62,6 +65,7 @@ def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM
             best = scores[ar, p]
             active = (cnt > t) & torch.isfinite(best)  # rows done, or with nothing left
             losses[r1:r2, t] = torch.where(active, best / 2, math.inf)
+            order[r1:r2, t] = p
             col = hinv[p]  # row p of the current inverse = column p (symmetric)
             if t:
                 coef[:, 0, :t] = factors[ar, :t, p]
@@ -79,7 +83,7 @@ def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM
                 group_left[ar[active], p[active] // nm.m] -= 1
         x.masked_fill_(removed, 0.0)
         pruned[r1:r2] = removed
-    return out, pruned, losses
+    return out, pruned, losses, order
 
 
 def _global_counts(losses: torch.Tensor, total: int) -> torch.Tensor:
@@ -121,7 +125,25 @@ class OBS(PruneConfig):
         else:
             total = int(round(sparsity * rows * d))
             cap = min(d, max(1, math.ceil(self.row_cap * sparsity * d)))
-            _, _, losses = greedy_obs(w, hinv, torch.full((rows,), cap), batch=self.batch)
+            _, _, losses, order = greedy_obs(w, hinv, torch.full((rows,), cap),
+                                             batch=self.batch)
             counts = _global_counts(losses, total)
-        new, pruned, _ = greedy_obs(w, hinv, counts, nm, batch=self.batch)
+            pruned = torch.zeros((rows, d), dtype=torch.bool)
+            for r in range(rows):
+                pruned[r, order[r, : int(counts[r])]] = True
+            return _optimal_kept(w, h, pruned).float(), ~pruned
+        new, pruned, _, _ = greedy_obs(w, hinv, counts, nm, batch=self.batch)
         return new.float(), ~pruned
+
+
+def _optimal_kept(w: torch.Tensor, h: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Each row's best weights on its support: the state greedy OBS reaches after removing
+    exactly those weights. With S pruned and K kept, w'_K = w_K + H_KK^-1 H_KS w_S."""
+    out = torch.zeros_like(w)
+    for r in range(w.shape[0]):
+        s, k = pruned[r], ~pruned[r]
+        if not k.any():
+            continue
+        rhs = (h[k][:, s] @ w[r, s]).unsqueeze(1)
+        out[r, k] = w[r, k] + torch.linalg.solve(h[k][:, k], rhs).squeeze(1)
+    return out
