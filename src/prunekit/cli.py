@@ -12,6 +12,8 @@ from prunekit.errors import PruneError
 #: Modules that each define register(subparsers) adding their subcommands.
 COMMANDS = [
     "prunekit.commands.prune",
+    "prunekit.commands.models",
+    "prunekit.commands.demo",
 ]
 
 

@@ -1,0 +1,194 @@
+"""Model registry: `create(name, pretrained=...)`, `list_models()`, `load_model(spec, ...)`.
+
+Names: the CIFAR-10 ResNets ('resnet20-cifar10' ... 'resnet56-cifar10'), 'minilm' (the
+all-MiniLM-L6-v2 sentence encoder), 'digits-cnn' (trained on scikit-learn digits in seconds),
+'tv:<name>' for any torchvision classification model, and tiny random transformers for tests
+('tiny-bert', 'tiny-gpt2', 'tiny-llama'). A user's own model is 'package.module:function'.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.io import load_weights
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    task: str  # image-classification | sentence-embedding | causal-lm | masked-lm
+    dataset: str | None  # cifar10 | stsb | wikitext2 | digits | None
+    description: str
+    pretrained_available: bool
+    factory: Callable[..., nn.Module]
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def _add(name, task, dataset, description, pretrained, factory):
+    _REGISTRY[name] = ModelInfo(name, task, dataset, description, pretrained, factory)
+
+
+def _resnet(depth):
+    def make(pretrained=False, **kw):
+        from prunekit.data import path_of
+        from prunekit.models.cifar_resnet import CifarResNet
+
+        model = CifarResNet(depth, **kw)
+        if pretrained:
+            load_weights(model, path_of(f"cifar10_resnets/resnet{depth}.safetensors"))
+        return model.eval()
+    return make
+
+
+for _depth in (20, 32, 44, 56):
+    _add(f"resnet{_depth}-cifar10", "image-classification", "cifar10",
+         f"ResNet-{_depth} for CIFAR-10 (option-A shortcuts), akamaster weights",
+         True, _resnet(_depth))
+
+
+def _minilm(pretrained=True, **kw):
+    from prunekit.models.minilm import create_minilm
+    return create_minilm(pretrained)
+
+
+_add("minilm", "sentence-embedding", "stsb",
+     "all-MiniLM-L6-v2 sentence encoder (mean pooling, normalised), offline", True, _minilm)
+
+
+def _digits(pretrained=False, **kw):
+    from prunekit.models.digits import create_digits_cnn
+    return create_digits_cnn(pretrained)
+
+
+_add("digits-cnn", "image-classification", "digits",
+     "small CNN for scikit-learn's 8x8 digits, trained deterministically in seconds", True,
+     _digits)
+
+
+def _tiny(kind):
+    def make(pretrained=False, **kw):
+        from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel,
+                                  LlamaConfig, LlamaForCausalLM)
+        if pretrained:
+            raise PruneError(f"tiny-{kind} is a random test model; it has no pretrained weights")
+        torch.manual_seed(kw.pop("seed", 0))
+        if kind == "bert":
+            cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=128,
+                             max_position_embeddings=128, **kw)
+            return BertForMaskedLM(cfg).eval()
+        if kind == "gpt2":
+            cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                             bos_token_id=0, eos_token_id=0, **kw)
+            return GPT2LMHeadModel(cfg).eval()
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                          max_position_embeddings=128, **kw)
+        return LlamaForCausalLM(cfg).eval()
+    return make
+
+
+_add("tiny-bert", "masked-lm", None, "2-layer BERT, hidden 64, random (tests)", False,
+     _tiny("bert"))
+_add("tiny-gpt2", "causal-lm", None, "2-layer GPT-2, hidden 64, random (tests)", False,
+     _tiny("gpt2"))
+_add("tiny-llama", "causal-lm", None, "2-layer LLaMA, hidden 64, random (tests)", False,
+     _tiny("llama"))
+
+
+def _torchvision_info(name: str) -> ModelInfo:
+    import torchvision
+
+    arch = name.split(":", 1)[1]
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise PruneError(f"torchvision has no classification model {arch!r}; choose from: "
+                         f"{', '.join(available)}")
+
+    def make(pretrained=False, **kw):
+        if pretrained:
+            raise PruneError(f"{name}: torchvision downloads its weights, which prunekit does "
+                             f"not do; pass --weights FILE.safetensors instead")
+        return torchvision.models.get_model(arch, weights=None, **kw).eval()
+    return ModelInfo(name, "image-classification", None, f"torchvision {arch}", False, make)
+
+
+def list_models() -> list[ModelInfo]:
+    """The registered models (torchvision ones are reached as 'tv:<name>')."""
+    return list(_REGISTRY.values())
+
+
+def get_info(name: str | ModelInfo) -> ModelInfo:
+    if isinstance(name, ModelInfo):
+        return name
+    if name.startswith("tv:"):
+        return _torchvision_info(name)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PruneError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}, tv:<name>, "
+                         f"or module:function") from None
+
+
+def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build a registry model, with its pretrained weights when pretrained=True."""
+    info = get_info(name)
+    if pretrained and not info.pretrained_available:
+        raise PruneError(f"{name} has no pretrained weights in prunekit")
+    return info.factory(pretrained=pretrained, **kwargs)
+
+
+def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = False,
+               allow_pickle: bool = False) -> nn.Module:
+    """A registry name or 'module:function' (called with no arguments), then optional
+    safetensors weights checked tensor by tensor."""
+    if ":" in spec and not spec.startswith("tv:"):
+        module_name, _, fn_name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise PruneError(f"cannot load model function {spec}: {e}") from e
+        model = fn()
+        if not isinstance(model, nn.Module):
+            raise PruneError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    else:
+        model = create(spec, pretrained=pretrained)
+    if weights:
+        load_weights(model, weights, allow_pickle=allow_pickle)
+    return model.eval()
+
+
+def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
+                        batch_size: int = 32, seq_len: int = 128) -> list:
+    """Calibration batches drawn from the training or validation side of the model's data."""
+    info = get_info(name)
+    if info.dataset == "cifar10":
+        from prunekit.data import calibration_images
+        return list(calibration_images(n, seed).split(batch_size))
+    if info.dataset == "digits":
+        from prunekit.data import load_digits
+        x, _ = load_digits("train")
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+        return list(x[idx.sort().values].split(batch_size))
+    if info.name == "minilm":
+        from transformers import AutoTokenizer
+
+        from prunekit.data import calibration_text
+        from prunekit.models.minilm import minilm_dir
+        tok = AutoTokenizer.from_pretrained(minilm_dir())
+        return calibration_text(tok, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size)
+    if info.task in ("causal-lm", "masked-lm"):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 128, (n, min(seq_len, 64)), generator=g)
+        return [{"input_ids": b} for b in ids.split(batch_size)]
+    raise PruneError(f"prunekit has no calibration data for {info.name}; use the Python API "
+                     f"with your own batches")
