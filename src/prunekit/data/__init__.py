@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import urllib.request
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +102,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _verified(path: Path, size: int, mtime: float) -> str:
     return _sha256(path)
 

@@ -76,8 +76,14 @@ _add("digits-cnn", "image-classification", "digits",
 
 def _tiny(kind):
     def make(pretrained=False, **kw):
-        from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel,
-                                  LlamaConfig, LlamaForCausalLM)
+        from transformers import (
+            BertConfig,
+            BertForMaskedLM,
+            GPT2Config,
+            GPT2LMHeadModel,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
         if pretrained:
             raise PruneError(f"tiny-{kind} is a random test model; it has no pretrained weights")
         torch.manual_seed(kw.pop("seed", 0))
