@@ -1,0 +1,51 @@
+import json
+
+import torch
+
+from prunekit.cli import main
+from prunekit.io import read_weights
+
+
+def test_prune_cli_writes_weights_and_json(tmp_path, capsys):
+    out = tmp_path / "pruned.safetensors"
+    rc = main(["prune", "digits-cnn", "--pretrained", "--method", "sparsegpt", "--pattern", "2:4",
+               "-o", "exclude=conv1", "--calib-samples", "64", "--out", str(out), "--json",
+               "--quiet"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "sparsegpt" and report["pattern"] == "2:4"
+    assert [lr["name"] for lr in report["layers"]] == ["conv2", "fc1", "fc2"]
+    w = read_weights(out)
+    kept = (w["fc1.weight"] != 0).reshape(64, -1, 4).sum(-1)
+    assert (kept <= 2).all() and (kept == 2).float().mean() > 0.5  # dead inputs are zeroed
+    assert torch.count_nonzero(w["conv1.weight"]) == w["conv1.weight"].numel()
+
+
+def test_cli_errors_write_nothing(tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    assert main(["prune", "digits-cnn", "--method", "obs", "-o", "bogus=1", "--out", str(out)]) == 2
+    assert "unknown option 'bogus=1'" in capsys.readouterr().err
+    assert main(["prune", "digits-cnn", "--method", "sparsegpt", "--pattern", "1:3",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "needs the input size to be a multiple of 3" in capsys.readouterr().err
+    assert main(["prune", "digits-cnn", "--method", "nope"]) == 2
+    assert "known: magnitude" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_methods_and_models_listing(capsys):
+    assert main(["methods", "--json"]) == 0
+    names = {m["method"] for m in json.loads(capsys.readouterr().out)}
+    assert {"magnitude", "random", "wanda", "sparsegpt", "obs"} <= names
+    assert main(["models", "--json"]) == 0
+    assert "resnet20-cifar10" in {m["name"] for m in json.loads(capsys.readouterr().out)}
+
+
+def test_eval_cli_on_pruned_weights(tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    assert main(["prune", "digits-cnn", "--pretrained", "--method", "magnitude", "--sparsity",
+                 "0.5", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "digits-cnn", "--weights", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 50 < metrics["top1"] <= 100
