@@ -208,7 +208,7 @@ def prune_layer(weight: torch.Tensor, calib: torch.Tensor | None, config: PruneC
     """Prune one (out, in) weight matrix; returns (new weight, keep-mask).
 
     calib is either input rows X (n, in), whose H = X^T X is formed here, or H itself
-    (in, in); it may be None for methods that need no data.
+    (a square (in, in) tensor); it may be None for methods that need no data.
     """
     pattern, sparsity = _check_config(config)
     if weight.dim() != 2:
@@ -225,8 +225,15 @@ def prune_layer(weight: torch.Tensor, calib: torch.Tensor | None, config: PruneC
                              f"{tuple(calib.shape)}")
         if not torch.isfinite(calib).all():
             raise PruneError(f"{name}: calibration data holds NaN or Inf")
-        is_h = calib.shape[0] == calib.shape[1] and torch.allclose(calib, calib.T)
-        hessian = calib.double() if is_h else (calib.double().T @ calib.double())
+        if calib.shape[0] == calib.shape[1]:  # a square tensor is taken as H itself
+            corner = calib[:16, :16]
+            if not torch.allclose(corner, corner.T):
+                raise PruneError(f"{name}: a square calibration tensor is read as the Hessian "
+                                 f"X^T X, but it is not symmetric; pass X^T X, or more rows")
+            hessian = calib.double()
+        else:
+            x = calib.double()
+            hessian = x.T @ x
     elif config.needs == "hessian":
         raise PruneError(f"{config.method} needs calibration rows or a Hessian")
     if config.scope == "global":

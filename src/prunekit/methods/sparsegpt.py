@@ -118,5 +118,5 @@ class SparseGPT(PruneConfig):
             raise PruneError(f"SparseGPT blocksize must be >= 1, got {self.blocksize}")
         w = w.clone()
         h = damped_hessian(hessian, w, self.dampening, layer)
-        u = inverse_cholesky_upper(h, layer, self.dampening).float()
+        u = inverse_cholesky_upper(h.float(), layer, self.dampening)
         return sparsegpt_matrix(w, u, pattern, sparsity, self.blocksize)
