@@ -12,7 +12,11 @@ Also times, side by side, a float32 implementation of the published SparseGPT ps
 (Cholesky, inverse, Cholesky again; per-column updates) on the two target shapes.
 
     python benchmarks/layer_prune.py            # all shapes, 2 threads (~20 min)
-    python benchmarks/layer_prune.py --quick    # three small shapes, no OBS beyond 768 inputs
+    python benchmarks/layer_prune.py --quick    # three small shapes, no OBS beyond 384 inputs
+    python benchmarks/layer_prune.py --shapes 768x768,4096x4096   # a subset
+
+Finished rows are kept in the results file; a rerun (after an interruption, or with other
+--shapes) skips them, so the work is never lost or done twice.
 """
 
 from __future__ import annotations
@@ -140,10 +144,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "layer_prune.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    previous = []
+    if Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text())
+        if old.get("rows") == args.rows and old.get("threads") == args.threads:
+            previous = old["results"]
     try:
         real = minilm_layers(args.rows)
     except (prunekit.PruneError, ImportError) as e:
@@ -151,7 +163,20 @@ def main(argv=None) -> int:
         real = {}
     command = "python benchmarks/layer_prune.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
-    results = []
+    results = list(previous)
+
+    def done(shape, source, label, method):
+        return next((r for r in previous if (r["shape"], r["source"], r["setting"], r["method"])
+                     == (f"{shape[0]}x{shape[1]}", source, label, method)), None)
+
+    def save():
+        payload = dict(command=command, threads=torch.get_num_threads(),
+                       machine=platform.processor() or platform.machine(),
+                       torch=torch.__version__, rows=args.rows, results=results,
+                       side_by_side=side, orders=orders)
+        atomic_write_text(args.out, json.dumps(payload, indent=2))
+
+    side, orders = [], []
     header = (f"{'shape':>10} {'source':<42} {'setting':>7} {'method':>10} {'time s':>8} "
               f"{'err calib':>10} {'err held':>10}")
     print(header)
@@ -167,16 +192,20 @@ def main(argv=None) -> int:
             if shape[1] <= (384 if args.quick else OBS_MAX_IN):
                 methods.append(prunekit.OBS(sparsity=sparsity, pattern=pattern))
             for cfg in methods:
+                if row := done(shape, source, label, cfg.method):
+                    print(f"{row['shape']:>10} {source[:42]:<42} {label:>7} {cfg.method:>10} "
+                          f"(done earlier: {row['seconds']:.2f} s, {row['err_calib']:.5f})")
+                    continue
                 (new, mask), secs = timed(lambda cfg=cfg, w=w, h=h: prunekit.prune_layer(w, h, cfg))
                 row = dict(shape=f"{shape[0]}x{shape[1]}", source=source, setting=label,
                            method=cfg.method, seconds=secs, hessian_seconds=h_time,
                            err_calib=rel_error(w, new, x), err_heldout=rel_error(w, new, held),
                            sparsity=float((new == 0).float().mean()))
                 results.append(row)
+                save()
                 print(f"{row['shape']:>10} {source[:42]:<42} {label:>7} {cfg.method:>10} "
                       f"{secs:>8.2f} {row['err_calib']:>10.5f} {row['err_heldout']:>10.5f}",
                       flush=True)
-    side = []
     for shape in [(768, 3072), (4096, 4096)] if not args.quick else []:
         _, w, x, _ = synthetic_layer(shape, args.rows, seed=99)
         h = x.double().T @ x.double()
@@ -187,19 +216,16 @@ def main(argv=None) -> int:
                          speedup=base / ours))
         print(f"SparseGPT {shape[0]}x{shape[1]} 50%: prunekit {ours:.2f} s, published "
               f"pseudo-code (float32) {base:.2f} s, {base / ours:.2f}x")
-    orders = []
-    for shape in shapes:
+    for shape in SHAPES:
         for label, _, _ in SETTINGS:
             errs = {r["method"]: r["err_calib"] for r in results
                     if r["shape"] == f"{shape[0]}x{shape[1]}" and r["setting"] == label}
+            if not errs:
+                continue
             order = sorted(errs, key=errs.get)
             orders.append(dict(shape=f"{shape[0]}x{shape[1]}", setting=label, order=order))
             print(f"order {shape[0]}x{shape[1]} {label}: {' < '.join(order)}")
-    payload = dict(command=command, threads=torch.get_num_threads(),
-                   machine=platform.processor() or platform.machine(),
-                   torch=torch.__version__, rows=args.rows, results=results,
-                   side_by_side=side, orders=orders)
-    atomic_write_text(args.out, json.dumps(payload, indent=2))
+    save()
     print(f"wrote {args.out}")
     return 0
 
