@@ -42,13 +42,18 @@ def _check_existing(path: Path) -> None:
     if not header.startswith(b"SQLite format 3\x00"):
         raise PruneError(f"{path} is not an SQLite database (wrong header); it was left "
                          f"unchanged. Pass another --db path")
-    app_id = int.from_bytes(header[68:72], "big")
-    if app_id != APPLICATION_ID:
-        raise PruneError(f"{path} is an SQLite database of another application (application_id "
-                         f"{app_id:#x}); it was left unchanged. Pass another --db path")
+    # Read through SQLite: after a crash the newest header may still sit in the -wal file.
+    # Without one, open immutable (no locks, no -wal/-shm files); either way read-only.
+    wal = path.with_name(path.name + "-wal")
+    flags = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        con = sqlite3.connect(f"{path.absolute().as_uri()}?{flags}", uri=True, timeout=60)
         try:
+            app_id = con.execute("PRAGMA application_id").fetchone()[0]
+            if app_id != APPLICATION_ID:
+                raise PruneError(f"{path} is an SQLite database of another application "
+                                 f"(application_id {app_id:#x}); it was left unchanged. Pass "
+                                 f"another --db path")
             ok = con.execute("PRAGMA quick_check").fetchone()[0]
             version = con.execute("PRAGMA user_version").fetchone()[0]
         finally:
@@ -72,13 +77,12 @@ class ResultStore:
             raise PruneError(f"results database {self.path} does not exist")
         _check_existing(self.path)
         if readonly:
-            self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60)
+            self.con = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                       timeout=60)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self.con.execute("PRAGMA busy_timeout = 60000")
-            self.con.execute("PRAGMA journal_mode = WAL")
-            self.con.execute("PRAGMA synchronous = NORMAL")
             self.con.execute("BEGIN IMMEDIATE")
             try:
                 self.con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -90,6 +94,9 @@ class ResultStore:
             except BaseException:
                 self.con.execute("ROLLBACK")
                 raise
+            # after the marked header exists: WAL lets readers and writers work at once
+            self.con.execute("PRAGMA journal_mode = WAL")
+            self.con.execute("PRAGMA synchronous = NORMAL")
 
     def close(self) -> None:
         self.con.close()
