@@ -119,6 +119,9 @@ def test_bad_calibration_and_configs():
         prune(net, Magnitude(sparsity=1.2), progress=False)
     with pytest.raises(PruneError, match="global"):
         prune(net, Magnitude(pattern="2:4", scope="global"), progress=False)
+    with pytest.raises(PruneError, match="sequential"):
+        prune(net, Magnitude(sparsity=0.5, scope="global", sequential=True), [torch.randn(2, 8)],
+              progress=False)
     net.head.weight.data[0, 0] = float("inf")
     with pytest.raises(PruneError, match="head.weight holds NaN"):
         prune(net, Magnitude(sparsity=0.5), progress=False)

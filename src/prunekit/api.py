@@ -78,6 +78,9 @@ def _check_config(config: PruneConfig) -> tuple[Pattern, float]:
                                         else (None if pattern.implied_sparsity else 0.5))
     if config.scope == "global" and not isinstance(pattern, Unstructured):
         raise PruneError(f"scope='global' needs the unstructured pattern, got {pattern.name}")
+    if config.scope == "global" and config.sequential:
+        raise PruneError("scope='global' compares all layers at once; it cannot be combined "
+                         "with sequential=True")
     return pattern, sparsity
 
 
