@@ -60,3 +60,23 @@ def cmd_report(args) -> int:
     print(out["text"])
     print(f"\nwrote {out['html']} and {len(out['pngs'])} PNGs")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """These two commands on their own: `python -m prunekit.commands.bench bench FILE`."""
+    import argparse
+
+    from prunekit.errors import PruneError
+
+    parser = argparse.ArgumentParser(prog="prunekit")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PruneError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
