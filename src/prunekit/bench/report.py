@@ -60,7 +60,8 @@ def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
                   "compression_prunable": lambda r: r["compression_prunable"],
                   "theoretical_speedup": lambda r: r["theoretical_speedup"],
                   "prune_seconds": lambda r: r["prune_seconds"],
-                  "peak_rss_mb": lambda r: r["peak_rss_mb"]}
+                  "peak_rss_mb": lambda r: r["peak_rss_mb"],
+                  "peak_rss_growth_mb": lambda r: r["peak_rss_growth_mb"]}
         for b in bs:
             fields[f"measured_speedup_b{b}"] = lambda r, b=b: r[f"measured_speedup_b{b}"]
         for name, get in fields.items():
@@ -88,14 +89,15 @@ def table_rows(items: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = items[0]["metric"]
     head = ["method", "pattern", "target", "sparsity", f"{metric} dense", f"{metric} pruned",
             "compression", "theor. speedup"] + [f"meas. speedup b{b}" for b in bs] + [
-            "prune s", "seeds"]
+            "prune s", "prune +MiB", "seeds"]
     rows = []
     for s in items:
         rows.append([s["method"], s["pattern"], s["amount"], f"{s['sparsity'][0]:.3f}",
                      f"{s['before'][0]:.2f}", _fmt(s["after"]),
                      f"{s['compression'][0]:.2f}", f"{s['theoretical_speedup'][0]:.2f}"]
                     + [_fmt(s[f"measured_speedup_b{b}"]) for b in bs]
-                    + [_fmt(s["prune_seconds"], 1), str(len(s["seeds"]))])
+                    + [_fmt(s["prune_seconds"], 1), f"{s['peak_rss_growth_mb'][0]:.0f}",
+                       str(len(s["seeds"]))])
     return head, rows
 
 
