@@ -1,0 +1,153 @@
+"""Convert a pruned model for speed, layer by layer, by measurement.
+
+For each prunable layer the layer's real input (from one forward pass of a sample batch) is
+run through every kernel that can serve the layer's weights; a kernel whose output differs
+from the dense layer's is rejected, and the fastest of the rest replaces the layer. Layers
+no kernel can serve stay dense, with a note saying why.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.calibrate import run_batch
+from prunekit.errors import PruneError
+from prunekit.layers import find_layers, weight_matrix
+from prunekit.progress import Progress
+from prunekit.runtime.kernels import KERNELS, sparse_module, unsupported_reason
+from prunekit.runtime.latency import machine_info, num_threads, time_calls
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    kernel: str
+    times_ms: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.times_ms["dense"] / self.times_ms[self.kernel]
+
+
+@dataclass
+class ConversionReport:
+    layers: list[LayerChoice]
+    machine: dict
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(lc) | {"speedup": lc.speedup} for lc in self.layers],
+                "machine": self.machine}
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<36} {'sparsity':>8} {'kernel':>7} {'dense ms':>9} {'speedup':>8}"]
+        for lc in self.layers:
+            lines.append(f"{lc.name:<36} {lc.sparsity:>8.3f} {lc.kernel:>7} "
+                         f"{lc.times_ms['dense']:>9.4f} {lc.speedup:>7.2f}x"
+                         + (f"  ({'; '.join(lc.notes)})" if lc.notes else ""))
+        return "\n".join(lines)
+
+
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict:
+    """The input tensor each layer sees when `batch` runs through the model."""
+    seen = {}
+
+    def hook(name):
+        def f(module, args):
+            seen.setdefault(name, args[0].detach())
+        return f
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]):
+    """({kernel: module} that serve the layer with matching output, [notes])."""
+    from prunekit.runtime.kernels import semi_structured_unavailable
+
+    out, notes = {"dense": module}, []
+    w = weight_matrix(module).detach()
+    if bool((w != 0).all()):
+        return out, ["no zero weights"]
+    why = unsupported_reason(module)
+    if why:
+        return out, [why]
+    with torch.inference_mode():
+        ref = module(x)
+    scale = float(ref.abs().max()) + 1e-12
+    for kind in kernels:
+        if kind == "dense":
+            continue
+        if kind == "2:4" and semi_structured_unavailable(w.float()):
+            notes.append(semi_structured_unavailable(w.float()))
+            continue
+        try:
+            cand = sparse_module(module, kind)
+        except PruneError as e:
+            notes.append(f"{kind}: {e}")
+            continue
+        with torch.inference_mode():
+            err = float((cand(x).float() - ref.float()).abs().max())
+        if err > 1e-4 * scale + (1e-2 * scale if kind == "2:4" else 0.0):
+            notes.append(f"{kind}: output differs by {err:.3g}; rejected")
+            continue
+        out[kind] = cand
+    return out, notes
+
+
+def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "block", "2:4"),
+            include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+            threads: int | None = None, repeats: int = 9, inplace: bool = False,
+            progress: bool = True) -> tuple[nn.Module, ConversionReport]:
+    """Replace each prunable layer by its fastest kernel, measured on its input from `batch`.
+
+    Returns (converted model, report). The original model is untouched unless inplace=True.
+    """
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad:
+        raise PruneError(f"unknown kernel {bad[0]!r}; choose from {', '.join(KERNELS)}")
+    model.eval()
+    target = model if inplace else copy.deepcopy(model)
+    layers = find_layers(target, include, exclude)
+    inputs = layer_inputs(target, layers, batch)
+    choices = []
+    with num_threads(threads), Progress(enabled=progress) as bar:
+        task = bar.add("converting layers", total=len(layers))
+        for name, module in layers.items():
+            if name not in inputs:
+                raise PruneError(f"layer {name} did not run on the sample batch; exclude it")
+            x = inputs[name]
+            w = weight_matrix(module)
+            sparsity = float((w == 0).float().mean())
+            cands, notes = candidate_kernels(module, x, kernels)
+            with torch.inference_mode():
+                times = time_calls({k: (lambda m=m, x=x: m(x)) for k, m in cands.items()},
+                                   repeats=repeats)
+            ms = {k: 1e3 * v["median"] for k, v in times.items()}
+            best = min(ms, key=ms.get)
+            if best != "dense":
+                set_submodule(target, name, cands[best])
+            choices.append(LayerChoice(name, tuple(module.weight.shape), sparsity, best, ms,
+                                       notes))
+            bar.advance(task)
+        info = machine_info(threads)
+    return target, ConversionReport(choices, info)

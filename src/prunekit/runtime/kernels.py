@@ -1,0 +1,219 @@
+"""Sparse matrix kernels for inference and the layers that use them.
+
+Every kernel computes W @ X for a fixed sparse W (out, in) and a dense X (in, n): a linear
+layer passes its input rows transposed, a convolution its im2col patches. Kernels:
+
+- "dense": the layer as it was (PyTorch's own GEMM / convolution).
+- "csr": torch.sparse CSR times dense (MKL sparse BLAS where PyTorch has it).
+- "block": a 1xN kernel. N consecutive output rows share their kept input columns, so each
+  block row is a small dense matrix on a gathered slice of X; all block rows run as one
+  batched matmul (rows with fewer kept columns are padded with zero weights).
+- "2:4": PyTorch's semi-structured sparse tensors, on a CUDA GPU with compute capability 8.0+.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PruneError
+
+KERNELS = ("dense", "csr", "block", "2:4")
+
+
+class CSRWeight:
+    """W stored as torch.sparse_csr; matmul(xt) = W @ xt."""
+
+    name = "csr"
+
+    def __init__(self, w: torch.Tensor):
+        self.shape = tuple(w.shape)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.w = w.detach().contiguous().to_sparse_csr()
+
+    def matmul(self, xt: torch.Tensor) -> torch.Tensor:
+        return self.w @ xt
+
+    def nbytes(self) -> int:
+        w = self.w
+        return sum(t.numel() * t.element_size()
+                   for t in (w.crow_indices(), w.col_indices(), w.values()))
+
+
+def block_size_of(mask: torch.Tensor, sizes=(32, 16, 8, 4, 2)) -> int:
+    """The largest N in `sizes` for which `mask` (out, in) is 1xN-structured, or 1."""
+    rows = mask.shape[0]
+    for n in sizes:
+        if rows % n == 0 and rows > n:
+            blocks = mask.reshape(rows // n, n, -1)
+            if bool((blocks == blocks[:, :1]).all()):
+                return n
+    return 1
+
+
+class BlockWeight:
+    """A 1xN-structured W as per-block-row gathered columns and dense (N, k) values."""
+
+    name = "block"
+
+    def __init__(self, w: torch.Tensor, n: int | None = None):
+        w = w.detach()
+        out, cols = w.shape
+        self.shape = (out, cols)
+        keep = w != 0
+        self.n = n or block_size_of(keep)
+        if out % self.n:
+            raise PruneError(f"1x{self.n} kernel needs the output size to be a multiple of "
+                             f"{self.n}, got {out}")
+        blocks = keep.reshape(out // self.n, self.n, cols).any(dim=1)  # (nb, in)
+        counts = blocks.sum(dim=1)
+        kmax = max(int(counts.max()), 1)
+        nb = blocks.shape[0]
+        # column indices of kept blocks, kept first (stable order), padded with column 0
+        order = torch.argsort((~blocks).to(torch.int8), dim=1, stable=True)[:, :kmax]
+        valid = torch.arange(kmax).unsqueeze(0) < counts.unsqueeze(1)
+        self.index = torch.where(valid, order, torch.zeros_like(order)).reshape(-1)
+        wb = w.reshape(nb, self.n, cols)
+        vals = torch.gather(wb, 2, order.unsqueeze(1).expand(nb, self.n, kmax))
+        self.values = (vals * valid.unsqueeze(1)).contiguous()  # (nb, N, kmax)
+        self.nb, self.kmax = nb, kmax
+
+    def matmul(self, xt: torch.Tensor) -> torch.Tensor:
+        g = xt.index_select(0, self.index).view(self.nb, self.kmax, xt.shape[1])
+        return torch.bmm(self.values, g).view(self.shape[0], xt.shape[1])
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.index.numel() * 8
+
+
+class SemiStructuredWeight:
+    """2:4 weights through torch.sparse.to_sparse_semi_structured (CUDA, sm80+ only)."""
+
+    name = "2:4"
+
+    def __init__(self, w: torch.Tensor):
+        why = semi_structured_unavailable(w)
+        if why:
+            raise PruneError(why)
+        from torch.sparse import to_sparse_semi_structured
+
+        self.shape = tuple(w.shape)
+        self.w = to_sparse_semi_structured(w.detach().half().cuda())
+
+    def matmul(self, xt: torch.Tensor) -> torch.Tensor:
+        return (self.w @ xt.to(self.w.device, torch.half)).to(xt.device, xt.dtype)
+
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1]  # half the fp16 values plus metadata, roughly
+
+
+def semi_structured_unavailable(w: torch.Tensor) -> str | None:
+    """Why 2:4 semi-structured sparsity cannot serve `w` here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "2:4 kernel needs a CUDA GPU (none available): kept dense"
+    if torch.cuda.get_device_capability()[0] < 8:
+        return "2:4 kernel needs a GPU with compute capability 8.0+: kept dense"
+    out, cols = w.shape
+    if out % 32 or cols % 64:
+        return f"2:4 kernel needs rows % 32 == 0 and columns % 64 == 0, got {out}x{cols}"
+    groups = (w != 0).reshape(out, cols // 4, 4).sum(dim=2)
+    if bool((groups > 2).any()):
+        return "weights are not 2:4 sparse: kept dense"
+    return None
+
+
+def make_kernel(kind: str, w: torch.Tensor):
+    """A kernel object for a (out, in) float weight; raises PruneError when it cannot serve."""
+    if kind == "csr":
+        return CSRWeight(w)
+    if kind == "block":
+        n = block_size_of(w != 0)
+        if n == 1:
+            raise PruneError("weights are not 1xN-structured for any N in 2..32: kept dense")
+        return BlockWeight(w, n)
+    if kind == "2:4":
+        return SemiStructuredWeight(w)
+    raise PruneError(f"unknown kernel {kind!r}; choose from {', '.join(KERNELS)}")
+
+
+class SparseLinear(nn.Module):
+    """A Linear (or GPT-2 Conv1D) running W @ x^T through a sparse kernel."""
+
+    def __init__(self, kernel, bias: torch.Tensor | None):
+        super().__init__()
+        self.kernel = kernel
+        self.out_features, self.in_features = kernel.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t().contiguous()
+        y = self.kernel.matmul(xt).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel={self.kernel.name}"
+
+
+class SparseConv2d(nn.Module):
+    """A Conv2d (groups=1, zero padding) as im2col followed by a sparse kernel."""
+
+    def __init__(self, kernel, conv: nn.Conv2d):
+        super().__init__()
+        self.kernel = kernel
+        self.out_channels = conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
+                                                                requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) \
+            // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) \
+            // self.stride[1] + 1
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*k*k, B*L)
+        y = self.kernel.matmul(xt).view(self.out_channels, b, ho * wo).transpose(0, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1)
+        return y.reshape(b, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_channels}, kernel_size={self.kernel_size}, kernel={self.kernel.name}"
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a sparse kernel cannot replace `module`, or None when it can."""
+    from prunekit.layers import is_hf_conv1d
+
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) has no sparse kernel"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "convolution padding other than explicit zeros has no sparse kernel"
+        return None
+    return f"{type(module).__name__} has no sparse kernel"
+
+
+def sparse_module(module: nn.Module, kind: str) -> nn.Module:
+    """The replacement of `module` that runs its current weights through kernel `kind`."""
+    from prunekit.layers import weight_matrix
+
+    why = unsupported_reason(module)
+    if why:
+        raise PruneError(why)
+    kernel = make_kernel(kind, weight_matrix(module).detach().float())
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d(kernel, module)
+    return SparseLinear(kernel, module.bias)
