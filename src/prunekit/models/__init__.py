@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ class ModelInfo:
     dataset: str | None  # cifar10 | stsb | wikitext2 | digits | None
     description: str
     pretrained_available: bool
-    factory: Callable[..., nn.Module]
+    factory: Callable[..., nn.Module] = field(repr=False, compare=False)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -38,13 +38,13 @@ def _add(name, task, dataset, description, pretrained, factory):
 
 
 def _resnet(depth):
-    def make(pretrained=False, **kw):
+    def make(pretrained=False, download=False, **kw):
         from prunekit.data import path_of
         from prunekit.models.cifar_resnet import CifarResNet
 
         model = CifarResNet(depth, **kw)
         if pretrained:
-            load_weights(model, path_of(f"cifar10_resnets/resnet{depth}.safetensors"))
+            load_weights(model, path_of(f"cifar10_resnets/resnet{depth}.safetensors", download))
         return model.eval()
     return make
 
@@ -55,7 +55,7 @@ for _depth in (20, 32, 44, 56):
          True, _resnet(_depth))
 
 
-def _minilm(pretrained=True, **kw):
+def _minilm(pretrained=False):
     from prunekit.models.minilm import create_minilm
     return create_minilm(pretrained)
 
@@ -64,7 +64,7 @@ _add("minilm", "sentence-embedding", "stsb",
      "all-MiniLM-L6-v2 sentence encoder (mean pooling, normalised), offline", True, _minilm)
 
 
-def _digits(pretrained=False, **kw):
+def _digits(pretrained=False):
     from prunekit.models.digits import create_digits_cnn
     return create_digits_cnn(pretrained)
 
@@ -76,39 +76,19 @@ _add("digits-cnn", "image-classification", "digits",
 
 def _tiny(kind):
     def make(pretrained=False, **kw):
-        from transformers import (
-            BertConfig,
-            BertForMaskedLM,
-            GPT2Config,
-            GPT2LMHeadModel,
-            LlamaConfig,
-            LlamaForCausalLM,
-        )
+        from prunekit.models.tiny import create_tiny
         if pretrained:
             raise PruneError(f"tiny-{kind} is a random test model; it has no pretrained weights")
-        torch.manual_seed(kw.pop("seed", 0))
-        if kind == "bert":
-            cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=128,
-                             max_position_embeddings=128, **kw)
-            return BertForMaskedLM(cfg).eval()
-        if kind == "gpt2":
-            cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                             bos_token_id=0, eos_token_id=0, **kw)
-            return GPT2LMHeadModel(cfg).eval()
-        cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                          max_position_embeddings=128, **kw)
-        return LlamaForCausalLM(cfg).eval()
+        return create_tiny(kind, **kw)
     return make
 
 
-_add("tiny-bert", "masked-lm", None, "2-layer BERT, hidden 64, random (tests)", False,
-     _tiny("bert"))
-_add("tiny-gpt2", "causal-lm", None, "2-layer GPT-2, hidden 64, random (tests)", False,
-     _tiny("gpt2"))
-_add("tiny-llama", "causal-lm", None, "2-layer LLaMA, hidden 64, random (tests)", False,
-     _tiny("llama"))
+_add("tiny-bert", "masked-lm", None, "2-layer BERT, hidden 64, ASCII vocab, random (tests)",
+     False, _tiny("bert"))
+_add("tiny-gpt2", "causal-lm", "wikitext2", "2-layer GPT-2, hidden 64, ASCII vocab, random "
+     "(tests)", False, _tiny("gpt2"))
+_add("tiny-llama", "causal-lm", "wikitext2", "2-layer LLaMA, hidden 64, ASCII vocab, random "
+     "(tests)", False, _tiny("llama"))
 
 
 def _torchvision_info(name: str) -> ModelInfo:
@@ -175,7 +155,9 @@ def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = 
 
 def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
                         batch_size: int = 32, seq_len: int = 128) -> list:
-    """Calibration batches drawn from the training or validation side of the model's data."""
+    """Calibration batches for a registry model, ready for model(batch) or model(**batch):
+    CIFAR-10 train images, digits train images, WikiText-2 validation paragraphs (MiniLM),
+    all drawn reproducibly by seed, never from a test split."""
     info = get_info(name)
     if info.dataset == "cifar10":
         from prunekit.data import calibration_images
@@ -183,6 +165,8 @@ def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
     if info.dataset == "digits":
         from prunekit.data import load_digits
         x, _ = load_digits("train")
+        if not 0 < n <= len(x):
+            raise PruneError(f"calibration size for digits must be in 1..{len(x)}, got {n}")
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
         return list(x[idx.sort().values].split(batch_size))
     if info.name == "minilm":
@@ -192,7 +176,8 @@ def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
         from prunekit.models.minilm import minilm_dir
         tok = AutoTokenizer.from_pretrained(minilm_dir())
         return calibration_text(tok, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size)
-    if info.task in ("causal-lm", "masked-lm"):
+    if info.name.startswith("tiny-"):
+        # Random token ids: the tiny models are random too, and need no data file.
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, 128, (n, min(seq_len, 64)), generator=g)
         return [{"input_ids": b} for b in ids.split(batch_size)]

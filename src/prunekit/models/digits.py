@@ -3,7 +3,6 @@ cached (atomically) so later calls load the same weights."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ class DigitsCNN(nn.Module):
 
 
 def _cache_path() -> Path:
-    root = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
-    return root / "digits-cnn-v1.safetensors"
+    from prunekit.data import cache_dir
+    return cache_dir() / "digits-cnn-v1.safetensors"
 
 
 def train_digits_cnn(epochs: int = 30, seed: int = 0) -> DigitsCNN:
