@@ -1,0 +1,169 @@
+"""Measured per-layer latency at each candidate sparsity on this machine, cached and reused.
+
+For each prunable layer and level, the layer (with its own shape and its real input from a
+sample batch) gets weights at that sparsity (random mask under the pattern) and runs through
+every kernel that serves it; the fastest median is the layer's time at that level. The rest of
+the model (everything but the prunable layers) is the dense model's time minus the dense layer
+times. The table is a JSON file under $PRUNEKIT_CACHE/latency (default ~/.cache/prunekit),
+keyed by the machine, the thread count, the model's layer shapes, the batch shape and the
+levels; each layer is written as soon as it is measured, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.io import atomic_write_text
+from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
+from prunekit.patterns import get_pattern
+from prunekit.progress import Progress
+from prunekit.runtime.convert import candidate_kernels, layer_inputs
+from prunekit.runtime.latency import machine_info, measure_latency, num_threads, time_calls
+
+DEFAULT_LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+    return root / "latency"
+
+
+@dataclass
+class LatencyTable:
+    """times[layer][i] = seconds of the layer at levels[i] (its fastest kernel)."""
+
+    levels: list[float]
+    times: dict[str, list[float]]
+    kernels: dict[str, list[str]]
+    dense_total: float  # the whole dense model, seconds
+    machine: dict
+    path: str | None = None
+
+    @property
+    def other(self) -> float:
+        """Seconds spent outside the prunable layers (never negative)."""
+        return max(self.dense_total - sum(t[0] for t in self.times.values()), 0.0)
+
+    def time_at(self, layer: str, sparsity: float) -> float:
+        """Layer time at any sparsity, linear between measured levels (clamped at the ends)."""
+        return float(np.interp(sparsity, self.levels, self.times[layer]))
+
+    def predict(self, budget: dict[str, float]) -> float:
+        """Predicted model seconds with each layer at its budgeted sparsity (others dense)."""
+        return self.other + sum(self.time_at(n, budget.get(n, 0.0)) for n in self.times)
+
+    def speedup(self, budget: dict[str, float]) -> float:
+        return self.dense_total / self.predict(budget)
+
+    def max_speedup(self) -> float:
+        return self.dense_total / (self.other + sum(min(t) for t in self.times.values()))
+
+    def to_dict(self) -> dict:
+        return {"levels": self.levels, "times": self.times, "kernels": self.kernels,
+                "dense_total": self.dense_total, "machine": self.machine}
+
+
+def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc) -> str:
+    info = machine_info(threads)
+    parts = [info["cpu"], str(info["cores"]), str(info["threads"]), info["torch"],
+             str(info["gpu"]), type(model).__name__, pattern, ",".join(kernels),
+             ",".join(f"{x:g}" for x in levels), batch_desc]
+    parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _batch_desc(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, dict):
+        return str({k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    return str([tuple(v.shape) for v in batch if isinstance(v, torch.Tensor)])
+
+
+def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAULT_LEVELS,
+                        pattern: str = "unstructured",
+                        kernels: Sequence[str] = ("dense", "csr", "block"),
+                        include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+                        threads: int | None = None, repeats: int = 9,
+                        cache: str | os.PathLike | None = None, refresh: bool = False,
+                        progress: bool = True, seed: int = 0) -> LatencyTable:
+    """Measure (or load from the cache) the latency table of `model` on `batch`."""
+    levels = sorted(float(x) for x in levels)
+    if not levels or levels[0] != 0.0 or levels[-1] >= 1.0:
+        raise PruneError(f"levels must start at 0.0 and stay below 1.0, got {levels}")
+    pat = get_pattern(pattern)
+    model.eval()
+    layers = find_layers(model, include, exclude)
+    inputs = layer_inputs(model, layers, batch)
+    missing = [n for n in layers if n not in inputs]
+    if missing:
+        raise PruneError(f"layer {missing[0]} did not run on the sample batch; exclude it")
+    key = _key(model, layers, inputs, levels, pat.name, kernels, threads, _batch_desc(batch))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_info(threads)["cpu"]).strip("-")[:40]
+    path = Path(cache) if cache else cache_dir() / f"{slug}-{key}.json"
+    state = {"levels": levels, "times": {}, "kernels": {}, "dense_total": None,
+             "machine": machine_info(threads)}
+    if path.exists() and not refresh:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("levels") == levels:
+                state.update(saved)
+        except (json.JSONDecodeError, OSError):
+            pass  # a corrupt cache is measured again
+    gen = torch.Generator().manual_seed(seed)
+    with num_threads(threads), Progress(enabled=progress) as bar:
+        task = bar.add("latency table", total=len(layers))
+        for name, module in layers.items():
+            if name in state["times"]:
+                bar.advance(task)
+                continue
+            state["times"][name], state["kernels"][name] = _measure_layer(
+                module, inputs[name], levels, pat, kernels, repeats, gen)
+            atomic_write_text(path, json.dumps(state, indent=1))
+            bar.advance(task)
+        if state["dense_total"] is None:
+            state["dense_total"] = measure_latency(model, batch, repeats=repeats)["model"][
+                "median_ms"] / 1e3
+            atomic_write_text(path, json.dumps(state, indent=1))
+    return LatencyTable(levels, state["times"], state["kernels"], state["dense_total"],
+                        state["machine"], str(path))
+
+
+def _measure_layer(module, x, levels, pattern, kernels, repeats, gen):
+    w = weight_matrix(module).detach().float()
+    times, chosen = [], []
+    for s in levels:
+        probe = copy.deepcopy(module)
+        if s > 0:
+            if pattern.implied_sparsity is None:
+                mask = pattern.select(torch.rand(w.shape, generator=gen), s)
+            else:
+                mask = pattern.select(torch.rand(w.shape, generator=gen), None)
+            # keep the real values (a zero weight would be dropped by the sparse formats)
+            set_weight_matrix(probe, torch.where(w == 0, torch.ones_like(w), w) * mask)
+            cands, _ = candidate_kernels(probe, x, kernels)
+        else:
+            cands = {"dense": probe}
+        with torch.inference_mode():
+            t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=repeats)
+        best = min(t, key=lambda k: t[k]["median"])
+        times.append(t[best]["median"])
+        chosen.append(best)
+    # a sparser layer never needs to be slower: it could keep the faster denser format's
+    # zeros explicitly, so times are made non-increasing (this also smooths timer noise)
+    for i in range(1, len(times)):
+        if times[i] > times[i - 1]:
+            times[i], chosen[i] = times[i - 1], chosen[i - 1]
+    return times, chosen

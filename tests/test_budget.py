@@ -1,0 +1,274 @@
+"""Budgets: the DP against brute force, uniform/global/ERK invariants, pruning with a budget,
+the cached latency table, and the SPDY search on a small model."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit import Magnitude, PruneError, SparseGPT, prune
+from prunekit.budget import (
+    Target,
+    Unreachable,
+    build_database,
+    build_latency_table,
+    cost_matrix,
+    erk,
+    for_speedup,
+    global_by_score,
+    prune_with_budget,
+    solve,
+    spdy_search,
+    total_sparsity,
+    uniform,
+)
+from prunekit.budget import latency_table as lt_mod
+from prunekit.layers import find_layers
+
+
+def brute(errors, costs, budget):
+    best, arg = np.inf, None
+    for choice in itertools.product(range(errors.shape[1]), repeat=errors.shape[0]):
+        c = sum(costs[i, k] for i, k in enumerate(choice))
+        e = sum(errors[i, k] for i, k in enumerate(choice))
+        if c <= budget + 1e-12 and e < best:
+            best, arg = e, choice
+    return best, arg
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 10_000), st.data())
+def test_dp_is_optimal_on_integer_costs(layers, levels, seed, data):
+    rng = np.random.default_rng(seed)
+    errors = rng.random((layers, levels))
+    costs = rng.integers(0, 8, (layers, levels)).astype(float)
+    budget = data.draw(st.integers(0, 8 * layers))
+    best, _ = brute(errors, costs, budget)
+    if not np.isfinite(best):
+        with pytest.raises(Unreachable) as e:
+            solve(errors, costs, budget, resolution=None)
+        assert e.value.best == costs.min(axis=1).sum()
+        return
+    choice = solve(errors, costs, budget, resolution=None)
+    assert sum(costs[i, k] for i, k in enumerate(choice)) <= budget
+    assert sum(errors[i, k] for i, k in enumerate(choice)) == pytest.approx(best, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_dp_with_real_costs_is_feasible_and_near_optimal(seed):
+    rng = np.random.default_rng(seed)
+    layers, levels, res = 4, 5, 400
+    errors = rng.random((layers, levels))
+    costs = rng.random((layers, levels))
+    budget = float(costs.min(axis=1).sum() + rng.random() * 1.5)
+    choice = solve(errors, costs, budget, resolution=res)
+    assert sum(costs[i, k] for i, k in enumerate(choice)) <= budget + 1e-12
+    got = sum(errors[i, k] for i, k in enumerate(choice))
+    # rounding costs up loses at most one unit per layer: anything feasible with that slack
+    # is feasible for the DP, so it must do at least as well
+    slack_best, _ = brute(errors, costs, budget - layers * budget / res)
+    assert got <= slack_best + 1e-12
+    assert got >= brute(errors, costs, budget)[0] - 1e-12
+
+
+def test_dp_forbidden_levels_and_bad_input():
+    errors = np.array([[np.inf, 1.0], [0.0, 5.0]])
+    costs = np.array([[1.0, 1.0], [1.0, 0.0]])
+    assert solve(errors, costs, 2, resolution=None) == [1, 0]
+    with pytest.raises(PruneError, match="layers, levels"):
+        solve(np.ones((2, 2)), np.ones((2, 3)), 1.0)
+    with pytest.raises(PruneError, match="non-negative"):
+        solve(np.ones((1, 2)), -np.ones((1, 2)), 1.0)
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(16, 32, 24, 8)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def test_uniform_and_global_by_score_match_global_magnitude():
+    model = MLP()
+    layers = find_layers(model)
+    assert set(uniform(layers, 0.3).values()) == {0.3}
+    budget = global_by_score(layers, 0.6)
+    total = sum(m.weight.numel() for m in layers.values())
+    pruned = sum(budget[n] * m.weight.numel() for n, m in layers.items())
+    assert pruned == pytest.approx(round(0.6 * total), abs=1e-6)
+    ref = MLP()
+    ref.load_state_dict(model.state_dict())
+    prune(ref, Magnitude(sparsity=0.6, scope="global"), progress=False)
+    for name, m in find_layers(ref).items():
+        assert float((m.weight == 0).float().mean()) == pytest.approx(budget[name])
+
+
+def test_global_by_score_ties_keep_exact_total():
+    model = MLP((4, 4, 4))
+    with torch.no_grad():
+        for m in model.layers:
+            m.weight.fill_(1.0)
+    budget = global_by_score(find_layers(model), 0.5)
+    assert sum(budget[n] * 16 for n in budget) == 16
+
+
+def test_erk_density_ratios_and_total():
+    model = MLP((64, 256, 256, 10))
+    layers = find_layers(model)
+    budget = erk(layers, 0.9)
+    assert total_sparsity(layers, budget) == pytest.approx(0.9, abs=1e-9)
+    d = {n: 1 - s for n, s in budget.items()}
+    free = [n for n in d if d[n] < 1]
+    raw = {n: sum(m.weight.shape) / m.weight.numel() for n, m in layers.items()}
+    ratios = [d[n] / raw[n] for n in free]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-9)
+    assert all(0 <= s < 1 for s in budget.values())
+    # the small last layer saturates: dense
+    assert budget["layers.2"] == 0.0 or d["layers.2"] > d["layers.1"]
+    with pytest.raises(PruneError, match="sparsity"):
+        erk(layers, 1.2)
+
+
+def test_prune_with_budget_matches_prune_per_layer():
+    torch.manual_seed(1)
+    model = MLP()
+    x = torch.randn(64, 16)
+    budget = {"layers.0": 0.5, "layers.1": 0.8, "layers.2": 0.0}
+    a = MLP()
+    a.load_state_dict(model.state_dict())
+    rep = prune_with_budget(a, budget, SparseGPT(), x, progress=False)
+    assert [lr.name for lr in rep.layers] == ["layers.0", "layers.1"]
+    for name, s in budget.items():
+        w = a.get_submodule(name).weight
+        assert int((w == 0).sum()) == round(s * w.numel())
+    # a uniform budget is exactly prunekit.prune
+    b, c = MLP(), MLP()
+    b.load_state_dict(model.state_dict())
+    c.load_state_dict(model.state_dict())
+    prune_with_budget(b, uniform(find_layers(b), 0.7), SparseGPT(), x, progress=False)
+    prune(c, SparseGPT(sparsity=0.7), x, progress=False)
+    for p, q in zip(b.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_prune_with_budget_errors_leave_model_alone():
+    model = MLP()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(PruneError, match="not a prunable layer"):
+        prune_with_budget(model, {"nope": 0.5}, Magnitude(), progress=False)
+    with pytest.raises(PruneError, match="sparsity of layers.0"):
+        prune_with_budget(model, {"layers.0": 1.5}, Magnitude(), progress=False)
+    with pytest.raises(PruneError, match="calibration"):
+        prune_with_budget(model, {"layers.0": 0.5}, SparseGPT(), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    model = MLP((64, 128, 64))
+    x = torch.randn(8, 64)
+    levels = (0.0, 0.5, 0.9)
+    t1 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    assert set(t1.times) == {"layers.0", "layers.1"}
+    for times in t1.times.values():
+        assert all(b <= a for a, b in zip(times, times[1:]))
+    assert t1.dense_total > 0 and t1.max_speedup() >= 1.0
+    calls = []
+    real = lt_mod._measure_layer
+    monkeypatch.setattr(lt_mod, "_measure_layer", lambda *a: calls.append(1) or real(*a))
+    t2 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    assert calls == [] and t2.times == t1.times and t2.path == t1.path
+    # drop one layer from the file, as if interrupted: only that layer is measured again
+    state = json.loads(open(t1.path).read())
+    del state["times"]["layers.1"]
+    open(t1.path, "w").write(json.dumps(state))
+    t3 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    assert len(calls) == 1 and t3.times["layers.0"] == t1.times["layers.0"]
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = MLP((16, 48, 48, 8))
+    calib = [torch.randn(64, 16) for _ in range(2)]
+    db = build_database(model, SparseGPT(), calib, (0.0, 0.5, 0.7, 0.9), progress=False)
+    return model, calib, db
+
+
+def test_database_errors_grow_with_sparsity_and_model_restored():
+    model = MLP((16, 48, 48, 8))
+    before = [p.clone() for p in model.parameters()]
+    calib = [torch.randn(64, 16)]
+    db = build_database(model, SparseGPT(), calib, (0.0, 0.5, 0.9), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    for name, errs in db.errors.items():
+        assert errs[0] == 0 and errs[0] < errs[1] < errs[2]
+        assert float((db.weights[name][2] == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
+
+
+def test_spdy_sparsity_target_finds_brute_force_best():
+    model, calib, db = _tiny_setup()
+    layers = find_layers(model)
+    from prunekit.budget.spdy import assemble, output_error
+    with torch.inference_mode():
+        ref = [model(b) for b in calib]
+    names = list(db.weights)
+    losses = {}
+    for choice in itertools.product(range(len(db.levels)), repeat=len(names)):
+        if total_sparsity(layers, {n: db.levels[k] for n, k in zip(names, choice)}) >= 0.7:
+            assemble(layers, db, dict(zip(names, choice)))
+            losses[choice] = output_error(model, calib, ref)
+    alloc = spdy_search(model, db, calib, Target("sparsity", 0.7), steps=30, progress=False)
+    assert total_sparsity(layers, alloc.budget) >= 0.7 - 1e-9
+    assert alloc.history == sorted(alloc.history, reverse=True)
+    for name, s in alloc.budget.items():  # the model holds the chosen database weights
+        assert float((layers[name].weight == 0).float().mean()) == pytest.approx(s, abs=0.01)
+    assert alloc.loss <= losses[(2, 2, 2)] + 1e-12  # at least as good as uniform 0.7
+    assert alloc.loss <= min(losses.values()) * 1.05
+
+
+def test_spdy_flops_and_speedup_targets():
+    model, calib, db = _tiny_setup()
+    x = calib[0]
+    alloc = spdy_search(model, db, calib, Target("flops", 2.0), steps=5, batch=x,
+                        progress=False)
+    assert alloc.predicted["cost"] <= alloc.predicted["budget"]
+    names = list(db.weights)
+    table = lt_mod.LatencyTable(db.levels, {n: [4.0, 3.0, 2.0, 1.0] for n in names},
+                                {n: ["dense"] * 4 for n in names}, dense_total=14.0,
+                                machine={})
+    # other = 14 - 12 = 2; a 2x speedup needs the layers to take <= 5 s in all
+    alloc = spdy_search(model, db, calib, Target("speedup", 2.0), table=table, steps=5,
+                        progress=False)
+    assert alloc.predicted["speedup"] >= 2.0
+    with pytest.raises(Unreachable, match="best reachable .* 2.800x") as e:
+        spdy_search(model, db, calib, Target("speedup", 3.0), table=table, progress=False)
+    assert e.value.best == pytest.approx(14 / 5)
+    with pytest.raises(PruneError, match="target kind"):
+        Target("latency", 2.0)
+
+
+def test_for_speedup_bisection():
+    table = lt_mod.LatencyTable([0.0, 0.5, 0.9], {"a": [2.0, 1.5, 0.5], "b": [2.0, 2.0, 1.0]},
+                                {}, dense_total=5.0, machine={})
+    x, budget = for_speedup(table, 2.0, lambda s: {"a": s, "b": s})
+    assert table.speedup(budget) >= 2.0
+    assert table.speedup({"a": x - 0.01, "b": x - 0.01}) < 2.0
+    with pytest.raises(Unreachable, match="at most"):
+        for_speedup(table, 3.0, lambda s: {"a": s, "b": s})
+
+
+def test_cost_matrix_needs_table_for_speedup():
+    with pytest.raises(PruneError, match="latency table"):
+        cost_matrix(["a"], [0.0, 0.5], Target("speedup", 2.0))
