@@ -23,9 +23,11 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="prune pretrained MiniLM and ResNet-20 with every method")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate ResNet-20 on the first N test images (default: all 10,000)")
-    p.add_argument("--calib", type=int, default=128, help="calibration samples per model")
+    p.add_argument("--limit", type=int, default=2000,
+                   help="evaluate ResNet-20 on the first N test images (default 2000; all: 10000)")
+    p.add_argument("--calib", type=int, default=64,
+                   help="calibration samples per model (sequences for MiniLM, images for "
+                        "ResNet-20)")
     p.set_defaults(func=cmd_demo)
 
 
