@@ -88,13 +88,14 @@ def table_rows(items: list[dict]) -> tuple[list[str], list[list[str]]]:
     bs = items[0]["latency_batches"]
     metric = items[0]["metric"]
     head = ["method", "pattern", "target", "sparsity", f"{metric} dense", f"{metric} pruned",
-            "compression", "theor. speedup"] + [f"meas. speedup b{b}" for b in bs] + [
-            "prune s", "prune +MiB", "seeds"]
+            "compression", "compr. pruned layers", "theor. speedup"]
+    head += [f"meas. speedup b{b}" for b in bs] + ["prune s", "prune +MiB", "seeds"]
     rows = []
     for s in items:
         rows.append([s["method"], s["pattern"], s["amount"], f"{s['sparsity'][0]:.3f}",
                      f"{s['before'][0]:.2f}", _fmt(s["after"]),
-                     f"{s['compression'][0]:.2f}", f"{s['theoretical_speedup'][0]:.2f}"]
+                     f"{s['compression'][0]:.2f}", f"{s['compression_prunable'][0]:.2f}",
+                     f"{s['theoretical_speedup'][0]:.2f}"]
                     + [_fmt(s[f"measured_speedup_b{b}"]) for b in bs]
                     + [_fmt(s["prune_seconds"], 1), f"{s['peak_rss_growth_mb'][0]:.0f}",
                        str(len(s["seeds"]))])
