@@ -1,0 +1,88 @@
+"""`prunekit latency` and `prunekit export` through their argparse registration."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from prunekit import Magnitude, PruneError, prune
+from prunekit.commands import export as export_cmd
+from prunekit.commands import latency as latency_cmd
+from prunekit.io import save_weights
+from prunekit.models import create
+from prunekit.runtime import load_compressed
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: two per process oversubscribe a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def run(argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    latency_cmd.register(sub)
+    export_cmd.register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture
+def pruned_digits(tmp_path):
+    model = create("digits-cnn", pretrained=True)
+    prune(model, Magnitude(sparsity=0.9), progress=False)
+    path = tmp_path / "pruned.safetensors"
+    save_weights(model, path)
+    return model, path
+
+
+def test_latency_json_with_sparse(pruned_digits, capsys):
+    _, path = pruned_digits
+    assert run(["latency", "digits-cnn", "--weights", str(path), "--batch-sizes", "1,4",
+                "--repeats", "2", "--warmup", "1", "--threads", "1", "--sparse", "--json",
+                "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in out["rows"]] == [1, 4]
+    for r in out["rows"]:
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["machine"]["threads"] == 1
+        assert set(r["kernels"]) == {"conv1", "conv2", "fc1", "fc2"}
+
+
+def test_latency_text_and_bad_sizes(capsys):
+    assert run(["latency", "digits-cnn", "--batch-sizes", "2", "--repeats", "2"]) == 0
+    assert "batch    2: dense" in capsys.readouterr().out
+    with pytest.raises(PruneError, match="batch-sizes"):
+        run(["latency", "digits-cnn", "--batch-sizes", "a,b"])
+    with pytest.raises(PruneError, match="positive"):
+        run(["latency", "digits-cnn", "--batch-sizes", "0"])
+
+
+def test_export_compressed_and_dense(pruned_digits, tmp_path, capsys):
+    model, path = pruned_digits
+    out = tmp_path / "c.safetensors"
+    assert run(["export", "digits-cnn", "--weights", str(path), "--format", "compressed",
+                "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ratio"] > 2.0
+    back = load_compressed(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v)
+    dense = tmp_path / "d.safetensors"
+    assert run(["export", "digits-cnn", "--weights", str(path), "--format", "dense",
+                "--out", str(dense)]) == 0
+    assert info["bytes"] < dense.stat().st_size
+
+
+def test_export_onnx_verified(pruned_digits, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    _, path = pruned_digits
+    out = tmp_path / "m.onnx"
+    assert run(["export", "digits-cnn", "--weights", str(path), "--format", "onnx",
+                "--out", str(out)]) == 0
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    assert out.exists()
