@@ -116,3 +116,27 @@ def test_gpt2_conv1d_is_prunable_with_transposed_view():
     assert list(find_layers(nn.Sequential(c))) == ["0"]
     rows = input_rows(c, x)
     torch.testing.assert_close(rows[0], x)
+
+
+def test_padding_tokens_do_not_count():
+    """A padded batch gives the same statistics as the real tokens alone, in both modes."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                num_hidden_layers=2, vocab_size=50),
+                     add_pooling_layer=False).eval()
+    layers = find_layers(bert)
+    ids = torch.randint(1, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    alone = [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]}]
+    a = collect_stats(bert, layers, padded)
+    b = collect_stats(bert, layers, alone)
+    for name in layers:
+        assert a[name].rows == 14
+        torch.testing.assert_close(a[name].hessian, b[name].hessian, rtol=1e-4, atol=1e-4)
+    seq = {n: st for _, _, stats in Sequential(bert, layers, padded).stages()
+           for n, st in stats.items()}
+    for name in layers:
+        torch.testing.assert_close(seq[name].hessian, a[name].hessian, rtol=1e-4, atol=1e-4)

@@ -99,12 +99,26 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
 
+def token_mask(batch: Batch) -> torch.Tensor | None:
+    """The (batch, tokens) bool mask of real tokens of a transformers-style batch, if any."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        mask = batch["attention_mask"]
+        if mask.dim() == 2:
+            return mask.bool()
+    return None
+
+
 class StatsCollector:
-    """Hooks on a set of layers that accumulate LayerStats from every forward pass."""
+    """Hooks on a set of layers that accumulate LayerStats from every forward pass.
+
+    While `mask` holds a (batch, tokens) mask, token-wise layers (linear, GPT-2 Conv1D) skip
+    the rows of padding tokens: their hidden states are not data the model will see.
+    """
 
     def __init__(self, layers: Mapping[str, nn.Module]):
         self.layers = dict(layers)
         self.stats: dict[str, LayerStats] = {}
+        self.mask: torch.Tensor | None = None
         self._handles = [
             m.register_forward_pre_hook(self._hook(name)) for name, m in self.layers.items()
         ]
@@ -112,6 +126,10 @@ class StatsCollector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0].detach()
+            mask = self.mask
+            if (mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)
+                    and not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+                x = x[mask]
             if x.numel() == 0:
                 raise PruneError(f"{name}: received an empty input during calibration")
             rows = input_rows(module, x.float())
@@ -187,8 +205,11 @@ def as_batches(calib) -> list[Batch]:
     return batches
 
 
-def _forward(model: nn.Module, batches: Sequence[Batch], progress: Callable[[], None] | None):
+def _forward(model: nn.Module, batches: Sequence[Batch], progress: Callable[[], None] | None,
+             collector: StatsCollector | None = None):
     for i, batch in enumerate(batches):
+        if collector is not None:
+            collector.mask = token_mask(batch)
         try:
             run_batch(model, batch)
         except PruneError:
@@ -210,7 +231,7 @@ def collect_stats(
 ) -> dict[str, LayerStats]:
     """Run every batch through the model once and return each layer's LayerStats."""
     with StatsCollector(layers) as col:
-        _forward(model, batches, progress)
+        _forward(model, batches, progress, col)
     missing = [n for n in layers if n not in col.stats]
     if missing:
         raise PruneError(f"layers never ran during calibration: {', '.join(missing[:5])}")
@@ -336,7 +357,7 @@ class Sequential:
         handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
         try:
             with StatsCollector(collector_layers) as col:
-                _forward(self.model, self.batches, None)
+                _forward(self.model, self.batches, None, col)
         finally:
             handle.remove()
         return inputs, col.stats
@@ -355,7 +376,8 @@ class Sequential:
             if layers:
                 with StatsCollector(layers) as col:
                     with torch.no_grad():
-                        for args, kwargs in inputs:
+                        for (args, kwargs), batch in zip(inputs, self.batches):
+                            col.mask = token_mask(batch)
                             block(*args, **kwargs)
                 yield bname, layers, col.stats
                 del col
