@@ -1,0 +1,219 @@
+"""Per-layer budgets at equal CPU speedup, and WoodFisher against global magnitude.
+
+Part 1, for each model (ResNet-20 on CIFAR-10, MiniLM on STS-B) and speedup target (1.5x,
+2x): SparseGPT one-shot with three budgets that the measured latency table predicts reach the
+target: uniform (one sparsity everywhere), global (one magnitude threshold) and SPDY (DP +
+local search over the sensitivity database). Each pruned model is then converted to the
+fastest kernel per layer and its speedup over the dense model measured side by side, and
+its quality evaluated (CIFAR-10 test top-1 after BN re-estimation; STS-B test Spearman).
+
+Part 2: WoodFisher at 70% and 90% global sparsity on ResNet-20 against global magnitude
+(both one-shot, BN re-estimated, no fine-tuning).
+
+    python benchmarks/budget.py                          # everything (long on 2 cores)
+    python benchmarks/budget.py --models resnet20 --eval-limit 2000 --steps 60
+
+Rows are written to benchmarks/results/budget.json as they finish; a rerun skips them. The
+latency table is cached per machine (prunekit.budget.build_latency_table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prunekit import Magnitude, SparseGPT, prune
+from prunekit.budget import (
+    Target,
+    Unreachable,
+    build_database,
+    build_latency_table,
+    for_speedup,
+    global_by_score,
+    prune_with_budget,
+    spdy_search,
+    total_sparsity,
+    uniform,
+)
+from prunekit.io import atomic_write_text
+from prunekit.layers import find_layers
+from prunekit.runtime import convert, measure_latency
+from prunekit.runtime.latency import machine_info, num_threads
+
+RESULTS = Path(__file__).parent / "results"
+LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+NAMES = {"resnet20": "resnet20-cifar10", "minilm": "minilm"}
+
+
+def quality(model, name, limit):
+    from prunekit.evaluate import evaluate
+    return evaluate(model, name, split="test", limit=limit)
+
+
+def finish(model, name, calib):
+    """BN re-estimation on the calibration images for CNNs (every budget gets the same)."""
+    if name.startswith("resnet"):
+        from prunekit.evaluate import reestimate_bn
+        reestimate_bn(model, torch.cat(calib))
+    return model
+
+
+def measured_speedup(dense, pruned, batch, repeats):
+    fast, report = convert(pruned, batch, kernels=("dense", "csr"), progress=False)
+    r = measure_latency({"dense": dense, "sparse": fast}, batch, repeats=repeats)
+    kernels = {}
+    for lc in report.layers:
+        kernels[lc.kernel] = kernels.get(lc.kernel, 0) + 1
+    return r["dense"]["median_ms"] / r["sparse"]["median_ms"], r, kernels
+
+
+def part1(model_key, args, results, save):
+    from prunekit.models import calibration_batches, create
+
+    name = NAMES[model_key]
+    dense = create(name, pretrained=True).eval()
+    calib = calibration_batches(name, n=args.calib, seed=0, batch_size=32)
+    timing = calibration_batches(name, n=args.batch, seed=1, batch_size=args.batch)[0]
+    layers = find_layers(dense)
+    t0 = time.perf_counter()
+    table = build_latency_table(dense, timing, LEVELS, kernels=("dense", "csr"),
+                                repeats=args.repeats, progress=not args.quiet)
+    results.setdefault("tables", {})[model_key] = {"path": table.path,
+                                                   "max_speedup": table.max_speedup(),
+                                                   "dense_ms": 1e3 * table.dense_total,
+                                                   "seconds": time.perf_counter() - t0}
+    key = f"{model_key}/dense"
+    if key not in results["rows"]:
+        results["rows"][key] = {"model": model_key, "budget": "dense",
+                                "quality": quality(dense, name, args.eval_limit)}
+        save()
+    print(f"{model_key}: dense {results['rows'][key]['quality']}, table max predicted "
+          f"speedup {table.max_speedup():.2f}x", flush=True)
+    db = None
+    for target in args.targets:
+        for kind in ("uniform", "global", "spdy"):
+            key = f"{model_key}/{target}x/{kind}"
+            if key in results["rows"]:
+                print(results["rows"][key], flush=True)
+                continue
+            model = copy.deepcopy(dense)
+            row = {"model": model_key, "target_speedup": target, "budget": kind}
+            try:
+                if kind == "spdy":
+                    if db is None:
+                        db = build_database(dense, SparseGPT(), calib, LEVELS,
+                                            progress=not args.quiet)
+                    alloc = spdy_search(model, db, calib, Target("speedup", target), table,
+                                        steps=args.steps, progress=not args.quiet)
+                    budget = alloc.budget
+                    row["search_loss"] = alloc.loss
+                else:
+                    family = (lambda s: uniform(layers, s)) if kind == "uniform" else \
+                        (lambda s: global_by_score(layers, s))
+                    _, budget = for_speedup(table, target, family)
+                    prune_with_budget(model, budget, SparseGPT(), calib, progress=False)
+            except Unreachable as e:
+                row["unreachable"] = str(e)
+                row["best_reachable"] = e.best
+                results["rows"][key] = row
+                save()
+                print(key, row, flush=True)
+                continue
+            finish(model, name, calib)
+            row["predicted_speedup"] = table.speedup(budget)
+            row["sparsity"] = total_sparsity(layers, budget)
+            row["budget_levels"] = budget
+            s, timing_row, kernels = measured_speedup(dense, model, timing, args.repeats)
+            row["measured_speedup"] = s
+            row["kernels"] = kernels
+            row["dense_ms"] = timing_row["dense"]["median_ms"]
+            row["sparse_ms"] = timing_row["sparse"]["median_ms"]
+            row["quality"] = quality(model, name, args.eval_limit)
+            results["rows"][key] = row
+            save()
+            print(key, {k: v for k, v in row.items() if k != "budget_levels"}, flush=True)
+
+
+def part2(args, results, save):
+    from prunekit.data import calibration_images, cifar10_tensors
+    from prunekit.methods.woodfisher import WoodFisher
+    from prunekit.models import create
+
+    name = NAMES["resnet20"]
+    x, y = cifar10_tensors("train", limit=args.wf_grads * args.wf_batch)
+    batches = list(zip(x.split(args.wf_batch), y.split(args.wf_batch)))
+    calib = list(calibration_images(256, seed=0).split(64))
+    for s in (0.7, 0.9):
+        for kind in ("global_magnitude", "woodfisher"):
+            key = f"resnet20/woodfisher-part/{s}/{kind}"
+            if key in results["rows"]:
+                print(results["rows"][key], flush=True)
+                continue
+            model = create(name, pretrained=True).eval()
+            t0 = time.perf_counter()
+            if kind == "woodfisher":
+                cfg = WoodFisher(sparsity=s, num_grads=args.wf_grads,
+                                 block_size=args.wf_block, steps=args.wf_steps)
+                cfg.prune_global(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches,
+                                 progress=not args.quiet)
+            else:
+                prune(model, Magnitude(sparsity=s, scope="global"), progress=False)
+            seconds = time.perf_counter() - t0
+            q_raw = quality(model, name, args.eval_limit)
+            finish(model, name, calib)
+            row = {"sparsity": s, "method": kind, "seconds": seconds, "top1_no_bn": q_raw,
+                   "quality": quality(model, name, args.eval_limit)}
+            results["rows"][key] = row
+            save()
+            print(key, row, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet20,minilm")
+    p.add_argument("--targets", default="1.5,2.0")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64, help="batch size the speedup is measured at")
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--steps", type=int, default=100, help="SPDY search steps")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--wf-grads", type=int, default=128)
+    p.add_argument("--wf-batch", type=int, default=16)
+    p.add_argument("--wf-block", type=int, default=128)
+    p.add_argument("--wf-steps", type=int, default=4)
+    p.add_argument("--skip-woodfisher", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "budget.json"))
+    args = p.parse_args(argv)
+    args.targets = [float(t) for t in args.targets.split(",")]
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["command"] = "python " + " ".join(["benchmarks/budget.py", *sys.argv[1:]])
+    results["machine"] = machine_info(args.threads)
+    results.setdefault("rows", {})
+
+    def save():
+        atomic_write_text(out, json.dumps(results, indent=1, default=str))
+
+    with num_threads(args.threads):
+        for m in args.models.split(","):
+            if m not in NAMES:
+                p.error(f"unknown model {m}; choose from {', '.join(NAMES)}")
+            part1(m, args, results, save)
+        if not args.skip_woodfisher:
+            part2(args, results, save)
+    save()
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
