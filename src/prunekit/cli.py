@@ -14,6 +14,7 @@ COMMANDS = [
     "prunekit.commands.prune",
     "prunekit.commands.models",
     "prunekit.commands.demo",
+    "prunekit.commands.bench",
 ]
 
 
