@@ -1,4 +1,5 @@
-"""`prunekit models` and `prunekit eval`."""
+"""`prunekit models` lists the registry; `prunekit eval MODEL` measures a model's quality on
+its data set (top-1, STS-B Spearman or perplexity), optionally with pruned weights."""
 
 from __future__ import annotations
 
@@ -10,16 +11,26 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("eval", help="evaluate a model on its standard dataset")
-    p.add_argument("model", help="registry name, or module:function with --dataset-of")
-    p.add_argument("--weights", help="safetensors weights to evaluate (e.g. a pruned model)")
+    p = sub.add_parser("eval", help="evaluate a model on its standard data set")
+    p.add_argument("model", help="registry name (see `prunekit models`), tv:<name>, or "
+                                 "module:function (then give --dataset)")
+    p.add_argument("--weights", help="safetensors weights to evaluate (e.g. a pruned model); "
+                                     "without it a registry model's pretrained weights are used")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
-    p.add_argument("--split", default="test", help="test (default) or the train/dev side")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    p.add_argument("--dataset", choices=("cifar10", "digits", "stsb", "wikitext2"),
+                   help="data set to evaluate on (default: the model's own)")
+    p.add_argument("--split", default="test",
+                   help="test (default), or the train / dev (valid) side")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate the first N examples (N tokens for perplexity)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
     p.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
-                   help="re-estimate batch-norm statistics on N training images first")
+                   help="first re-estimate batch-norm statistics on N augmented CIFAR-10 "
+                        "training images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --bn-reestimate draw")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
 
@@ -35,23 +46,36 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['name']:<18} {r['task']:<20} {r['dataset'] or '-':<9} "
               f"{'yes' if r['pretrained'] else 'no':<8} {r['description']}")
-    print("tv:<name>          any torchvision classification model (random init or --weights)")
+    print(f"{'tv:<name>':<18} {'image-classification':<20} {'-':<9} {'no':<8} any torchvision "
+          f"classification model (random init, or --weights FILE)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from prunekit.data import calibration_images
+    from prunekit.errors import PruneError
     from prunekit.evaluate import evaluate, reestimate_bn
     from prunekit.models import get_info, load_model
 
-    info = get_info(args.model)
-    model = load_model(args.model, weights=args.weights, pretrained=not args.weights,
+    custom = ":" in args.model and not args.model.startswith("tv:")
+    info = None if custom else get_info(args.model)
+    if info is not None and args.dataset is None and info.dataset is None:
+        raise PruneError(f"{info.name} has no standard data set; give --dataset")
+    if custom and args.dataset is None:
+        raise PruneError(f"{args.model} is your own model: say what to evaluate it on with "
+                         f"--dataset")
+    pretrained = bool(info and info.pretrained_available and not args.weights)
+    model = load_model(args.model, weights=args.weights, pretrained=pretrained,
                        allow_pickle=args.allow_pickle)
     if args.bn_reestimate:
-        reestimate_bn(model, calibration_images(args.bn_reestimate, seed=1))
-    metrics = evaluate(model, info, split=args.split, limit=args.limit)
+        from prunekit.data import calibration_images
+        reestimate_bn(model, calibration_images(args.bn_reestimate, seed=args.seed, augment=True),
+                      progress=not args.quiet)
+    metrics = evaluate(model, info, split=args.split, limit=args.limit,
+                       batch_size=args.batch_size, dataset=args.dataset,
+                       progress=not args.quiet)
     if args.json:
-        print(json.dumps(dict(model=args.model, weights=args.weights, **metrics)))
+        print(json.dumps(dict(model=args.model, weights=args.weights, split=args.split,
+                              limit=args.limit, bn_reestimate=args.bn_reestimate, **metrics)))
     else:
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}")

@@ -134,20 +134,24 @@ def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = False,
-               allow_pickle: bool = False) -> nn.Module:
-    """A registry name or 'module:function' (called with no arguments), then optional
-    safetensors weights checked tensor by tensor."""
+               allow_pickle: bool = False, **kwargs) -> nn.Module:
+    """A registry name, tv:<name>, or 'package.module:function' (called with **kwargs; it must
+    return an nn.Module), then optional weights checked tensor by tensor (safetensors; a
+    pickle checkpoint only with allow_pickle=True). Returned in eval mode."""
     if ":" in spec and not spec.startswith("tv:"):
         module_name, _, fn_name = spec.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as e:
-            raise PruneError(f"cannot load model function {spec}: {e}") from e
-        model = fn()
+            raise PruneError(f"cannot load model function {spec}: {e}; give an importable "
+                             f"package.module:function") from e
+        if pretrained:
+            raise PruneError(f"{spec}: pretrained weights come from your function or --weights")
+        model = fn(**kwargs)
         if not isinstance(model, nn.Module):
             raise PruneError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     else:
-        model = create(spec, pretrained=pretrained)
+        model = create(spec, pretrained=pretrained, **kwargs)
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
     return model.eval()
