@@ -220,8 +220,13 @@ def _digest(path: Path, size: int, mtime: float, check: str) -> str | tuple[str,
         images, labels = read_npz(path)
         return (hashlib.sha256(images.tobytes()).hexdigest(),
                 hashlib.sha256(labels.tobytes()).hexdigest())
-    from prunekit.io import read_weights
-    return tensors_sha256(read_weights(path))
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise PruneError(f"{path} is not a readable safetensors file ({e}); fetch it again") \
+            from e
+    return tensors_sha256(tensors)
 
 
 def verify(path: Path, entry: DataFile) -> None:
