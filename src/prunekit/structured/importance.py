@@ -1,0 +1,165 @@
+"""Importance of each prunable channel class, scored over all slices coupled in it.
+
+l1 / l2: norm of the coupled weight slices (Li et al. 2017, summed over the group).
+bn_scale: |gamma| of the batch norms in the class (network slimming, Liu et al. 2017);
+  classes with no batch norm fall back to l1.
+taylor: (sum over the class of gradient x weight)^2, summed over batches (Molchanov et al.
+  2019, group version).
+sosp: second-order, SOSP-H style (Nonnenmacher et al. 2022): |-g.theta_s + theta_s.(H theta)|,
+  where H theta comes from one Hessian-vector product per batch (central finite difference of
+  gradients), so each class sees its coupling with all other structures.
+random: a seeded baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.structured.graph import DependencyGraph, run_model
+
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "sosp", "random")
+
+
+def _per_dim(values: dict[str, torch.Tensor], keys, reduce: str = "sum"):
+    """(param, dim) -> vector over that dim of values[param] summed over the other dims."""
+    out = {}
+    for p, d in keys:
+        v = values.get(p)
+        if v is None or v.dim() == 0:
+            continue
+        dims = [i for i in range(v.dim()) if i != d]
+        out[(p, d)] = v.sum(dims) if dims else v
+    return out
+
+
+def _class_scores(graph: DependencyGraph, vecs, weights_only: set[str] | None = None):
+    scores = {}
+    for g in graph.groups:
+        for c in g.classes:
+            s = 0.0
+            for p, d, i in c.slices:
+                if weights_only is not None and p not in weights_only:
+                    continue
+                v = vecs.get((p, d))
+                if v is not None:
+                    s += float(v[i])
+            scores[c.id] = s
+    return scores
+
+
+def _keys(graph: DependencyGraph):
+    return {k for g in graph.groups for k in g.key}
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy for (inputs, targets) batches; the LM loss for dicts with input_ids;
+    otherwise the squared output (a self-supervised stand-in)."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]) \
+            and not batch[1].is_floating_point():
+        out = model(batch[0])
+        out = getattr(out, "logits", out)
+        return nn.functional.cross_entropy(out, batch[1])
+    if isinstance(batch, dict) and "input_ids" in batch:
+        inputs = dict(batch)
+        out = model(**inputs)
+        logits = getattr(out, "logits", None)
+        if logits is not None and logits.shape[-1] > int(inputs["input_ids"].max()):
+            ids = inputs["input_ids"]
+            return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               ids[:, 1:].reshape(-1))
+        hidden = getattr(out, "last_hidden_state", out)
+        return hidden.float().pow(2).mean()
+    out = run_model(model, batch)
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float().pow(2).mean()
+
+
+def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
+          loss_fn: Callable | None = None, seed: int = 0) -> dict[int, float]:
+    """Score every class of `graph` (higher = more important)."""
+    if criterion not in CRITERIA:
+        raise PruneError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
+    params = dict(model.named_parameters())
+    keys = _keys(graph)
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {c.id: float(torch.rand((), generator=gen)) for g in graph.groups
+                for c in g.classes}
+    if criterion in ("l1", "l2"):
+        mats = {n: p.detach().abs() if criterion == "l1" else p.detach().pow(2)
+                for n, p in params.items() if p.dim() >= 2}
+        scores = _class_scores(graph, _per_dim(mats, keys))
+        if criterion == "l2":
+            scores = {k: v ** 0.5 for k, v in scores.items()}
+        return scores
+    if criterion == "bn_scale":
+        bn = {f"{n}.weight" for n, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None}
+        gam = {n: params[n].detach().abs() for n in bn}
+        s_bn = _class_scores(graph, _per_dim(gam, keys))
+        has_bn = {c.id for g in graph.groups for c in g.classes
+                  if any(p in bn for p, _, _ in c.slices)}
+        if len(has_bn) < sum(len(g.classes) for g in graph.groups):
+            l1 = score(model, graph, "l1")
+            return {k: (s_bn[k] if k in has_bn else l1[k]) for k in s_bn}
+        return s_bn
+    if calib is None:
+        raise PruneError(f"importance={criterion!r} needs calibration batches (calib=...): "
+                         f"it uses gradients of the loss")
+    batches = [calib] if torch.is_tensor(calib) or isinstance(calib, dict) else list(calib)
+    if not batches:
+        raise PruneError("the calibration set is empty; give at least one batch")
+    loss_fn = loss_fn or default_loss
+    names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
+    plist = [params[n] for n in names]
+    was = model.training
+    model.eval()
+    totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
+    try:
+        for batch in batches:
+            grads = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(plist, grads)]
+            if criterion == "taylor":
+                gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
+                s = _class_scores(graph, _per_dim(gw, keys))
+                for k, v in s.items():
+                    totals[k] += v * v
+            else:
+                hv = _hvp(model, batch, loss_fn, plist)
+                term = {n: (-g * p + p * h).detach()
+                        for n, p, g, h in zip(names, plist, grads, hv)}
+                s = _class_scores(graph, _per_dim(term, keys))
+                for k, v in s.items():
+                    totals[k] += v
+    finally:
+        model.train(was)
+    if criterion == "sosp":
+        totals = {k: abs(v) for k, v in totals.items()}
+    return totals
+
+
+def _hvp(model, batch, loss_fn, plist, eps: float = 1e-3):
+    """H theta by a central difference of gradients along theta (relative step eps)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in plist]
+    out = []
+    try:
+        gs = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, s in zip(plist, saved):
+                    p.copy_(s * (1 + sign * eps))
+            g = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
+            gs.append([torch.zeros_like(p) if x is None else x.detach() for p, x in zip(plist, g)])
+        out = [(a - b) / (2 * eps) for a, b in zip(*gs)]
+    finally:
+        with torch.no_grad():
+            for p, s in zip(plist, saved):
+                p.copy_(s)
+    return out

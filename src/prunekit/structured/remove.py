@@ -1,0 +1,140 @@
+"""Physical removal: cut parameter slices out of a copy of the model and update the shape
+attributes of the modules that hold them, so the result is a plain, smaller nn.Module."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from prunekit.layers import is_hf_conv1d
+from prunekit.structured.graph import ChannelClass
+
+#: Module attributes that describe shapes; saved with a shrunk model and restored on load.
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
+               "num_features", "normalized_shape", "embedding_dim", "nf", "num_channels",
+               "num_attention_heads", "all_head_size", "num_heads", "split_size",
+               "num_key_value_heads")
+
+
+def drops_of(classes: Iterable[ChannelClass]) -> dict[str, dict[int, set[int]]]:
+    """(parameter name -> dim -> indices) to remove for a set of classes."""
+    out: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for c in classes:
+        for p, d, i in c.slices:
+            out[p][d].add(i)
+    return out
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    owners: dict[int, list] = defaultdict(list)
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                owners[id(p)].append((m, k, True))
+        for k, b in m._buffers.items():
+            if b is not None:
+                owners[id(b)].append((m, k, False))
+    return owners
+
+
+def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
+                  inplace: bool = False) -> nn.Module:
+    """Return a model with every slice of `classes` cut out (a deep copy unless inplace)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    drops = drops_of(classes)
+    if not drops:
+        return model
+    named = dict(model.named_parameters(remove_duplicate=True))
+    named.update(dict(model.named_buffers(remove_duplicate=True)))
+    owners = _tensor_owners(model)
+    old_attrs = {m: _shape_attrs(m) for m in model.modules()}
+    with torch.no_grad():
+        for name, dims in drops.items():
+            t = named[name]
+            new = t.detach()
+            for d, idx in dims.items():
+                keep = torch.tensor(sorted(set(range(t.shape[d])) - idx), dtype=torch.long)
+                new = new.index_select(d, keep.to(new.device))
+            new = new.clone()
+            for m, k, is_param in owners[id(t)]:
+                if is_param:
+                    m._parameters[k] = nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    m._buffers[k] = new
+            # tied parameters: every owner must share one new Parameter
+            if owners[id(t)] and owners[id(t)][0][2]:
+                shared = owners[id(t)][0][0]._parameters[owners[id(t)][0][1]]
+                for m, k, _ in owners[id(t)]:
+                    m._parameters[k] = shared
+    for m in model.modules():
+        fix_shape_attrs(m, old_attrs.get(m, {}))
+    return model
+
+
+def _shape_attrs(m: nn.Module) -> dict:
+    return {a: getattr(m, a) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None),
+                                                              (int, tuple, list))}
+
+
+def fix_shape_attrs(m: nn.Module, old: dict) -> None:
+    """Make a module's shape attributes agree with its (possibly cut) tensors."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        old_groups, old_in, old_out = old.get("groups", m.groups), old.get(
+            "in_channels", m.in_channels), old.get("out_channels", m.out_channels)
+        m.out_channels = w.shape[0]
+        if old_groups > 1 and old_in // old_groups == 1:  # depthwise: whole groups go
+            m.groups = w.shape[0] // (old_out // old_groups)
+            m.in_channels = m.groups
+        else:
+            m.in_channels = w.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        ref = m.weight if m.weight is not None else m.running_mean
+        if ref is not None:
+            m.num_features = ref.shape[0]
+    elif isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+    elif isinstance(m, nn.GroupNorm):
+        if m.weight is not None:
+            m.num_channels = m.weight.shape[0]
+    elif isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = m.weight.shape
+    elif is_hf_conv1d(m):
+        m.nf = m.weight.shape[1]
+    _fix_attention(m)
+
+
+def _fix_attention(m: nn.Module) -> None:
+    """Head counts of transformers attention modules after whole heads were cut."""
+    if hasattr(m, "attention_head_size") and hasattr(m, "query") and \
+            isinstance(m.query, nn.Linear):  # BERT
+        m.all_head_size = m.query.out_features
+        m.num_attention_heads = m.all_head_size // m.attention_head_size
+    elif hasattr(m, "c_attn") and hasattr(m, "split_size") and hasattr(m, "head_dim"):  # GPT-2
+        parts = 2 if getattr(m, "is_cross_attention", False) else 3
+        m.split_size = m.c_attn.nf // parts
+        m.num_heads = m.split_size // m.head_dim
+    elif hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "head_dim") and \
+            isinstance(m.q_proj, nn.Linear):  # LLaMA-style: shapes follow from head_dim
+        if hasattr(m, "num_heads"):
+            m.num_heads = m.q_proj.out_features // m.head_dim
+        if hasattr(m, "num_key_value_heads"):
+            m.num_key_value_heads = m.k_proj.out_features // m.head_dim
+
+
+def module_shape_attrs(model: nn.Module) -> dict[str, dict]:
+    """{module name: {shape attribute: value}} for every module that has any."""
+    out = {}
+    for name, m in model.named_modules():
+        a = _shape_attrs(m)
+        if a:
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}
+    return out
