@@ -1,0 +1,136 @@
+"""What every training-time schedule shares: a mask holder, a step counter, logging, state.
+
+A schedule plugs into any loop with two lines: build it after the optimizer, and call
+`.step()` right after `optimizer.step()` (once per optimizer step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.io import read_weights, save_weights
+from prunekit.patterns import Pattern
+from prunekit.train.masks import MaskHolder
+
+_MASK_PREFIX = "__prunekit_mask__."
+
+
+class Schedule:
+    """Base class: subclasses implement `_event(step)` and `next_event()`."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 pattern: str | Pattern = "unstructured", include: Sequence[str] = ("*",),
+                 exclude: Sequence[str] = (), keep_first: bool = False, keep_last: bool = False,
+                 soft: bool = False):
+        if optimizer is None:
+            raise PruneError(f"{type(self).__name__} needs the optimizer that trains the model")
+        self.model = model
+        self.optimizer = optimizer
+        self.holder = MaskHolder(model, optimizer, pattern, include, exclude, keep_first,
+                                 keep_last, soft=soft)
+        self.step_count = 0
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.holder.masks
+
+    def step(self) -> None:
+        """Call once after each optimizer.step(): advances the schedule and re-applies masks."""
+        self.step_count += 1
+        self._event(self.step_count)
+        self.holder.apply()
+
+    def _event(self, step: int) -> None:
+        raise NotImplementedError
+
+    def next_event(self) -> dict | None:
+        """The next step at which masks change, and what happens there (None: no more)."""
+        raise NotImplementedError
+
+    def sparsity(self) -> float:
+        """Current fraction of pruned weights over the chosen layers."""
+        return self.holder.sparsity()
+
+    def log_dict(self) -> dict[str, float]:
+        """Scalars for a logger: step, sparsity and the next event's step (-1 when none)."""
+        nxt = self.next_event()
+        return {"step": float(self.step_count), "sparsity": self.sparsity(),
+                "next_event_step": float(nxt["step"]) if nxt else -1.0}
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Masks, step counter and the schedule's own state (tensors and plain values)."""
+        return {"step": self.step_count, "masks": self.holder.state_dict(),
+                "schedule": type(self).__name__, **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        kind = state.get("schedule")
+        if kind != type(self).__name__:
+            raise PruneError(f"state was saved by a {kind} schedule, not {type(self).__name__}")
+        self.step_count = int(state["step"])
+        self._load_extra_state(state)
+        self.holder.load_state_dict(state["masks"])
+
+
+def save_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -> Path:
+    """Save model weights, masks and schedule state in one safetensors file, atomically."""
+    state = schedule.state_dict()
+    tensors = dict(model.state_dict())
+    scalars = {}
+    for k, v in state.items():
+        if k == "masks":
+            tensors.update({_MASK_PREFIX + n: m.to(torch.uint8) for n, m in v.items()})
+        elif isinstance(v, torch.Tensor):
+            tensors[f"__prunekit_state__.{k}"] = v
+        else:
+            scalars[k] = v
+    try:
+        meta = {"prunekit_schedule": json.dumps(scalars)}
+    except TypeError as e:
+        raise PruneError(f"{type(schedule).__name__} state is not JSON-serialisable: {e}") from e
+    return save_weights(tensors, path, metadata=meta)
+
+
+def load_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -> None:
+    """Restore what save_sparse wrote into `model` and `schedule` (same layer choice)."""
+    from safetensors import safe_open
+
+    tensors = read_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "prunekit_schedule" not in meta:
+        raise PruneError(f"{path} was not written by prunekit.train.save_sparse (no schedule "
+                         f"metadata)")
+    state = json.loads(meta["prunekit_schedule"])
+    masks, weights = {}, {}
+    for k, v in tensors.items():
+        if k.startswith(_MASK_PREFIX):
+            masks[k[len(_MASK_PREFIX):]] = v.bool()
+        elif k.startswith("__prunekit_state__."):
+            state[k[len("__prunekit_state__."):]] = v
+        else:
+            weights[k] = v
+    state["masks"] = masks
+    schedule.load_state_dict(state)  # first: it may change the model's keys (soft masks, gates)
+    own = model.state_dict()
+    bad = [k for k in weights if k not in own or own[k].shape != weights[k].shape]
+    if bad:
+        raise PruneError(f"{path}: tensor {bad[0]} does not fit the model (missing or another "
+                         f"shape); load it into the model it was saved from")
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=False)
+    schedule.holder.apply()
