@@ -38,7 +38,7 @@ _MOVE = {  # ops that only move elements: run them on the labels
     "cat", "stack", "split", "split_with_sizes", "unbind", "chunk", "flatten", "unflatten",
     "movedim", "repeat", "expand_as", "view_as", "_reshape_alias", "channel_shuffle",
     "pixel_shuffle", "pixel_unshuffle", "slice", "select", "narrow", "index_select", "index",
-    "roll", "flip", "constant_pad_nd", "_unsafe_index",
+    "roll", "flip", "constant_pad_nd", "_unsafe_index", "gather",
 }
 _POINTWISE = {"where", "masked_fill", "clamp", "hardtanh", "dropout", "lerp", "hardswish",
               "hardsigmoid", "silu", "gelu", "relu", "relu6", "elu", "leaky_relu", "mish",
@@ -51,7 +51,7 @@ _FRESH = {  # results that carry no channel of their inputs
     "eq", "ne", "lt", "le", "gt", "ge", "isnan", "isinf", "isfinite", "argmax", "argmin",
     "bitwise_not", "logical_not", "logical_and", "logical_or", "_local_scalar_dense",
     "is_nonzero", "any", "all", "sym_size", "sym_stride", "sym_numel", "item",
-    "_assert_async", "_functional_assert_async", "sort", "topk", "nonzero",
+    "_assert_async", "_functional_assert_async", "nonzero",
 }
 _POOL = {
     "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
@@ -63,7 +63,8 @@ _POOL = {
 }
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "logsumexp",
            "linalg_vector_norm", "norm", "prod", "var_mean", "std_mean"}
-_ALONG = {"_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod"}
+_ALONG = {"_softmax", "_log_softmax", "softmax", "log_softmax", "cumsum", "cumprod",
+          "_safe_softmax"}
 _SDPA = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
          "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
          "_scaled_dot_product_attention_math", "_scaled_dot_product_cudnn_attention",
@@ -75,7 +76,7 @@ _BN = {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_bat
 # would shift, so any channel varying along the indexed dim is kept whole
 _FACTOR_MOVES = {"t", "transpose", "permute", "detach", "alias", "clone", "contiguous",
                  "_to_copy", "to", "lift_fresh"}
-_POSITIONAL = {"slice", "select", "narrow", "index_select", "roll", "flip", "constant_pad_nd",
+_POSITIONAL = {"slice", "select", "narrow", "index_select", "gather", "roll", "flip", "constant_pad_nd",
                "index", "_unsafe_index", "split_with_sizes"}
 
 
@@ -171,7 +172,8 @@ class _Tracer(TorchDispatchMode):
         super().__init__()
         self.model = model
         named = [(n, t) for n, t in model.named_parameters(remove_duplicate=True)]
-        named += [(n, t) for n, t in model.named_buffers(remove_duplicate=True)]
+        named += [(n, t) for n, t in model.named_buffers(remove_duplicate=True)
+                  if t.is_floating_point()]  # index buffers (position ids) are no channels
         self.names: list[str] = []
         self.shapes: list[tuple[int, ...]] = []
         self.by_id: dict[int, int] = {}
@@ -507,7 +509,7 @@ class _Tracer(TorchDispatchMode):
         return d % max(t.dim(), 1)
 
     def _positional_dims(self, name, args, kwargs, t):
-        if name in ("slice", "select", "narrow", "index_select"):
+        if name in ("slice", "select", "narrow", "index_select", "gather"):
             d = self._dim(args, kwargs, t, 1, 0)
             if name == "slice":  # a full slice keeps every position
                 start = args[2] if len(args) > 2 else kwargs.get("start", None)
@@ -828,17 +830,29 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
     h1 = nn.modules.module.register_module_forward_pre_hook(tracer.pre_hook)
     h2 = nn.modules.module.register_module_forward_hook(tracer.post_hook)
     was_training = model.training
-    model.eval()
     cache = _disable_cache(model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # label bookkeeping is many small ops: threads only add overhead
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    outs = []
     try:
         with torch.no_grad(), tracer:
-            out = run_model(model, example_inputs)
+            model.eval()
+            outs.append(run_model(model, example_inputs))
+            # training mode can run more (auxiliary heads): follow it too, when it runs
+            model.train()
+            try:
+                outs.append(run_model(model, example_inputs))
+            except Exception:  # e.g. batch norm on a batch of one: eval-mode graph only
+                tracer.stack.clear()
+                tracer.opaque_depth = 0
     finally:
         torch.set_num_threads(threads)
         h1.remove()
         h2.remove()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(buffers[k])  # training mode updated batch-norm statistics
         model.train(was_training)
         _restore_cache(model, cache)
     if tracer.errors:
@@ -849,7 +863,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
             + (f" (and {len(tracer.errors) - 1} more)" if len(tracer.errors) > 1 else "")
             + f"; leave that module whole with ignore=({module!r},)")
     tracer.stack = ["<output>"]
-    for t in _tensors(_outputs(out)):
+    for t in _tensors([_outputs(o) for o in outs]):
         tracer.freeze(tracer.get(t), "reaches the model output")
     for pat in ignore:  # weights of ignored modules stay whole
         for i, n in enumerate(tracer.names):

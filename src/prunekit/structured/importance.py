@@ -56,8 +56,8 @@ def _keys(graph: DependencyGraph):
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Cross-entropy for (inputs, targets) batches; the LM loss for dicts with input_ids;
-    otherwise the squared output (a self-supervised stand-in)."""
+    """Cross-entropy for (inputs, targets) batches (against the model's own predictions for
+    unlabelled inputs); the LM loss for dicts with input_ids; otherwise the squared output."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[1]) \
             and not batch[1].is_floating_point():
         out = model(batch[0])
@@ -77,6 +77,8 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     out = getattr(out, "logits", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
+    if out.dim() == 2 and out.shape[1] > 1:  # unlabelled images: the model's own predictions
+        return nn.functional.cross_entropy(out, out.argmax(1).detach())
     return out.float().pow(2).mean()
 
 

@@ -71,7 +71,7 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
                 shared = owners[id(t)][0][0]._parameters[owners[id(t)][0][1]]
                 for m, k, _ in owners[id(t)]:
                     m._parameters[k] = shared
-    for m in model.modules():
+    for m in reversed(list(model.modules())):  # children first: parents read their shapes
         fix_shape_attrs(m, old_attrs.get(m, {}))
     return model
 

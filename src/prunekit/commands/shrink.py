@@ -1,0 +1,86 @@
+"""`prunekit shrink`: structured pruning of a registry model into a smaller dense model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from prunekit.errors import PruneError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("shrink", help="remove whole channels, heads and neurons; save the "
+                                      "smaller model (safetensors + its new shapes)")
+    p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, help="fraction of channels removed per group")
+    budget.add_argument("--flops-ratio", type=float, help="FLOPs left, as a fraction")
+    budget.add_argument("--params-ratio", type=float, help="parameters left, as a fraction")
+    budget.add_argument("--latency-ratio", type=float, help="measured latency left")
+    p.add_argument("--importance", default="l1",
+                   help="l1, l2, bn_scale, taylor, sosp or random")
+    p.add_argument("--round-to", type=int, default=1, help="keep multiples of 8 or 16")
+    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
+                   help="module name (glob) to leave whole; repeatable")
+    p.add_argument("--global-ranking", action="store_true",
+                   help="one threshold over all groups instead of the same fraction each")
+    p.add_argument("--include-reduced", action="store_true",
+                   help="also prune normalised channels (transformer residual streams)")
+    p.add_argument("--weights", help="safetensors weights to load first")
+    p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
+    p.add_argument("--calib-samples", type=int, default=64,
+                   help="calibration samples for taylor / sosp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the shrunk model here (safetensors, atomic)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_shrink)
+
+
+def _example_inputs(info, model):
+    """One small input matching the model's task."""
+    if info.task == "image-classification":
+        size = {"cifar10": 32, "digits": 8}.get(info.dataset, 224)
+        ch = 1 if info.dataset == "digits" else 3
+        return torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 100)
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    if info.task == "sentence-embedding":
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids}
+
+
+def cmd_shrink(args) -> int:
+    from prunekit.models import calibration_batches, get_info, load_model
+    from prunekit.structured import ChannelPrune, save_shrunk, shrink
+
+    config = ChannelPrune(
+        ratio=args.ratio, flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
+        latency_ratio=args.latency_ratio, importance=args.importance, round_to=args.round_to,
+        min_channels=args.min_channels, ignore=tuple(args.ignore),
+        global_ranking=args.global_ranking, include_reduced=args.include_reduced,
+        seed=args.seed)
+    model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
+    if ":" in args.model:
+        raise PruneError(f"{args.model}: prunekit cannot guess example inputs for a user model; "
+                         f"use prunekit.structured.shrink from Python")
+    info = get_info(args.model)
+    calib = None
+    if config.importance in ("taylor", "sosp"):
+        calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
+    if not args.quiet:
+        print(f"shrinking {args.model} ({config.importance})...", file=sys.stderr)
+    small, report = shrink(model, config, _example_inputs(info, model), calib=calib)
+    if args.out:
+        save_shrunk(small, args.out, extra={"model": args.model, "report": report.to_dict()})
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(report)
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0

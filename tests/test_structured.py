@@ -1,0 +1,263 @@
+"""Structured pruning: coupling found by the graph, importance against brute force, budgets,
+bad input, save / load and the CLI."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.errors import PruneError
+from prunekit.structured import (
+    ChannelPrune,
+    build_graph,
+    count_flops,
+    load_shrunk,
+    read_description,
+    remove_slices,
+    save_shrunk,
+    score,
+    shrink,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(nn.Module):
+    """conv chain, a residual add, a concat, a depthwise conv, flatten into linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.head = nn.Linear(14 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = x + self.a(x)  # residual: stem and a share channels
+        x = torch.cat([x, self.b(x)], 1)  # concat: indices of b shift by 8
+        x = self.dw(x)  # depthwise: in channel k is out channel k
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # 16 columns per channel
+        return self.head(x)
+
+
+def groups_by_layer(graph):
+    return {g.name: g for g in graph.groups}
+
+
+def test_graph_couples_residual_concat_depthwise_flatten():
+    net = Net().eval()
+    graph = build_graph(net, torch.randn(1, 3, 8, 8))
+    names = groups_by_layer(graph)
+    assert len(graph.groups) == 2
+    res = next(g for n, g in names.items() if "stem" in n)
+    assert len(res.classes) == 8
+    c = res.classes[3]
+    got = {(p, d) for p, d, i in c.slices}
+    # residual: stem, bn and a produce it; a and b consume it; depthwise and head follow it
+    assert {("stem.weight", 0), ("bn.weight", 0), ("a.weight", 0), ("a.weight", 1),
+            ("b.weight", 1), ("dw.weight", 0), ("head.weight", 1)} <= got
+    assert all(i == 3 for p, d, i in c.slices if p in ("stem.weight", "dw.weight"))
+    assert sorted(i for p, d, i in c.slices if p == "head.weight") == list(range(48, 64))
+    cat = next(g for n, g in names.items() if n.startswith("b"))
+    c = cat.classes[2]
+    assert sorted(i for p, d, i in c.slices if p == "dw.weight") == [10]  # 8 + 2
+
+
+def test_shrink_equals_masking_on_a_hand_made_net():
+    net = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(net, x)
+    chosen = [g.classes[i] for g in graph.groups for i in (0, 2)]
+    small = remove_slices(net, chosen)
+    assert small.stem.out_channels == 6 and small.dw.groups == 12 and small.b.out_channels == 4
+    assert small.head.in_features == 12 * 16
+    masked = Net().eval()
+    masked.load_state_dict(net.state_dict())
+    named = dict(masked.named_parameters()) | dict(masked.named_buffers())
+    with torch.no_grad():
+        for c in chosen:
+            for p, d, i in c.slices:
+                if not p.endswith("running_var"):
+                    named[p].select(d, i).zero_()
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_conv_removes_the_same_local_index_from_every_group():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    graph = build_graph(net, x)
+    for g in graph.groups:
+        for c in g.classes:
+            first = sorted(i for p, d, i in c.slices if p == "0.weight" and d == 0)
+            if first:
+                assert len(first) == 2 and first[1] - first[0] == 4
+    small = remove_slices(net, [graph.groups[0].classes[0]])
+    assert small[2].groups == 2 and small[2].in_channels == 6
+    small(x)
+
+
+def test_l1_and_taylor_against_brute_force():
+    net = Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.randint(0, 5, (4,))
+    graph = build_graph(net, x)
+    params = dict(net.named_parameters())
+    s = score(net, graph, "l1")
+    loss = nn.functional.cross_entropy(net(x), y)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    t = score(net, graph, "taylor", calib=[(x, y)])
+    for g in graph.groups:
+        for c in g.classes:
+            l1 = sum(float(params[p].select(d, i).abs().sum()) for p, d, i in c.slices
+                     if p in params and params[p].dim() >= 2)
+            assert s[c.id] == pytest.approx(l1, rel=1e-5)
+            gw = sum(float((grads[p] * params[p]).select(d, i).sum()) for p, d, i in c.slices
+                     if p in params)
+            assert t[c.id] == pytest.approx(gw * gw, rel=1e-4, abs=1e-10)
+
+
+def test_sosp_hessian_vector_product_matches_autograd():
+    from prunekit.structured.importance import _hvp, default_loss
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.double), torch.randint(0, 3, (5,))
+    plist = list(net.parameters())
+    hv = _hvp(net, (x, y), default_loss, plist, eps=1e-5)
+    g = torch.autograd.grad(default_loss(net, (x, y)), plist, create_graph=True)
+    exact = torch.autograd.grad(sum((gi * p.detach()).sum() for gi, p in zip(g, plist)), plist)
+    for a, b in zip(hv, exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_flops_params_and_ratio_budgets():
+    from prunekit.models import create
+
+    model = create("resnet20-cifar10")
+    x = torch.randn(1, 3, 32, 32)
+    small, rep = shrink(model, ChannelPrune(flops_ratio=0.6), x, measure_latency_=False)
+    assert 0.5 < rep.flops_ratio <= 0.6
+    assert rep.flops_after == count_flops(small, x)
+    small, rep = shrink(model, ChannelPrune(params_ratio=0.7), x, measure_latency_=False)
+    assert 0.6 < rep.params_ratio <= 0.7
+    small, rep = shrink(model, ChannelPrune(ratio=0.5, round_to=8), x, measure_latency_=False)
+    for m in small.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels not in (16, 32, 64, 10):
+            assert m.out_channels % 8 == 0
+    assert rep.params_after < rep.params_before
+    assert all(g["removed"] * 2 <= g["units"] for g in rep.groups)
+
+
+def test_per_layer_min_channels_and_clamp_warning():
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    small, rep = shrink(net, ChannelPrune(per_layer={"stem": 0.9}, min_channels=3), x,
+                        measure_latency_=False)
+    assert small.stem.out_channels == 3  # 90% of 8 would leave 1 < min_channels
+    assert small.b.out_channels == 6
+    small, rep = shrink(net, ChannelPrune(per_layer={"b": 0.99}), x, measure_latency_=False)
+    assert small.b.out_channels == 1
+
+
+@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, flops_ratio=0.5),
+                                 dict(flops_ratio=0), dict(importance="magic"),
+                                 dict(per_layer={"a": 1.5}), dict(round_to=0)])
+def test_bad_configs_are_refused(bad):
+    with pytest.raises(PruneError):
+        ChannelPrune(**bad)
+
+
+class Odd(nn.Module):
+    def forward(self, h):
+        return torch.sort(h, dim=1).values  # reorders channels: no rule follows that
+
+
+class Sorty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.odd = Odd()
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(self.odd(self.a(x)))
+
+
+def test_unknown_op_names_module_and_ignore_fixes_it():
+    net = Sorty()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 4)
+    with pytest.raises(PruneError, match=r"odd: aten.sort.*ignore=\('odd',\)"):
+        shrink(net, ChannelPrune(ratio=0.5), x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(PruneError, match="no channel"):
+        shrink(net, ChannelPrune(ratio=0.5, ignore=("odd",)), x)  # a feeds odd: kept whole
+    with pytest.raises(PruneError, match="matches no module"):
+        shrink(net, ChannelPrune(ratio=0.5, ignore=("nothere",)), x)
+
+
+def test_taylor_needs_calibration():
+    with pytest.raises(PruneError, match="calib"):
+        shrink(Net().eval(), ChannelPrune(ratio=0.3, importance="taylor"),
+               torch.randn(1, 3, 8, 8))
+
+
+def test_save_and_load_rebuild_from_the_original_constructor(tmp_path):
+    from prunekit.models import create
+
+    model = create("tiny-gpt2")
+    x = {"input_ids": torch.randint(0, 128, (1, 10))}
+    small, _ = shrink(model, ChannelPrune(per_layer={"*attn*": 0.5, "*mlp*": 0.3}), x,
+                      measure_latency_=False)
+    path = tmp_path / "small.safetensors"
+    save_shrunk(small, path)
+    desc = read_description(path)
+    assert desc["attrs"]["transformer.h.0.attn"]["num_heads"] == 2
+    rebuilt = load_shrunk(create("tiny-gpt2"), path)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**x).logits, small(**x).logits)
+    assert rebuilt.lm_head.weight is rebuilt.transformer.wte.weight  # still tied
+    with pytest.raises(PruneError, match="not in"):
+        load_shrunk(Net(), path)
+
+
+def test_iterative_steps_call_between_steps():
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    seen = []
+
+    def between(model, step):
+        seen.append((step, model.stem.out_channels))
+        return model
+
+    small, rep = shrink(net, ChannelPrune(ratio=0.5, iterative_steps=2), x,
+                        between_steps=between, measure_latency_=False)
+    assert [s for s, _ in seen] == [1]
+    assert 4 <= seen[0][1] < 8 and small.stem.out_channels == 4
+
+
+def test_cli_shrink(tmp_path, capsys):
+    from prunekit.commands import shrink as cmd
+
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cmd.register(sub)
+    out = tmp_path / "r20.safetensors"
+    args = parser.parse_args(["shrink", "resnet20-cifar10", "--flops-ratio", "0.7", "--out",
+                              str(out), "--json", "--quiet"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops_ratio"] <= 0.7
+    assert read_description(out)["format"] == "prunekit-shrunk-1"

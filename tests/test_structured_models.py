@@ -1,0 +1,179 @@
+"""Equivalence on every torchvision classification model and tiny BERT / GPT-2 / LLaMA: zero a
+random 30% of every coupled channel group, shrink the same channels away, and the smaller
+model's outputs equal the masked model's; the shrunk model trains (forward and backward)."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch.utils._pytree import tree_flatten
+
+from prunekit.structured import CRITERIA, ChannelPrune, build_graph, remove_slices, shrink
+
+TV_MODELS = torchvision.models.list_models(module=torchvision.models)
+
+# the big ones (>~60M parameters or 224x224 transformers) run in the slow set
+HEAVY = {
+    "convnext_base", "convnext_large", "convnext_small", "densenet161", "densenet169",
+    "densenet201", "efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_l", "efficientnet_v2_m", "inception_v3", "maxvit_t", "regnet_x_16gf",
+    "regnet_x_32gf", "regnet_x_8gf", "regnet_y_128gf", "regnet_y_16gf", "regnet_y_32gf",
+    "regnet_y_8gf", "resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d",
+    "swin_b", "swin_s", "swin_v2_b", "swin_v2_s", "swin_v2_t", "swin_t", "vgg11", "vgg11_bn",
+    "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_b_16", "vit_b_32",
+    "vit_h_14", "vit_l_16", "vit_l_32", "wide_resnet101_2", "wide_resnet50_2", "alexnet",
+}
+SIZE = {"inception_v3": 80, "maxvit_t": 224, "vit_b_16": 224, "vit_b_32": 224,
+        "vit_h_14": 224, "vit_l_16": 224, "vit_l_32": 224}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; many small ops gain nothing from threads
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise(model):
+    """Non-trivial batch-norm statistics and no all-zero weights (torchvision zero-inits some
+    heads), so every channel matters to the output."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def masked_copy(model, classes):
+    """The model with every slice of `classes` set to zero (what shrinking must equal)."""
+    m = copy.deepcopy(model)
+    named = dict(m.named_parameters())
+    named.update(dict(m.named_buffers()))
+    with torch.no_grad():
+        for c in classes:
+            for p, d, i in c.slices:
+                if not p.endswith("running_var"):
+                    named[p].select(d, i).zero_()
+    return m
+
+
+def pick(graph, frac, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for g in graph.groups:
+        if g.reduced:
+            continue
+        n = len(g.classes)
+        k = min(int(frac * n), n - 1)
+        chosen += [g.classes[i] for i in torch.randperm(n, generator=gen)[:k].tolist()]
+    return chosen
+
+
+def out_tensor(y):
+    y = getattr(y, "logits", y)
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+def trained_params(model, x):
+    model.train()
+    out = run(model, x)
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    tensors = [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.is_floating_point()]
+    sum(t.float().pow(2).mean() for t in tensors).backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run(model, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def check_equivalence(model, x, criterion):
+    model = randomise(model)
+    graph = build_graph(model, x)
+    assert graph.groups, "no prunable group found"
+    chosen = pick(graph, 0.3)
+    assert chosen, "30% of every group rounds to nothing"
+    small = remove_slices(model, chosen)
+    masked = masked_copy(model, chosen)
+    with torch.no_grad():
+        y_ref = out_tensor(run(model, x))
+        y_mask = out_tensor(run(masked, x))
+        y_small = out_tensor(run(small, x))
+    scale = y_mask.abs().max().clamp_min(1e-12)
+    assert y_small.shape == y_mask.shape
+    assert ((y_small - y_mask).abs().max() / scale) < 1e-4
+    assert not torch.allclose(y_ref, y_mask)  # the masked channels did matter
+    n0 = sum(p.numel() for p in model.parameters())
+    n1 = sum(p.numel() for p in small.parameters())
+    assert n1 < n0
+    # the shrunk model trains: forward and backward (training mode, auxiliary heads too)
+    # reach the same parameters as in the original model
+    assert trained_params(small, x) == trained_params(copy.deepcopy(model), x)
+    # each criterion scores and shrinks (rotated over the models to keep CI short)
+    calib = x if isinstance(x, dict) else [x]
+    _, report = shrink(model.eval(), ChannelPrune(ratio=0.3, importance=criterion), x,
+                       calib=calib, measure_latency_=False)
+    assert report.params_after < report.params_before
+    assert report.flops_after < report.flops_before
+
+
+def _params(name):
+    marks = [pytest.mark.slow] if name in HEAVY else []
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", [_params(n) for n in TV_MODELS])
+def test_torchvision_equivalence(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    s = SIZE.get(name, 64)
+    criterion = CRITERIA[TV_MODELS.index(name) % len(CRITERIA)]
+    check_equivalence(model, torch.randn(1, 3, s, s), criterion)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_transformers_equivalence(name, criterion):
+    from prunekit.models import create
+
+    model = create(name)
+    x = {"input_ids": torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))}
+    check_equivalence(model, x, criterion)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+def test_transformer_heads_and_neurons(name):
+    """Heads come out as whole units (q, k, v and the output projection together, and LLaMA's
+    grouped key/value heads with their query heads) and MLP neurons one by one; the residual
+    stream, mixed by layer norm, is flagged as approximate and left alone by default."""
+    from prunekit.models import create
+
+    model = create(name)
+    x = {"input_ids": torch.randint(0, 128, (1, 8))}
+    graph = build_graph(model, x)
+    heads = [g for g in graph.groups if len(g.classes) in (2, 4) and not g.reduced]
+    mlps = [g for g in graph.groups if len(g.classes) == (256 if name == "tiny-gpt2" else 128)]
+    assert len(heads) == 2 and len(mlps) == 2
+    qparam, qdim, per_head = {"tiny-bert": ("attention.self.query.weight", 0, 16),
+                              "tiny-gpt2": ("attn.c_attn.weight", 1, 48),  # q, k and v
+                              "tiny-llama": ("self_attn.q_proj.weight", 0, 32)}[name]
+    for g in heads:
+        for c in g.classes:
+            assert sum(1 for p, d, _ in c.slices if p.endswith(qparam) and d == qdim) == per_head
+    assert any(g.reduced for g in graph.groups)
+    small, report = shrink(model, ChannelPrune(per_layer={"*attn*": 0.5, "*attention*": 0.5,
+                                                          "*mlp*": 0.25, "*intermediate*": 0.25}),
+                           x, measure_latency_=False)
+    with torch.no_grad():
+        small(**x)
+    assert report.params_after < report.params_before
