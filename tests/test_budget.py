@@ -192,8 +192,10 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     levels = (0.0, 0.5, 0.9)
     t1 = build_latency_table(model, x, levels, repeats=2, progress=False)
     assert set(t1.times) == {"layers.0", "layers.1"}
-    for times in t1.times.values():
+    for name, times in t1.times.items():
         assert all(b <= a for a, b in zip(times, times[1:]))
+        # a level served densely costs exactly the dense time (no cross-level timer noise)
+        assert all(t == times[0] for t, k in zip(times, t1.kernels[name]) if k == "dense")
     assert t1.dense_total > 0 and t1.max_speedup() >= 1.0
     calls = []
     real = lt_mod._measure_layer

@@ -77,7 +77,7 @@ class LatencyTable:
 
 def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc) -> str:
     info = machine_info(threads)
-    parts = [info["cpu"], str(info["cores"]), str(info["threads"]), info["torch"],
+    parts = ["v2", info["cpu"], str(info["cores"]), str(info["threads"]), info["torch"],
              str(info["gpu"]), type(model).__name__, pattern, ",".join(kernels),
              ",".join(f"{x:g}" for x in levels), batch_desc]
     parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
@@ -142,27 +142,28 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
 
 
 def _measure_layer(module, x, levels, pattern, kernels, repeats, gen):
+    """Seconds per level. Each level's sparse kernels are timed interleaved with the dense
+    layer and kept as a ratio to it, scaled by the level-0 dense time: timings taken minutes
+    apart under different machine load are never compared directly."""
     w = weight_matrix(module).detach().float()
-    times, chosen = [], []
-    for s in levels:
+    dense = module
+    with torch.inference_mode():
+        base = time_calls({"dense": lambda: dense(x)}, repeats=repeats)["dense"]["median"]
+    times, chosen = [base], ["dense"]
+    for s in levels[1:]:
         probe = copy.deepcopy(module)
-        if s > 0:
-            if pattern.implied_sparsity is None:
-                mask = pattern.select(torch.rand(w.shape, generator=gen), s)
-            else:
-                mask = pattern.select(torch.rand(w.shape, generator=gen), None)
-            # keep the real values (a zero weight would be dropped by the sparse formats)
-            set_weight_matrix(probe, torch.where(w == 0, torch.ones_like(w), w) * mask)
-            cands, _ = candidate_kernels(probe, x, kernels)
-        else:
-            cands = {"dense": probe}
+        scores = torch.rand(w.shape, generator=gen)
+        mask = pattern.select(scores, s if pattern.implied_sparsity is None else None)
+        # keep the real values (a zero weight would be dropped by the sparse formats)
+        set_weight_matrix(probe, torch.where(w == 0, torch.ones_like(w), w) * mask)
+        cands, _ = candidate_kernels(probe, x, kernels)
         with torch.inference_mode():
             t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=repeats)
         best = min(t, key=lambda k: t[k]["median"])
-        times.append(t[best]["median"])
+        times.append(base * t[best]["median"] / t["dense"]["median"])
         chosen.append(best)
-    # a sparser layer never needs to be slower: it could keep the faster denser format's
-    # zeros explicitly, so times are made non-increasing (this also smooths timer noise)
+    # a sparser layer never needs to be slower: it could keep the denser level's format
+    # with explicit zeros, so times are made non-increasing
     for i in range(1, len(times)):
         if times[i] > times[i - 1]:
             times[i], chosen[i] = times[i - 1], chosen[i - 1]
