@@ -76,8 +76,8 @@ _BN = {"native_batch_norm", "_native_batch_norm_legit_no_training", "_native_bat
 # would shift, so any channel varying along the indexed dim is kept whole
 _FACTOR_MOVES = {"t", "transpose", "permute", "detach", "alias", "clone", "contiguous",
                  "_to_copy", "to", "lift_fresh"}
-_POSITIONAL = {"slice", "select", "narrow", "index_select", "gather", "roll", "flip", "constant_pad_nd",
-               "index", "_unsafe_index", "split_with_sizes"}
+_POSITIONAL = {"slice", "select", "narrow", "index_select", "gather", "roll", "flip",
+               "constant_pad_nd", "index", "_unsafe_index", "split_with_sizes"}
 
 
 class _UnionFind:

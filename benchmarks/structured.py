@@ -1,0 +1,315 @@
+"""Structured pruning benchmark, prunekit side by side with Torch-Pruning in the same run.
+
+1. Pretrained ResNet-56 on CIFAR-10 shrunk to half its FLOPs by L1 and by Taylor importance,
+   with prunekit and with Torch-Pruning (pip torch-pruning, a benchmark-only dependency),
+   then the same short fine-tune for all four (SGD, cosine schedule, standard augmentation).
+   Reported: top-1 before and after the fine-tune, params, FLOPs, CPU latency at batch 1
+   and 64 (dense and pruned measured in turn in this process).
+2. MiniLM (all-MiniLM-L6-v2) with 25% of MLP neurons and 2 of 12 heads per layer removed:
+   STS-B Spearman and CPU latency before and after.
+
+Budget: on 2 shared CPU cores a full CIFAR epoch per model does not fit, so the fine-tune
+is one epoch over a class-balanced subset of the train set (--train-images) and top-1 is
+measured on the first --test-images test images; both are recorded in the results. Every
+finished entry is written (atomically) to the results file at once, and a rerun with the
+same settings skips it, so an interrupted run resumes.
+
+    python benchmarks/structured.py                  # defaults below
+    python benchmarks/structured.py --train-images 50000 --test-images 10000   # full
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.data import cifar10_tensors
+from prunekit.evaluate import top1_accuracy
+from prunekit.io import atomic_write_text
+from prunekit.models import create
+from prunekit.progress import Progress
+from prunekit.structured import ChannelPrune, count_flops, count_params, shrink
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def balanced_subset(x, y, n, seed=0):
+    """n images, the same number per class, drawn by seed."""
+    g = torch.Generator().manual_seed(seed)
+    per = n // 10
+    idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()),
+                                                                     generator=g)[:per]]
+                     for c in range(10)])
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    return x[idx], y[idx]
+
+
+def augment(x, g):
+    """Pad 4, random 32x32 crop, horizontal flip (He et al. 2016), on normalised tensors."""
+    n = x.shape[0]
+    padded = nn.functional.pad(x, (4, 4, 4, 4))
+    i = torch.randint(0, 9, (n,), generator=g)
+    j = torch.randint(0, 9, (n,), generator=g)
+    out = torch.stack([padded[k, :, i[k]:i[k] + 32, j[k]:j[k] + 32] for k in range(n)])
+    flip = torch.rand(n, generator=g) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def fine_tune(model, x, y, epochs, batch, lr, seed, quiet):
+    """The same short fine-tune for every pruned model."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                          nesterov=True)
+    steps = epochs * math.ceil(len(x) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    with Progress(enabled=not quiet) as bar:
+        task = bar.add("fine-tune", total=steps)
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=g)
+            for s in range(0, len(x), batch):
+                idx = order[s:s + batch]
+                loss = nn.functional.cross_entropy(model(augment(x[idx], g)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
+    return model.eval()
+
+
+@torch.inference_mode()
+def latencies(models: dict, inputs, repeats):
+    """Median ms per model, measuring the models in turn (round robin) so that load changes
+    on the shared machine hit all of them alike."""
+    for m in models.values():
+        m.eval()
+        m(inputs)
+    times = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            m(inputs)
+            times[k].append(1000 * (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def tp_prune(model, criterion, ratio, calib, example):
+    import torch_pruning as tp
+
+    imp = (tp.importance.MagnitudeImportance(p=1) if criterion == "l1"
+           else tp.importance.TaylorImportance())
+    # option-A shortcuts zero-pad channels by a fixed count, which Torch-Pruning does not
+    # see: keep the residual stream (stem, every block's conv2) and the classifier whole, so
+    # it prunes the same structure prunekit finds (each block's inner channels)
+    ignored = [model.conv1, model.linear] + [b.conv2 for layer in
+                                             (model.layer1, model.layer2, model.layer3)
+                                             for b in layer]
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio,
+                                  ignored_layers=ignored)
+    if criterion == "taylor":
+        model.zero_grad()
+        for xb, yb in calib:
+            nn.functional.cross_entropy(model(xb), yb).backward()
+    pruner.step()
+    model.zero_grad()
+    return model
+
+
+def tp_ratio_for(base, target_flops, example):
+    """Uniform Torch-Pruning ratio that brings FLOPs to the target (bisection)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = tp_prune(copy.deepcopy(base), "l1", mid, None, example)
+        if count_flops(m, example) <= target_flops:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def run_resnet(args, results, save):
+    torch.manual_seed(0)
+    base = create("resnet56-cifar10", pretrained=True).eval()
+    example = torch.randn(1, 3, 32, 32)
+    xt, yt = cifar10_tensors("test", limit=args.test_images)
+    xtr, ytr = cifar10_tensors("train")
+    xtr, ytr = balanced_subset(xtr, ytr, args.train_images, args.seed)
+    calib = list(zip(xtr[:args.calib].split(64), ytr[:args.calib].split(64), strict=True))
+    res = results.setdefault("resnet56", {})
+    if "dense" not in res:
+        res["dense"] = {"top1": top1_accuracy(base, xt, yt), "params": count_params(base),
+                        "flops": count_flops(base, example)}
+        save()
+    target = res["dense"]["flops"] * args.flops_ratio
+    models = {"dense": base}
+    for lib in ("prunekit", "torch-pruning"):
+        for crit in ("l1", "taylor"):
+            key = f"{lib}-{crit}"
+            t0 = time.time()
+            if lib == "prunekit":
+                small, _ = shrink(base, ChannelPrune(flops_ratio=args.flops_ratio,
+                                                     importance=crit),
+                                  example, calib=calib, measure_latency_=False)
+            else:
+                if "tp_ratio" not in res:
+                    res["tp_ratio"] = tp_ratio_for(base, target, example)
+                    save()
+                small = tp_prune(copy.deepcopy(base), crit, res["tp_ratio"], calib, example)
+            prune_s = time.time() - t0
+            if key in res and "top1_finetuned" in res[key]:
+                models[key] = small  # for latency only; results cached
+                continue
+            entry = {"params": count_params(small), "flops": count_flops(small, example),
+                     "prune_seconds": prune_s, "top1_pruned": top1_accuracy(small, xt, yt)}
+            t0 = time.time()
+            fine_tune(small, xtr, ytr, args.epochs, args.batch, args.lr, args.seed, args.quiet)
+            entry["finetune_seconds"] = time.time() - t0
+            entry["top1_finetuned"] = top1_accuracy(small, xt, yt)
+            res[key] = entry
+            save()
+            models[key] = small
+            print(f"{key}: {entry}", flush=True)
+    for batch in (1, 64):
+        lat = latencies(models, torch.randn(batch, 3, 32, 32), args.repeats)
+        for k, v in lat.items():
+            res.setdefault(k, {})[f"latency_ms_b{batch}"] = v
+    save()
+
+
+def run_minilm(args, results, save):
+    from prunekit.data import load_stsb
+    from prunekit.evaluate import stsb_spearman
+
+    res = results.setdefault("minilm", {})
+    base = create("minilm", pretrained=True).eval()
+    tok = base.tokenizer
+    pairs = load_stsb("test")
+    sents = [a for a, _, _ in load_stsb("dev")[:64]]
+    example = dict(tok(sents[:4], padding=True, return_tensors="pt"))
+    cfg = ChannelPrune(per_layer={"*intermediate*": 0.25, "*attention.self*": 2 / 12},
+                       importance=args.minilm_importance)
+    small, report = shrink(base, cfg, example, measure_latency_=False)
+    if "dense" not in res:
+        res["dense"] = {"stsb_spearman": stsb_spearman(base, tok, pairs),
+                        "params": count_params(base)}
+        save()
+    if "pruned" not in res:
+        res["pruned"] = {"stsb_spearman": stsb_spearman(small, tok, pairs),
+                         "params": count_params(small), "importance": args.minilm_importance,
+                         "heads_per_layer": [m.num_attention_heads for n, m in
+                                             small.named_modules()
+                                             if hasattr(m, "num_attention_heads")],
+                         "intermediate": [m.out_features for n, m in small.named_modules()
+                                          if n.endswith("intermediate.dense")]}
+        save()
+    for batch, length in ((1, 32), (32, 128)):
+        enc = dict(tok(sents[:batch], padding="max_length", max_length=length,
+                       truncation=True, return_tensors="pt"))
+
+        class Call(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, e):
+                return self.m(**e)
+
+        lat = latencies({"dense": Call(base), "pruned": Call(small)}, enc, args.repeats)
+        res["dense"][f"latency_ms_b{batch}_len{length}"] = lat["dense"]
+        res["pruned"][f"latency_ms_b{batch}_len{length}"] = lat["pruned"]
+    res["flops_ratio"] = report.flops_ratio
+    save()
+
+
+def summary(results) -> str:
+    lines = []
+    r = results.get("resnet56", {})
+    if "dense" in r:
+        d = r["dense"]
+        lines.append("ResNet-56 / CIFAR-10, target FLOPs ratio "
+                     f"{results['config']['flops_ratio']}")
+        lines.append(f"{'entry':<22}{'top1 pruned':>12}{'top1 tuned':>11}{'params':>9}"
+                     f"{'FLOPs x':>8}{'speedup b1':>11}{'speedup b64':>12}{'target':>8}")
+        for k, e in r.items():
+            if not isinstance(e, dict) or "flops" not in e:
+                continue
+            fr = e["flops"] / d["flops"]
+            sp1 = d.get("latency_ms_b1", 0) / max(e.get("latency_ms_b1", 1e-9), 1e-9)
+            sp64 = d.get("latency_ms_b64", 0) / max(e.get("latency_ms_b64", 1e-9), 1e-9)
+            lines.append(f"{k:<22}{e.get('top1_pruned', e.get('top1', 0)):>12.2f}"
+                         f"{e.get('top1_finetuned', e.get('top1', 0)):>11.2f}{e['params']:>9}"
+                         f"{fr:>8.3f}{sp1:>11.2f}{sp64:>12.2f}{0.85 / fr:>8.2f}")
+    m = results.get("minilm", {})
+    if "pruned" in m:
+        lines.append("MiniLM, 25% MLP neurons and 2/12 heads per layer removed")
+        for k in ("dense", "pruned"):
+            e = m[k]
+            lines.append(f"{k:<8} STS-B {e['stsb_spearman']:.2f} params {e['params']} "
+                         + " ".join(f"{a}={b:.1f}" for a, b in e.items()
+                                    if a.startswith("latency")))
+        for key in [a for a in m["dense"] if a.startswith("latency")]:
+            if key in m["pruned"]:
+                lines.append(f"speedup {key[len('latency_ms_'):]}: "
+                             f"{m['dense'][key] / m['pruned'][key]:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train-images", type=int, default=2000)
+    p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--calib", type=int, default=256, help="labelled images for Taylor")
+    p.add_argument("--flops-ratio", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minilm-importance", default="l1")
+    p.add_argument("--skip-resnet", action="store_true")
+    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "structured.json"))
+    p.add_argument("--fresh", action="store_true", help="ignore cached results")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats")}
+    out = Path(args.out)
+    results = {}
+    if out.exists() and not args.fresh:
+        old = json.loads(out.read_text())
+        if old.get("config") == config:
+            results = old
+    results["config"] = config
+    results["command"] = "python " + " ".join(sys.argv)
+    results["torch_threads"] = torch.get_num_threads()
+
+    def save():
+        atomic_write_text(out, json.dumps(results, indent=2))
+
+    if not args.skip_resnet:
+        run_resnet(args, results, save)
+    if not args.skip_minilm:
+        run_minilm(args, results, save)
+    text = summary(results)
+    results["summary"] = text
+    save()
+    atomic_write_text(out.with_suffix(".txt"), results["command"] + "\n\n" + text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
