@@ -168,3 +168,17 @@ def test_sequential_on_transformers_equals_stagewise_reference(kind):
         prune(b, SparseGPT(include=(f"{prefix}.{i}.*",), **cfg), batches, progress=False)
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=ka)
+
+
+def test_prune_dispatches_gradient_methods():
+    from prunekit import WoodFisher
+    net = ConvNet()
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(8)]
+    cfg = WoodFisher(sparsity=0.5, num_grads=8, block_size=16)
+    with pytest.raises(PruneError, match="loss_fn"):
+        prune(net, cfg, batches, progress=False)
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+    report = prune(net, cfg, batches, progress=False, loss_fn=loss_fn)
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)

@@ -2,13 +2,14 @@
 
 from prunekit.api import LayerReport, PruneReport, prune, prune_layer, sparsity_report
 from prunekit.errors import PruneError
-from prunekit.methods import OBS, Magnitude, PruneConfig, Random, SparseGPT, Wanda
+from prunekit.methods import OBS, Magnitude, PruneConfig, Random, SparseGPT, Wanda, WoodFisher
 from prunekit.patterns import NM, Block1xN, Pattern, Unstructured, get_pattern
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerReport", "PruneReport", "prune", "prune_layer", "sparsity_report", "PruneError",
-    "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "NM", "Block1xN",
+    "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
+    "Block1xN",
     "Pattern", "Unstructured", "get_pattern",
 ]

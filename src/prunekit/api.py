@@ -151,13 +151,19 @@ def _validate_layers(layers: Mapping[str, nn.Module], pattern: Pattern) -> None:
         pattern.validate_shape((w.shape[0] // g, w.shape[1]), name)
 
 
-def prune(model: nn.Module, config: PruneConfig, calib=None, *, progress: bool = True
-          ) -> PruneReport:
+def prune(model: nn.Module, config: PruneConfig, calib=None, *, progress: bool = True,
+          loss_fn=None) -> PruneReport:
     """Prune `model` in place with `config`; calib is a tensor or an iterable of batches.
 
-    Batches are passed to the model as model(x), model(*tuple) or model(**dict). On any error
+    Batches are passed to the model as model(x), model(*tuple) or model(**dict). Methods that
+    need gradients (WoodFisher) also take loss_fn(model, batch) -> scalar loss. On any error
     the model is left exactly as it was.
     """
+    if getattr(config, "needs", None) == "gradients":
+        if loss_fn is None:
+            raise PruneError(f"{config.method} needs gradients: pass "
+                             f"loss_fn=lambda model, batch: <scalar loss>")
+        return config.prune_global(model, loss_fn, as_batches(calib), progress=progress)
     pattern, sparsity = _check_config(config)
     layers = find_layers(model, config.include, config.exclude, config.keep_first,
                          config.keep_last)

@@ -15,6 +15,8 @@ COMMANDS = [
     "prunekit.commands.models",
     "prunekit.commands.demo",
     "prunekit.commands.bench",
+    "prunekit.commands.latency",
+    "prunekit.commands.export",
 ]
 
 

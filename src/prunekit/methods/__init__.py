@@ -6,6 +6,7 @@ from prunekit.methods.obs import OBS
 from prunekit.methods.random import Random
 from prunekit.methods.sparsegpt import SparseGPT
 from prunekit.methods.wanda import Wanda
+from prunekit.methods.woodfisher import WoodFisher
 
 __all__ = ["METHODS", "PruneConfig", "get_method", "register", "Magnitude", "OBS", "Random",
-           "SparseGPT", "Wanda"]
+           "SparseGPT", "Wanda", "WoodFisher"]

@@ -17,16 +17,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from prunekit.api import LayerReport, PruneReport, _check_config, _validate_layers
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers
 from prunekit.methods.base import PruneConfig, register
 from prunekit.patterns import Unstructured
 from prunekit.progress import Progress
+
+if TYPE_CHECKING:
+    from prunekit.api import PruneReport
 
 
 def fisher_inverse_diag(g: torch.Tensor, lam: float) -> torch.Tensor:
@@ -98,6 +101,8 @@ class WoodFisher(PruneConfig):
                      batches: Iterable, progress: bool = True) -> PruneReport:
         """Prune `model` in place. loss_fn(model, batch) returns a scalar loss; each of the
         first num_grads batches gives one gradient. On error the model is left as it was."""
+        from prunekit.api import LayerReport, PruneReport, _check_config, _validate_layers
+
         self._check()
         pattern, sparsity = _check_config(self)
         if not callable(loss_fn):
