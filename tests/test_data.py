@@ -100,6 +100,20 @@ def test_cifar_checksum_is_of_content_and_names_both_hashes(tmp_path, monkeypatc
     assert files.FILES["cifar10/test.npz"].sha256[0] in msg
 
 
+def test_decoded_arrays_are_cached_and_memory_mapped(tmp_path, monkeypatch):
+    images, labels = data.load_cifar10("test")
+    empty_data = _use_empty(tmp_path, monkeypatch)
+    (empty_data / "cifar10").mkdir()
+    np.savez_compressed(empty_data / "cifar10" / "test.npz", images=images, labels=labels)
+    first, _ = data.load_cifar10("test")
+    key = files.sha256_file(empty_data / "cifar10" / "test.npz")
+    assert (tmp_path / "cache" / "decoded" / key / "images.npy").exists()
+    files._read_npz.cache_clear()
+    again, again_labels = data.load_cifar10("test")
+    assert isinstance(again.base, np.memmap) and not again.flags.writeable
+    assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
+
+
 def test_weights_checksum_mismatch(tmp_path, monkeypatch):
     state = read_weights(_shared("cifar10_resnets/resnet20.safetensors"))
     empty_data = _use_empty(tmp_path, monkeypatch)

@@ -195,11 +195,30 @@ def tensors_sha256(tensors: dict) -> str:
 
 @lru_cache(maxsize=4)
 def _read_npz(path: Path, size: int, mtime: float) -> tuple[np.ndarray, np.ndarray]:
+    # Decoding the LZMA-compressed train set takes seconds; a decoded copy in the cache,
+    # keyed by the file's sha256 and memory-mapped, makes later processes start at once.
+    decoded = cache_dir() / "decoded" / sha256_file(path)
+    if (decoded / "images.npy").exists() and (decoded / "labels.npy").exists():
+        try:
+            return (np.asarray(np.load(decoded / "images.npy", mmap_mode="r")),
+                    np.asarray(np.load(decoded / "labels.npy", mmap_mode="r")))
+        except (OSError, ValueError):
+            pass  # unreadable cache: decode again below
     with np.load(path) as z:
         images, labels = z["images"], z["labels"]
+    try:
+        for name, array in (("images", images), ("labels", labels)):
+            atomic_write(decoded / f"{name}.npy", lambda tmp, a=array: _save_npy(tmp, a))
+    except OSError:
+        pass  # no writable cache: fine, just slower next time
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
+
+
+def _save_npy(path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
