@@ -6,7 +6,7 @@ magnitude, Wanda and SparseGPT at 50%, 70% and 2:4. Calibration: 512 sentences d
 seed from the STS-B dev split (the validation side, in the domain of the test; padding
 tokens do not count), block by block (sequential=True) for the data-driven methods.
 
-ResNet-20 on CIFAR-10: test top-1 after batch-norm re-estimation on 1024 training images,
+ResNet-20 on CIFAR-10: test top-1 after batch-norm re-estimation on 1024 augmented training images,
 for magnitude, Wanda, SparseGPT and exact OBS at 50% and 70%. Calibration: 256 training
 images.
 
@@ -103,7 +103,8 @@ class ResNetTask:
 
         self.dense = create("resnet20-cifar10", pretrained=True).eval()
         self.images, self.labels = cifar10_tensors("test")
-        self.bn_images = calibration_images(1024, seed=1234)
+        # augmented like the training data the BN statistics were learnt on
+        self.bn_images = calibration_images(1024, seed=1234, augment=True)
 
     def calib(self, seed):
         from prunekit.data import calibration_images

@@ -71,7 +71,9 @@ def _dense_quality(model: nn.Module, spec: RunSpec) -> dict:
 def _bn_images(spec: RunSpec, calib) -> torch.Tensor:
     if spec.dataset == "cifar10":
         from prunekit.data import calibration_images
-        return calibration_images(spec.calibration_samples, spec.seed)
+        # augmented like the data the pretrained statistics were learnt on; plain images
+        # cost the dense ResNet-20 three points of top-1
+        return calibration_images(max(spec.calibration_samples, 1024), spec.seed, augment=True)
     if all(isinstance(b, torch.Tensor) for b in calib):
         return torch.cat(calib)
     raise PruneError(f"reestimate_bn needs image batches; {spec.model} has none")

@@ -101,7 +101,7 @@ def _resnet20(args):
     dense = create("resnet20-cifar10", pretrained=True).eval()
     calib_images = calibration_images(args.calib, seed=0)
     calib = list(calib_images.split(32))
-    bn_images = calibration_images(512, seed=1)
+    bn_images = calibration_images(1024, seed=1, augment=True)  # as in training
     configs = []
     for s in (0.5, 0.7):
         configs += [Magnitude(sparsity=s), Wanda(sparsity=s, pattern="unstructured:row"),
