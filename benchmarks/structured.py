@@ -153,19 +153,22 @@ def run_resnet(args, results, save):
                         "flops": count_flops(base, example)}
         save()
     target = res["dense"]["flops"] * args.flops_ratio
+    if "tp_ratio" not in res:
+        res["tp_ratio"] = tp_ratio_for(base, target, example)
+        save()
+    # prunekit aims at Torch-Pruning's achieved FLOPs (at most), so it never gets more
+    tp_flops = count_flops(tp_prune(copy.deepcopy(base), "l1", res["tp_ratio"], None, example),
+                           example)
+    ours_ratio = min(args.flops_ratio, tp_flops / res["dense"]["flops"])
     models = {"dense": base}
-    for lib in ("prunekit", "torch-pruning"):
+    for lib in ("torch-pruning", "prunekit"):
         for crit in ("l1", "taylor"):
             key = f"{lib}-{crit}"
             t0 = time.time()
             if lib == "prunekit":
-                small, _ = shrink(base, ChannelPrune(flops_ratio=args.flops_ratio,
-                                                     importance=crit),
+                small, _ = shrink(base, ChannelPrune(flops_ratio=ours_ratio, importance=crit),
                                   example, calib=calib, measure_latency_=False)
             else:
-                if "tp_ratio" not in res:
-                    res["tp_ratio"] = tp_ratio_for(base, target, example)
-                    save()
                 small = tp_prune(copy.deepcopy(base), crit, res["tp_ratio"], calib, example)
             prune_s = time.time() - t0
             if key in res and "top1_finetuned" in res[key]:

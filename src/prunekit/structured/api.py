@@ -288,7 +288,8 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
                              f"(all are tied to the output, an ignored module or an opaque op)")
         scores = score(current, graph, config.importance, calib, loss_fn, config.seed + step)
         if what is None:
-            frac = 1 - (1 - (config.ratio or 0.0)) ** (1 / steps) if config.ratio else 0.0
+            r = config.ratio or 0.0  # linear schedule in channels of the original model
+            frac = 1 - (1 - r * step / steps) / (1 - r * (step - 1) / steps)
             chosen = _plan(graph, scores, frac, config, warn)
         else:
             target = base_metric * (1 - (1 - goal) * step / steps)

@@ -293,16 +293,17 @@ class _Tracer(TorchDispatchMode):
         return v[v >= 0].unique()
 
     def pointwise(self, inputs: list[torch.Tensor], out_shape) -> torch.Tensor:
-        """Unite labels that meet one-to-one element by element; return the output labels.
+        """Unite labels that meet element by element; return the output labels.
 
         Work happens on the distinct label combinations (hashed), not on every element."""
-        flat = []
+        flat, dims = [], []
         for lab in inputs:
             b = lab.expand(*out_shape, lab.shape[-1])
             for k in range(b.shape[-1]):
                 m = b[..., k]
                 if (m >= 0).any():
                     flat.append(m.reshape(-1))
+                    dims.append(self._vary_dims(m))
         if not flat:
             return torch.full((*out_shape, 1), -1, dtype=torch.long)
         if len(flat) == 1:
@@ -316,6 +317,8 @@ class _Tracer(TorchDispatchMode):
         good = torch.zeros_like(maps, dtype=torch.bool)
         for i in range(len(maps)):
             for j in range(i + 1, len(maps)):
+                if not dims[i] or dims[i] != dims[j]:
+                    continue  # labels indexed by different dims (tokens vs channels)
                 a, b = maps[i], maps[j]
                 both = (a >= 0) & (b >= 0)
                 if not both.any():
@@ -327,7 +330,10 @@ class _Tracer(TorchDispatchMode):
                     self.frozen[pairs[fb, 0]] = True
                 ua, ca = pairs[:, 0].unique(return_counts=True)
                 ub, cb = pairs[:, 1].unique(return_counts=True)
-                ok = torch.isin(pairs[:, 0], ua[ca == 1]) & torch.isin(pairs[:, 1], ub[cb == 1])
+                # unite when one side meets a single partner: x * scale (SE blocks) after a
+                # grouped conv meets one class per many scale channels; a label that meets
+                # many on both sides (a token index against channels) is no coupling
+                ok = torch.isin(pairs[:, 0], ua[ca == 1]) | torch.isin(pairs[:, 1], ub[cb == 1])
                 if ok.any():
                     self.uf.union(pairs[ok, 0], pairs[ok, 1])
                     good[i] |= torch.isin(a, pairs[ok, 0]) & both
@@ -340,6 +346,18 @@ class _Tracer(TorchDispatchMode):
             sel = (out < 0) & (m >= 0)
             out[sel] = m[sel]
         return out[inv].view(*out_shape, 1)
+
+    def _vary_dims(self, m: torch.Tensor) -> frozenset:
+        """Dims along which a label map changes between neighbouring labelled elements."""
+        m = self.uf.find(m)
+        out = set()
+        for d, size in enumerate(m.shape):
+            if size < 2:
+                continue
+            a, b = m.narrow(d, 0, size - 1), m.narrow(d, 1, size - 1)
+            if ((a != b) & (a >= 0) & (b >= 0)).any():
+                out.add(d)
+        return frozenset(out)
 
     def mark_producer(self, labels: torch.Tensor) -> None:
         v = labels[labels >= 0]
@@ -419,7 +437,7 @@ class _Tracer(TorchDispatchMode):
         if name in _POOL:
             return self.pool(in_labs[0], outs)
         if name in _REDUCE:
-            return self.reduce(args, kwargs, in_labs[0], outs)
+            return self.reduce(name, args, kwargs, in_labs[0], outs)
         if name in _ALONG:
             dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
             self.mark_reduced(in_labs[0], [dim % ins[0].dim()])
@@ -604,10 +622,7 @@ class _Tracer(TorchDispatchMode):
             self.uf.union(self.first_label(_const_dim(la, 0)), vb[0])
             cols = self.uf.find(vb[1])
             self.mark_producer(cols)
-            rows = self.first_label(_const_dim(la, 1))
-            res = torch.stack([cols.view(1, -1).expand(out.shape),
-                               rows.view(-1, 1).expand(out.shape)], -1)
-            res = _compact(res)
+            res = cols.view(1, -1, 1).expand(*out.shape, 1)  # rows are tokens, not channels
             if bias is not None:
                 res = self.pointwise([res, self.get(bias)], tuple(out.shape))
             self.set(out, res)
@@ -699,10 +714,11 @@ class _Tracer(TorchDispatchMode):
                 base = base.narrow(d, 0, 1)
             self.set(t, base.expand(*t.shape, base.shape[-1]))
 
-    def reduce(self, args, kwargs, lab, outs):
+    def reduce(self, name, args, kwargs, lab, outs):
         x = args[0]
-        dims = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get(
-            "dim", None)
+        pos = 2 if name in ("linalg_vector_norm", "norm") else 1  # (self, ord, dim, ...)
+        dims = args[pos] if len(args) > pos and not isinstance(args[pos], bool) else \
+            kwargs.get("dim", None)
         if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
             dims = list(range(x.dim()))
         dims = [dims] if isinstance(dims, int) else list(dims)

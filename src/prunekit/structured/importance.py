@@ -83,8 +83,10 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 
 
 def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
-          loss_fn: Callable | None = None, seed: int = 0) -> dict[int, float]:
-    """Score every class of `graph` (higher = more important)."""
+          loss_fn: Callable | None = None, seed: int = 0,
+          micro_batch: int = 8) -> dict[int, float]:
+    """Score every class of `graph` (higher = more important). Taylor squares the group sum
+    per micro-batch of `micro_batch` examples (tensor, tuple or dict batches are split)."""
     if criterion not in CRITERIA:
         raise PruneError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
     params = dict(model.named_parameters())
@@ -117,6 +119,8 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     batches = [calib] if torch.is_tensor(calib) or isinstance(calib, dict) else list(calib)
     if not batches:
         raise PruneError("the calibration set is empty; give at least one batch")
+    if criterion == "taylor":  # (sum g w)^2 is a second moment: estimate it over small batches
+        batches = [m for b in batches for m in _micro_batches(b, micro_batch)]
     loss_fn = loss_fn or default_loss
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
@@ -144,6 +148,33 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     if criterion == "sosp":
         totals = {k: abs(v) for k, v in totals.items()}
     return totals
+
+
+def _micro_batches(batch, size: int) -> list:
+    """Split a batch along its first dim into pieces of `size` (as-is when it cannot)."""
+    def n_of(b):
+        if torch.is_tensor(b):
+            return b.shape[0]
+        if isinstance(b, dict):
+            return next((v.shape[0] for v in b.values() if torch.is_tensor(v)), None)
+        if isinstance(b, (tuple, list)) and all(torch.is_tensor(t) for t in b):
+            return b[0].shape[0]
+        return None
+
+    n = n_of(batch)
+    if not n or n <= size or (isinstance(batch, (tuple, list))
+                              and any(t.shape[0] != n for t in batch)):
+        return [batch]
+    out = []
+    for s in range(0, n, size):
+        if torch.is_tensor(batch):
+            out.append(batch[s:s + size])
+        elif isinstance(batch, dict):
+            out.append({k: v[s:s + size] if torch.is_tensor(v) and v.shape[0] == n else v
+                        for k, v in batch.items()})
+        else:
+            out.append(type(batch)(t[s:s + size] for t in batch))
+    return out
 
 
 def _hvp(model, batch, loss_fn, plist, eps: float = 1e-3):
