@@ -22,6 +22,10 @@ from prunekit.io import load_weights
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A registry entry: what the model does, the data set its quality is measured on, and
+    whether prunekit can give it pretrained weights; `factory(pretrained=..., **kw)` builds
+    it."""
+
     name: str
     task: str  # image-classification | sentence-embedding | causal-lm | masked-lm
     dataset: str | None  # cifar10 | stsb | wikitext2 | digits | None
@@ -114,6 +118,7 @@ def list_models() -> list[ModelInfo]:
 
 
 def get_info(name: str | ModelInfo) -> ModelInfo:
+    """The ModelInfo of a registry name or 'tv:<name>' (a ModelInfo is returned as is)."""
     if isinstance(name, ModelInfo):
         return name
     if name.startswith("tv:"):
