@@ -68,18 +68,8 @@ class MiniLMTask:
         self.dense_emb = self.dense.encode(sentences, batch_size=128)
 
     def calib(self, seed):
-        import random
-
-        from prunekit.data import load_stsb
-        dev = sorted({s for a, b, _ in load_stsb("dev") for s in (a, b)})
-        chosen = random.Random(seed).sample(dev, 512)
-        batches = []
-        for i in range(0, len(chosen), 32):
-            enc = self.dense.tokenizer(chosen[i:i + 32], padding=True, truncation=True,
-                                       max_length=128, return_tensors="pt")
-            batches.append({"input_ids": enc["input_ids"],
-                            "attention_mask": enc["attention_mask"]})
-        return batches
+        from prunekit.models import calibration_batches
+        return calibration_batches("minilm", n=512, seed=seed, source="stsb-dev")
 
     def quality(self, model):
         from prunekit.evaluate import stsb_spearman

@@ -134,8 +134,22 @@ def test_calibration_batches_come_from_training_data():
     train, _ = load_digits("train")
     rows = {r.numpy().tobytes() for r in train}
     assert len(digits) == 20 and all(d.numpy().tobytes() in rows for d in digits)
-    text = models.calibration_batches("minilm", n=6, batch_size=4, seq_len=16)
+    text = models.calibration_batches("minilm", n=6, batch_size=4, seq_len=16,
+                                      source="wikitext2")
     assert text[0]["input_ids"].shape == (4, 16) and text[1]["attention_mask"].shape == (2, 16)
+    from prunekit.data import load_stsb
+    sents = models.calibration_batches("minilm", n=6, seed=1, batch_size=4)
+    again = models.calibration_batches("minilm", n=6, seed=1, batch_size=4)
+    assert [len(b["input_ids"]) for b in sents] == [4, 2]
+    assert torch.equal(sents[0]["input_ids"], again[0]["input_ids"])
+    tok = models.create("minilm").tokenizer
+    dev = {s for a, b, _ in load_stsb("dev") for s in (a, b)}
+    test = {s for a, b, _ in load_stsb("test") for s in (a, b)}
+    dev_ids = {tuple(tok(s, truncation=True, max_length=128)["input_ids"]) for s in dev - test}
+    for row, mask in zip(sents[0]["input_ids"], sents[0]["attention_mask"]):
+        assert tuple(row[mask.bool()].tolist()) in dev_ids
+    with pytest.raises(PruneError, match="source"):
+        models.calibration_batches("minilm", n=4, source="c4")
     with pytest.raises(PruneError, match="no calibration data"):
         models.calibration_batches("tv:resnet18")
 

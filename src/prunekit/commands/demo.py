@@ -76,7 +76,7 @@ def _minilm(args):
 
         def quality(m):
             return round(stsb_spearman(m, dense.tokenizer, pairs), 2)
-        calib = calibration_batches("minilm", n=args.calib, seed=0)
+        calib = calibration_batches("minilm", n=8 * args.calib, seed=0)  # STS-B dev sentences
     except PruneError as e:
         _say(f"STS-B / WikiText-2 not found ({e}); MiniLM is scored by the cosine of its "
              f"embeddings to the dense model's, calibrated on built-in sentences")

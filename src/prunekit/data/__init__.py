@@ -32,7 +32,8 @@ __all__ = [
     "CIFAR10_CLASSES", "FILES", "DataFile", "cache_dir", "cifar10_from_tarball",
     "convert_akamaster", "data_dir", "fetch", "path_of", "stsb_csv_to_tsv", "load_cifar10",
     "cifar10_tensors", "augment_cifar", "calibration_images", "load_stsb", "load_wikitext2",
-    "load_tinyshakespeare", "load_digits", "calibration_text", "IMAGENET_MEAN", "IMAGENET_STD",
+    "load_tinyshakespeare", "load_digits", "calibration_text", "calibration_sentences",
+    "IMAGENET_MEAN", "IMAGENET_STD",
     "CIFAR_MEAN", "CIFAR_STD",
 ]
 
@@ -172,3 +173,22 @@ def calibration_text(tokenizer, n: int = 128, seq_len: int = 128, seed: int = 0,
     ids, mask = enc["input_ids"], enc["attention_mask"]
     return [{"input_ids": ids[i:i + batch_size], "attention_mask": mask[i:i + batch_size]}
             for i in range(0, len(ids), batch_size)]
+
+
+def calibration_sentences(tokenizer, n: int = 512, seed: int = 0, batch_size: int = 32,
+                          max_length: int = 128, download: bool = False) -> list[dict]:
+    """n distinct STS-B DEV sentences (the validation side, never test), drawn by seed;
+    batches of {'input_ids', 'attention_mask'} padded per batch (padding tokens do not count
+    in calibration statistics). In-domain calibration for sentence encoders."""
+    import random
+
+    dev = sorted({s for a, b, _ in load_stsb("dev", download=download) for s in (a, b)})
+    if not 0 < n <= len(dev):
+        raise PruneError(f"sentence calibration size must be in 1..{len(dev)}, got {n}")
+    chosen = random.Random(seed).sample(dev, n)
+    batches = []
+    for i in range(0, n, batch_size):
+        enc = tokenizer(chosen[i:i + batch_size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches

@@ -163,10 +163,12 @@ def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = 
 
 
 def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
-                        batch_size: int = 32, seq_len: int = 128) -> list:
+                        batch_size: int = 32, seq_len: int = 128, source: str | None = None
+                        ) -> list:
     """Calibration batches for a registry model, ready for model(batch) or model(**batch):
-    CIFAR-10 train images, digits train images, WikiText-2 validation paragraphs (MiniLM),
-    all drawn reproducibly by seed, never from a test split."""
+    CIFAR-10 train images, digits train images, for MiniLM STS-B dev sentences
+    (source='stsb-dev', the default: in domain) or WikiText-2 validation paragraphs
+    (source='wikitext2'); all drawn reproducibly by seed, never from a test split."""
     info = get_info(name)
     if info.dataset == "cifar10":
         from prunekit.data import calibration_images
@@ -181,10 +183,17 @@ def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
     if info.name == "minilm":
         from transformers import AutoTokenizer
 
-        from prunekit.data import calibration_text
+        from prunekit.data import calibration_sentences, calibration_text
         from prunekit.models.minilm import minilm_dir
         tok = AutoTokenizer.from_pretrained(minilm_dir())
-        return calibration_text(tok, n=n, seq_len=seq_len, seed=seed, batch_size=batch_size)
+        if source in (None, "stsb-dev"):
+            return calibration_sentences(tok, n=n, seed=seed, batch_size=batch_size,
+                                         max_length=seq_len)
+        if source == "wikitext2":
+            return calibration_text(tok, n=n, seq_len=seq_len, seed=seed,
+                                    batch_size=batch_size)
+        raise PruneError(f"MiniLM calibration source must be 'stsb-dev' or 'wikitext2', "
+                         f"got {source!r}")
     if info.name.startswith("tiny-"):
         # Random token ids: the tiny models are random too, and need no data file.
         g = torch.Generator().manual_seed(seed)
