@@ -4,11 +4,15 @@ target held by a Lagrange multiplier (constrained optimisation as in Gallego-Pos
 
 Every weight w gets a gate z in [0, 1] drawn from the hard-concrete distribution with a
 learned log_alpha: s = sigmoid((log u - log(1 - u) + log_alpha) / beta), z = clamp(s * (zeta -
-gamma) + gamma, 0, 1); the forward uses w * z. The expected fraction of open gates,
-P(z > 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)), must stay at most `density`: the
-gates descend the task loss plus lambda times that fraction, and lambda ascends on the
-violation (lambda <- max(0, lambda + dual_lr * (expected density - density))), so the
-target is met without tuning a penalty weight. At t_end the deterministic gates
+gamma) + gamma, 0, 1); the forward uses w * z. The gates descend the task loss plus lambda
+times the expected fraction of open gates, P(z > 0) = sigmoid(log_alpha - beta *
+log(-gamma / zeta)), a smooth proxy of the density. lambda ascends on the violation of
+max(expected density, fraction of deterministic gates open) over the target (a proxy
+Lagrangian, Cotter et al. 2019), and is reset to 0 as soon as the constraint holds (dual
+restarts, Gallego-Posada et al.), so no penalty weight needs tuning and the density that is
+finally kept does not drift below the target. The target itself ramps (cubic) from the
+initial density to `density` over the first half of training, and the gates' Adam has no
+momentum, so they stop closing as soon as lambda is released. At t_end the deterministic gates
 z = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1) are folded into the weights and
 the closed ones become a hard mask.
 """
@@ -61,7 +65,8 @@ class L0(Schedule):
     """
 
     def __init__(self, model, optimizer, density: float = 0.1, *, t_end: int,
-                 gate_lr: float = 0.05, dual_lr: float = 0.05, init_density: float = 0.9,
+                 gate_lr: float = 0.05, dual_lr: float = 0.05,
+                 init_density: float = 0.9,
                  beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1, **layers):
         pattern = layers.pop("pattern", "unstructured")
         if pattern not in ("unstructured", Unstructured()):
@@ -74,7 +79,7 @@ class L0(Schedule):
         if not (gamma < 0.0 < 1.0 < zeta and beta > 0):
             raise PruneError(f"L0 needs gamma < 0, zeta > 1 and beta > 0; got gamma={gamma}, "
                              f"zeta={zeta}, beta={beta}")
-        self.t_end = t_end
+        self.t_end, self.init_density = t_end, max(init, self.density)
         s0 = min(max((init - gamma) / (zeta - gamma), 1e-4), 1 - 1e-4)
         self.gates: dict[str, HardConcreteGate] = {}
         for n, m in self.holder.layers.items():
@@ -83,10 +88,19 @@ class L0(Schedule):
             parametrize.register_parametrization(m, "weight", g, unsafe=True)
             self.gates[n] = g
         self.gate_optimizer = torch.optim.Adam([g.log_alpha for g in self.gates.values()],
-                                               lr=gate_lr)
+                                               lr=gate_lr,
+                                               betas=(0.0, 0.999))
         self.dual_lr = float(dual_lr)
         self.multiplier = 0.0
         self.finalized = False
+
+    def target_density(self, step: int) -> float:
+        """The constraint's level: a cubic ramp from the initial density to `density` over
+        the first half of training, so the multiplier tracks a slow target and never winds
+        up (gates can only close so fast)."""
+        ramp = max(1, self.t_end // 2)
+        frac = (1.0 - min(step, ramp) / ramp) ** 3
+        return self.density + (self.init_density - self.density) * frac
 
     def expected_density(self) -> float:
         with torch.no_grad():
@@ -103,7 +117,8 @@ class L0(Schedule):
     def _event(self, step: int) -> None:
         if self.finalized:
             return
-        violation = self.expected_density() - self.density
+        density_now = max(self.expected_density(), 1.0 - self.sparsity())
+        violation = density_now - self.target_density(step)
         grads = [g.log_alpha.grad for g in self.gates.values() if g.log_alpha.grad is not None]
         scale = (torch.cat([x.reshape(-1) for x in grads]).pow(2).mean().sqrt().item()
                  if grads else 1.0) or 1.0
