@@ -373,3 +373,29 @@ def test_every_schedule_reports_sparsity_and_next_event():
         assert 0.0 <= log["sparsity"] <= 1.0 and log["step"] == 2.0
         nxt = sched.next_event()
         assert nxt is None or (nxt["step"] > 2 and isinstance(nxt["event"], str)), name
+
+
+@pytest.mark.parametrize("name", ["smcp", "l0", "lottery", "gap"])
+@pytest.mark.parametrize("steps", [3, 8])  # mid-schedule, and after the last event
+def test_save_and_load_mid_training_restores_the_same_function(tmp_path, name, steps):
+    make = {"smcp": lambda m, o: T.SMCP(m, o, 0.5, t_end=6, delta_t=2),
+            "l0": lambda m, o: T.L0(m, o, density=0.5, t_end=6),
+            "lottery": lambda m, o: T.LotteryTicket(m, o, density=0.5, rounds=2, round_steps=3,
+                                                    rewind_step=1),
+            "gap": lambda m, o: T.GaP(m, o, density=0.5, delta_t=2, t_end=6, partitions=2)}[name]
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = make(model, opt)
+    train_steps(model, opt, sched, steps)
+    path = T.save_sparse(tmp_path / "ck.safetensors", model, sched)
+    torch.manual_seed(5)
+    model2 = small_net()
+    sched2 = make(model2, torch.optim.SGD(model2.parameters(), lr=0.1))
+    T.load_sparse(path, model2, sched2)
+    x, _ = batch()
+    model.eval()
+    model2.eval()
+    torch.testing.assert_close(model2(x), model(x))
+    assert sched2.sparsity() == sched.sparsity() and sched2.next_event() == sched.next_event()
+    for k in sched.masks:
+        assert torch.equal(sched2.masks[k], sched.masks[k])
