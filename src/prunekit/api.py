@@ -161,8 +161,9 @@ def prune(model: nn.Module, config: PruneConfig, calib=None, *, progress: bool =
     """
     if getattr(config, "needs", None) == "gradients":
         if loss_fn is None:
-            raise PruneError(f"{config.method} needs gradients: pass "
-                             f"loss_fn=lambda model, batch: <scalar loss>")
+            raise PruneError(f"{config.method} needs gradients: pass prune(model, config, "
+                             f"calib, loss_fn=lambda model, batch: <scalar loss>), or call "
+                             f"config.prune_global(model, loss_fn, batches)")
         return config.prune_global(model, loss_fn, as_batches(calib), progress=progress)
     pattern, sparsity = _check_config(config)
     layers = find_layers(model, config.include, config.exclude, config.keep_first,

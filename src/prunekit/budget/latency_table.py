@@ -160,7 +160,8 @@ def _measure_layer(module, x, levels, pattern, kernels, repeats, gen):
         with torch.inference_mode():
             t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=repeats)
         best = min(t, key=lambda k: t[k]["median"])
-        times.append(base * t[best]["median"] / t["dense"]["median"])
+        # served densely, a level costs exactly the dense time (no ratio rounding)
+        times.append(base if best == "dense" else base * t[best]["median"] / t["dense"]["median"])
         chosen.append(best)
     # a sparser layer never needs to be slower: it could keep the denser level's format
     # with explicit zeros, so times are made non-increasing
