@@ -256,3 +256,59 @@ def test_cli_shrink(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["flops_ratio"] <= 0.7
     assert read_description(out)["format"] == "prunekit-shrunk-1"
+
+
+class HardCoded(nn.Module):
+    """`a`'s 12 outputs are viewed as a hard-coded (3, 4): the trace sees 3 removable blocks,
+    but any removal breaks the view. `branches` more linear pairs shrink cleanly."""
+
+    def __init__(self, branches=1):
+        super().__init__()
+        self.a = nn.Linear(8, 12)
+        self.b = nn.Linear(4, 5)
+        self.up = nn.ModuleList(nn.Linear(8, 6) for _ in range(branches))
+        self.down = nn.ModuleList(nn.Linear(6, 3) for _ in range(branches))
+
+    calls = 0  # forward passes of every copy (the shrunk models are deep copies)
+
+    def forward(self, x):
+        HardCoded.calls += 1
+        h = self.a(x).view(x.shape[0], 3, 4)
+        out = self.b(h).sum(1)
+        for u, d in zip(self.up, self.down):
+            out = torch.cat([out, d(u(x).relu())], -1)
+        return out
+
+
+def test_verify_freezes_groups_that_break_and_names_them():
+    torch.manual_seed(0)
+    model, x = HardCoded().eval(), torch.randn(2, 8)
+    raw = build_graph(model, x, verify=False)
+    bad = [g for g in raw.groups if g.name == "a"]
+    assert bad, "the trace no longer offers a's blocks: pick another hard-coded example"
+    with pytest.raises(RuntimeError):
+        remove_slices(model, bad[0].classes[:1])(x)
+    with pytest.warns(UserWarning, match=r"left unpruned.*\ba \(RuntimeError"):
+        graph = build_graph(model, x)
+    assert {g.name for g in graph.groups} == {g.name for g in raw.groups} - {"a"}
+    assert "a" in graph.frozen_reasons
+    with pytest.warns(UserWarning, match="left unpruned"):
+        small, _ = shrink(model, ChannelPrune(ratio=0.5), x, measure_latency_=False)
+    assert small.a.out_features == 12 and small.up[0].out_features == 3
+    assert small(x).shape == model(x).shape
+
+
+def test_verify_finds_one_bad_group_by_bisection():
+    """One bad group among 33: far fewer forward passes than testing each group alone."""
+    torch.manual_seed(0)
+    model, x = HardCoded(branches=32).eval(), torch.randn(2, 8)
+    n = len(build_graph(model, x, verify=False).groups)
+    assert n == 33
+    HardCoded.calls = 0
+    with pytest.warns(UserWarning, match="1 channel group"):
+        graph = build_graph(model, x)
+    assert len(graph.groups) == n - 1
+    traced = 2  # build_graph runs the model in eval and training mode
+    # one check = the masked model + the shrunk one in eval and training mode; bisection down
+    # to one bad group of 33 takes 1 + 2 * 6 checks, then one check of what is left
+    assert 0 < HardCoded.calls - traced <= 3 * (1 + 2 * 6 + 1) < 3 * n

@@ -321,6 +321,7 @@ def _group_log(graph: DependencyGraph, chosen) -> list[dict]:
 
 def _search(model, graph, scores, cfg, example_inputs, what, target, warn):
     """Smallest uniform fraction whose shrunk model meets `target` (bisection)."""
+    target *= 1 + 1e-9  # a target given as a ratio of the base may round just below it
     lo, hi = 0.0, 0.95
     best = _plan(graph, scores, hi, cfg, [])
     if _measure(remove_slices(model, best), example_inputs, what) > target:

@@ -317,7 +317,7 @@ class _Tracer(TorchDispatchMode):
         good = torch.zeros_like(maps, dtype=torch.bool)
         for i in range(len(maps)):
             for j in range(i + 1, len(maps)):
-                if not dims[i] or dims[i] != dims[j]:
+                if dims[i] and dims[j] and dims[i] != dims[j]:
                     continue  # labels indexed by different dims (tokens vs channels)
                 a, b = maps[i], maps[j]
                 both = (a >= 0) & (b >= 0)
@@ -724,9 +724,12 @@ class _Tracer(TorchDispatchMode):
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = sorted(d % max(x.dim(), 1) for d in dims)
         self.mark_reduced(lab, dims)
+        gone = self.varies(lab, dims)  # channels summed away index nothing in the result
         base = lab
         for d in dims:
             base = base.narrow(d, 0, 1)
+        if gone.numel():
+            base = torch.where(torch.isin(self.uf.find(base), gone), -1, base)
         for t in outs:
             if not t.is_floating_point():
                 self.set(t, torch.full((*t.shape, 1), -1, dtype=torch.long))
@@ -835,8 +838,11 @@ def run_model(model: nn.Module, inputs):
     return model(*inputs)
 
 
-def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) -> DependencyGraph:
-    """Trace `model` on `example_inputs` and group its coupled channels."""
+def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
+                verify: bool = True) -> DependencyGraph:
+    """Trace `model` on `example_inputs` and group its coupled channels. With `verify`, each
+    group is also shrunk on the example inputs and groups that break the model (sizes the
+    trace cannot see) are left out, with a warning (see `structured.verify`)."""
     names = {n for n, _ in model.named_modules()}
     for pat in ignore:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
@@ -851,6 +857,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
     torch.set_num_threads(1)  # label bookkeeping is many small ops: threads only add overhead
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     outs = []
+    train_runs = False
     try:
         with torch.no_grad(), tracer:
             model.eval()
@@ -859,6 +866,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
             model.train()
             try:
                 outs.append(run_model(model, example_inputs))
+                train_runs = True
             except Exception:  # e.g. batch norm on a batch of one: eval-mode graph only
                 tracer.stack.clear()
                 tracer.opaque_depth = 0
@@ -888,7 +896,12 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
                 for d in range(len(tracer.shapes[i])):
                     s = tracer._param_base[(i, d)]
                     tracer.frozen[s:s + tracer.shapes[i][d]] = True
-    return _collect(tracer)
+    graph = _collect(tracer)
+    if verify:
+        from prunekit.structured.verify import verify_graph  # verify imports this module
+
+        verify_graph(model, graph, example_inputs, train_runs)
+    return graph
 
 
 def _outputs(out):

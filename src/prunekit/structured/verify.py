@@ -1,0 +1,127 @@
+"""Safety net for the traced graph: shrink each group on the example inputs and check that the
+smaller model still runs and equals the masked model. Groups that break (a module reshapes
+with a size read from another tensor, which the tracer cannot see) are found by bisection, in
+O(k log n) forward passes for k bad groups out of n, and frozen with a warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph, run_model
+from prunekit.structured.remove import remove_slices
+
+#: Relative tolerance (to the largest output) between the shrunk and the masked model.
+RTOL = 1e-4
+
+
+def probe(group: ChannelGroup) -> list[ChannelClass]:
+    """The classes removed to test a group: every third one, never all of them."""
+    n = len(group.classes)
+    if n < 2:
+        return []
+    return group.classes[1::3][: n - 1]
+
+
+def _floats(out) -> list[torch.Tensor]:
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    return [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def _masked_outputs(model: nn.Module, classes: list[ChannelClass], example_inputs):
+    """Outputs (eval mode) with every slice of `classes` zeroed; the model is restored."""
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    saved = []
+    with torch.no_grad():
+        try:
+            for c in classes:
+                for p, d, i in c.slices:
+                    if p.endswith("running_var"):
+                        continue  # a zero variance would divide by zero; the scale is zero
+                    s = named[p].select(d, i)
+                    saved.append((s, s.clone()))
+                    s.zero_()
+            return _floats(run_model(model, example_inputs))
+        finally:
+            for s, v in reversed(saved):
+                s.copy_(v)
+
+
+def _shrinks_cleanly(model: nn.Module, groups: list[ChannelGroup], example_inputs,
+                     train_runs: bool) -> str | None:
+    """None if removing the probe classes of `groups` keeps the model equal to the masked
+    model (only running and shapes for reduced groups); else why not."""
+    classes = [c for g in groups for c in probe(g)]
+    if not classes:
+        return None
+    exact = not any(g.reduced for g in groups)
+    try:
+        ref = _masked_outputs(model, classes, example_inputs)
+        small = remove_slices(model, classes)
+        with torch.no_grad():
+            got = _floats(run_model(small.eval(), example_inputs))
+            if train_runs:  # training mode may run more (auxiliary heads)
+                run_model(small.train(), example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure means this shrink is unsafe
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
+        return "output shapes change"
+    if exact:
+        for a, b in zip(got, ref):
+            scale = b.abs().max().clamp_min(1e-12) if b.numel() else 1.0
+            if b.numel() and float((a - b).abs().max() / scale) > RTOL:
+                return "outputs differ from the masked model"
+    return None
+
+
+def _bad_groups(model, groups, example_inputs, train_runs, found: dict) -> None:
+    why = _shrinks_cleanly(model, groups, example_inputs, train_runs)
+    if why is None:
+        return
+    if len(groups) == 1:
+        found[id(groups[0])] = why
+        return
+    before = len(found)
+    half = len(groups) // 2
+    _bad_groups(model, groups[:half], example_inputs, train_runs, found)
+    _bad_groups(model, groups[half:], example_inputs, train_runs, found)
+    if len(found) == before:  # each half is fine alone, together not: keep all of them
+        for g in groups:
+            found[id(g)] = f"breaks together with other groups ({why})"
+
+
+def verify_graph(model: nn.Module, graph: DependencyGraph, example_inputs,
+                 train_runs: bool = True) -> DependencyGraph:
+    """Freeze (drop from `graph.groups`, in place) every group whose shrink breaks the model
+    on `example_inputs`, with a warning naming its modules; return the graph."""
+    testable = [g for g in graph.groups if probe(g)]
+    if not testable:
+        return graph
+    was_training = model.training
+    model.eval()
+    found: dict[int, str] = {}
+    try:
+        for _ in range(3):  # re-check what is left: interactions between groups
+            left = [g for g in testable if id(g) not in found]
+            n = len(found)
+            _bad_groups(model, left, example_inputs, train_runs, found)
+            if len(found) == n:
+                break
+    finally:
+        model.train(was_training)
+    if not found:
+        return graph
+    bad = [g for g in graph.groups if id(g) in found]
+    graph.groups = [g for g in graph.groups if id(g) not in found]
+    for g in bad:
+        graph.frozen_reasons[g.name] = f"shrinking it breaks the model: {found[id(g)]}"
+    names = "; ".join(f"{g.name} ({found[id(g)]})" for g in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    warnings.warn(f"{len(bad)} channel group(s) left unpruned because shrinking them breaks the "
+                  f"model on the example inputs: {names}{more}; pass such modules in ignore=... "
+                  f"to silence this", stacklevel=3)
+    return graph
