@@ -161,12 +161,14 @@ def main(argv=None) -> int:
     p.add_argument("--delta-t", type=int, default=20, help="RigL update / GMP pruning period")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="train_sparse", help="results file stem")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     xtr, ytr = cifar10_tensors("train", limit=args.train_size)
     xte, yte = cifar10_tensors("test", limit=args.test_size)
-    config = {k: v for k, v in vars(args).items() if k not in ("quiet", "name", "methods")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("quiet", "name", "methods", "threads")}
     key = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
     cache = RESULTS / f"{args.name}_runs"
     rows = []

@@ -49,3 +49,27 @@ def test_eval_cli_on_pruned_weights(tmp_path, capsys):
     assert main(["eval", "digits-cnn", "--weights", str(out), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 50 < metrics["top1"] <= 100
+
+
+def test_demo_without_shared_data_runs_what_it_can(tmp_path, monkeypatch, capsys):
+    """No shared data: MiniLM is scored by embedding cosine, ResNet-20 gives way to digits."""
+    monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path))
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--json", "--quiet", "--calib", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "not found" in captured.err and "digits" in captured.err
+    tables = {t["title"]: t for t in json.loads(captured.out)["tables"]}
+    minilm = tables["MiniLM-L6 sentence encoder"]
+    assert minilm["metric"].startswith("embedding cosine")
+    assert sorted((r["method"], r["pattern"]) for r in minilm["rows"]) == sorted([
+        ("magnitude", "unstructured"), ("wanda", "unstructured:row"),
+        ("sparsegpt", "unstructured"), ("magnitude", "2:4"), ("wanda", "2:4"),
+        ("sparsegpt", "2:4")])
+    for r in minilm["rows"]:
+        assert r["sparsity"] == 0.5 and r["before"] == 100.0 and 0 < r["after"] < 100
+    digits = {r["method"]: r for r in tables["digits CNN (scikit-learn digits)"]["rows"]}
+    assert set(digits) == {"magnitude", "wanda", "sparsegpt", "obs"}
+    assert all(abs(r["sparsity"] - 0.7) < 0.01 for r in digits.values())
+    # the Hessian-based methods keep more of the dense accuracy than magnitude
+    assert digits["sparsegpt"]["after"] >= digits["magnitude"]["after"] - 1
+    assert digits["obs"]["after"] >= digits["magnitude"]["after"] - 1

@@ -4,6 +4,7 @@ from prunekit.api import LayerReport, PruneReport, prune, prune_layer, sparsity_
 from prunekit.errors import PruneError
 from prunekit.methods import OBS, Magnitude, PruneConfig, Random, SparseGPT, Wanda, WoodFisher
 from prunekit.patterns import NM, Block1xN, Pattern, Unstructured, get_pattern
+from prunekit.structured import ChannelPrune, ShrinkReport, shrink
 
 __version__ = "0.1.0"
 
@@ -11,5 +12,5 @@ __all__ = [
     "LayerReport", "PruneReport", "prune", "prune_layer", "sparsity_report", "PruneError",
     "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
     "Block1xN",
-    "Pattern", "Unstructured", "get_pattern",
+    "Pattern", "Unstructured", "get_pattern", "ChannelPrune", "ShrinkReport", "shrink",
 ]

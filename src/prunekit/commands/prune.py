@@ -92,10 +92,9 @@ def cmd_methods(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from prunekit.models import calibration_batches, get_info, load_model
-
     from prunekit.api import prune
     from prunekit.io import save_weights
+    from prunekit.models import calibration_batches, get_info, load_model
 
     config = make_config(args.method, args.sparsity, args.pattern, args.option)
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
