@@ -282,7 +282,8 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
     group_log: list[dict] = []
     steps = config.iterative_steps
     for step in range(1, steps + 1):
-        graph = build_graph(current, example_inputs, config.ignore)
+        graph = build_graph(current, example_inputs, config.ignore,
+                            verify="all" if config.include_reduced else True)
         if not graph.groups:
             raise PruneError(f"{type(model).__name__} has no channel that can be removed "
                              f"(all are tied to the output, an ignored module or an opaque op)")

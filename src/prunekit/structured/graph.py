@@ -839,10 +839,11 @@ def run_model(model: nn.Module, inputs):
 
 
 def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
-                verify: bool = True) -> DependencyGraph:
+                verify: bool | str = True) -> DependencyGraph:
     """Trace `model` on `example_inputs` and group its coupled channels. With `verify`, each
     group is also shrunk on the example inputs and groups that break the model (sizes the
-    trace cannot see) are left out, with a warning (see `structured.verify`)."""
+    trace cannot see) are left out, with a warning (see `structured.verify`); groups of
+    reduced channels (normalised, pruned only on request) are checked too if verify="all"."""
     names = {n for n, _ in model.named_modules()}
     for pat in ignore:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
@@ -900,7 +901,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
     if verify:
         from prunekit.structured.verify import verify_graph  # verify imports this module
 
-        verify_graph(model, graph, example_inputs, train_runs)
+        verify_graph(model, graph, example_inputs, train_runs, reduced=verify == "all")
     return graph
 
 

@@ -95,10 +95,11 @@ def _bad_groups(model, groups, example_inputs, train_runs, found: dict) -> None:
 
 
 def verify_graph(model: nn.Module, graph: DependencyGraph, example_inputs,
-                 train_runs: bool = True) -> DependencyGraph:
+                 train_runs: bool = True, reduced: bool = False) -> DependencyGraph:
     """Freeze (drop from `graph.groups`, in place) every group whose shrink breaks the model
-    on `example_inputs`, with a warning naming its modules; return the graph."""
-    testable = [g for g in graph.groups if probe(g)]
+    on `example_inputs`, with a warning naming its modules; return the graph. Reduced groups
+    (pruned only with include_reduced) are checked only when `reduced`."""
+    testable = [g for g in graph.groups if probe(g) and (reduced or not g.reduced)]
     if not testable:
         return graph
     was_training = model.training
