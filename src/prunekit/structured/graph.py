@@ -898,6 +898,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
                     s = tracer._param_base[(i, d)]
                     tracer.frozen[s:s + tracer.shapes[i][d]] = True
     graph = _collect(tracer)
+    del tracer, outs  # the labels hold every activation of the traced passes: free them
     if verify:
         from prunekit.structured.verify import verify_graph  # verify imports this module
 
