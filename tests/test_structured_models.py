@@ -33,9 +33,12 @@ BATCH = {"inception_v3": 2}  # the auxiliary head's batch norm sees 1x1 maps: ne
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _threads(request):
+    """One thread for the small models (many small ops gain nothing from threads); the
+    heavy ones, whose large convolutions and weight initialisation do, use torch's default."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; many small ops gain nothing from threads
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
