@@ -23,8 +23,8 @@ same settings skips it, so an interrupted run resumes.
     python benchmarks/structured.py                  # defaults below
     python benchmarks/structured.py --train-images 50000 --test-images 10000   # full
 
-Torch-Pruning is not a prunekit dependency: install it with `pip install torch-pruning==1.6.1`
-(the version these results used). Without it the Torch-Pruning side is skipped and the
+Torch-Pruning is not a prunekit dependency: `pip install -e '.[bench]'` installs the version
+these results used (1.6.1). Without it the Torch-Pruning side is skipped and the
 results say so. The benchmark runs on one thread by default (--threads), the machine being
 shared; latencies are then single-core CPU latencies.
 """
