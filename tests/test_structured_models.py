@@ -129,7 +129,7 @@ def check_equivalence(model, x, criterion):
     # each criterion scores and shrinks (rotated over the models to keep CI short)
     calib = x if isinstance(x, dict) else [x]
     _, report = shrink(model.eval(), ChannelPrune(ratio=0.3, importance=criterion), x,
-                       calib=calib, measure_latency_=False)
+                       calib=calib, measure_latency_=False, graph=graph)
     assert report.params_after < report.params_before
     assert report.flops_after < report.flops_before
 

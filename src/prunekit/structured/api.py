@@ -256,13 +256,16 @@ def _validate(model: nn.Module, example_inputs) -> None:
 def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
            loss_fn: Callable | None = None,
            between_steps: Callable[[nn.Module, int], nn.Module | None] | None = None,
-           measure_latency_: bool = True) -> tuple[nn.Module, ShrinkReport]:
+           measure_latency_: bool = True, graph: DependencyGraph | None = None
+           ) -> tuple[nn.Module, ShrinkReport]:
     """Return (smaller model, report). The input model is never modified.
 
     calib: batches for taylor / sosp importance (tensors, (inputs, targets) or dicts);
     loss_fn(model, batch) -> loss overrides the default loss. between_steps(model, step) is
     called after every iterative step but the last, e.g. to fine-tune; it may return a new
-    model."""
+    model. graph: the graph build_graph(model, example_inputs, config.ignore) already made
+    (e.g. to inspect the groups first), reused for the first step instead of tracing again."""
+    prebuilt = graph
     if not isinstance(config, ChannelPrune):
         raise PruneError(f"config must be a ChannelPrune, got {type(config).__name__}")
     warn: list[str] = []
@@ -282,8 +285,9 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
     group_log: list[dict] = []
     steps = config.iterative_steps
     for step in range(1, steps + 1):
-        graph = build_graph(current, example_inputs, config.ignore,
-                            verify="all" if config.include_reduced else True)
+        graph = prebuilt if step == 1 and prebuilt is not None else build_graph(
+            current, example_inputs, config.ignore,
+            verify="all" if config.include_reduced else True)
         if not graph.groups:
             raise PruneError(f"{type(model).__name__} has no channel that can be removed "
                              f"(all are tied to the output, an ignored module or an opaque op)")
