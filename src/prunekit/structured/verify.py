@@ -9,9 +9,15 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph, run_model
+from prunekit.structured.graph import (
+    ChannelClass,
+    ChannelGroup,
+    DependencyGraph,
+    _outputs,
+    _tensors,
+    run_model,
+)
 from prunekit.structured.remove import remove_slices
 
 #: Relative tolerance (to the largest output) between the shrunk and the masked model.
@@ -27,8 +33,7 @@ def probe(group: ChannelGroup) -> list[ChannelClass]:
 
 
 def _floats(out) -> list[torch.Tensor]:
-    out = out.to_tuple() if hasattr(out, "to_tuple") else out
-    return [t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.is_floating_point()]
+    return [t for t in _tensors(_outputs(out)) if t.is_floating_point()]
 
 
 def _masked_outputs(model: nn.Module, classes: list[ChannelClass], example_inputs):
