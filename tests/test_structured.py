@@ -241,6 +241,26 @@ def test_iterative_steps_call_between_steps():
     assert 4 <= seen[0][1] < 8 and small.stem.out_channels == 4
 
 
+@pytest.mark.parametrize("cfg", [dict(ratio=0.5), dict(per_layer={"stem": 0.5, "b": 0.34})])
+def test_iterative_steps_end_on_the_one_shot_shapes(cfg):
+    """Five steps of a linear schedule must not lose channels to rounding on the way
+    (8 channels: floor at every step would stop at 5 kept, not 4)."""
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    kept = []
+
+    def between(model, step):
+        kept.append(model.stem.out_channels)
+
+    once, _ = shrink(net, ChannelPrune(**cfg), x, measure_latency_=False)
+    steps, _ = shrink(net, ChannelPrune(**cfg, iterative_steps=5), x, between_steps=between,
+                      measure_latency_=False)
+    assert kept == sorted(kept, reverse=True) and kept[-1] < 8
+    assert [m.weight.shape for m in steps.modules() if hasattr(m, "weight")] == \
+        [m.weight.shape for m in once.modules() if hasattr(m, "weight")]
+    assert once.stem.out_channels == 4
+
+
 def test_cli_shrink(tmp_path, capsys):
     import argparse
 

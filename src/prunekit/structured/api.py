@@ -169,9 +169,15 @@ def _units_per_class(c, g) -> int:
 
 
 def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
-          cfg: ChannelPrune, warn: list[str]) -> list:
+          cfg: ChannelPrune, warn: list[str], original: dict | None = None,
+          done: float = 1.0) -> list:
     """Classes to remove: `fraction` of each group (or per_layer), lowest scores first;
-    with global_ranking, one threshold over group-normalised scores."""
+    with global_ranking, one threshold over group-normalised scores.
+
+    Iterative ratio budgets pass `original` (group key -> class count before the first step)
+    and `done` (share of the schedule finished after this step): a group then keeps
+    n0 - floor(fraction * done * n0) classes, so the last step lands exactly on the one-shot
+    count whatever the rounding of the earlier steps."""
     groups = [g for g in graph.groups if cfg.include_reduced or not g.reduced]
     chosen = []
     if cfg.global_ranking and not cfg.per_layer:
@@ -200,7 +206,11 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
                        if d == 0):
                     frac = v
         n = len(g.classes)
-        k = int(math.floor(frac * n + 1e-9))
+        if original is not None:
+            n0 = original.get(g.key, n)
+            k = max(0, n - (n0 - int(math.floor(frac * done * n0 + 1e-9))))
+        else:
+            k = int(math.floor(frac * n + 1e-9))
         limit = _max_remove(g, cfg, 1.0)
         if k > limit:
             if frac * n >= n:
@@ -292,10 +302,16 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
             raise PruneError(f"{type(model).__name__} has no channel that can be removed "
                              f"(all are tied to the output, an ignored module or an opaque op)")
         scores = score(current, graph, config.importance, calib, loss_fn, config.seed + step)
-        if what is None:
-            r = config.ratio or 0.0  # linear schedule in channels of the original model
-            frac = 1 - (1 - r * step / steps) / (1 - r * (step - 1) / steps)
-            chosen = _plan(graph, scores, frac, config, warn)
+        if what is None:  # linear schedule in channels of the original model
+            if step == 1:
+                original = {g.key: len(g.classes) for g in graph.groups}
+            if config.global_ranking and not config.per_layer:
+                r = config.ratio or 0.0
+                frac = 1 - (1 - r * step / steps) / (1 - r * (step - 1) / steps)
+                chosen = _plan(graph, scores, frac, config, warn)
+            else:
+                chosen = _plan(graph, scores, config.ratio or 0.0, config, warn, original,
+                               step / steps)
         else:
             target = base_metric * (1 - (1 - goal) * step / steps)
             chosen = _search(current, graph, scores, config, example_inputs, what, target, warn)
