@@ -69,13 +69,15 @@ class WoodFisher(PruneConfig):
 
     num_grads: m, the gradients (one per batch) forming the Fisher. block_size: weights per
     Fisher block. dampening: lambda as a fraction of the Fisher's mean diagonal. steps: prune
-    in this many rounds, recomputing gradients between them.
+    in this many rounds, recomputing gradients between them. The defaults come from
+    ResNet-20 at 90% (benchmarks/budget.py): 16 steps with dampening 0.1 reach 62% top-1
+    where 4 steps with 1e-3 reach 22%.
     """
 
     num_grads: int = 64
     block_size: int = 128
-    dampening: float = 1e-3
-    steps: int = 1
+    dampening: float = 0.1
+    steps: int = 16
     chunk: int = 256
     scope: str = field(default="global", init=False)
 
