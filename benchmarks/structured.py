@@ -22,6 +22,11 @@ same settings skips it, so an interrupted run resumes.
 
     python benchmarks/structured.py                  # defaults below
     python benchmarks/structured.py --train-images 50000 --test-images 10000   # full
+    python benchmarks/structured.py --steps 5 --out benchmarks/results/structured_iterative.json
+
+With --steps N both libraries prune iteratively: N equal steps (linear in channels of the
+original), Taylor scores recomputed before each, and after each step but the last one pass
+over the next 1/N of the fine-tune subset; the final fine-tune is the same as one-shot's.
 
 Torch-Pruning is not a prunekit dependency: `pip install -e '.[bench]'` installs the version
 these results used (1.6.1). Without it the Torch-Pruning side is skipped and the
@@ -115,7 +120,9 @@ def latencies(models: dict, inputs, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def tp_prune(model, criterion, ratio, calib, example):
+def tp_prune(model, criterion, ratio, calib, example, steps=1, between=None):
+    """Torch-Pruning's MetaPruner on the same structure; with steps > 1 it reaches the ratio
+    in `steps` equal steps, calling between(model, step) after all but the last."""
     import torch_pruning as tp
 
     imp = (tp.importance.MagnitudeImportance(p=1) if criterion == "l1"
@@ -127,14 +134,18 @@ def tp_prune(model, criterion, ratio, calib, example):
                                              (model.layer1, model.layer2, model.layer3)
                                              for b in layer]
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=ratio,
-                                  ignored_layers=ignored)
-    if criterion == "taylor":
+                                  ignored_layers=ignored, iterative_steps=steps)
+    for step in range(1, steps + 1):
+        model.eval()
+        if criterion == "taylor":
+            model.zero_grad()
+            for xb, yb in calib:
+                nn.functional.cross_entropy(model(xb), yb).backward()
+        pruner.step()
         model.zero_grad()
-        for xb, yb in calib:
-            nn.functional.cross_entropy(model(xb), yb).backward()
-    pruner.step()
-    model.zero_grad()
-    return model
+        if step < steps and between is not None:
+            between(model, step)
+    return model.eval()
 
 
 def have_torch_pruning() -> bool:
@@ -165,16 +176,25 @@ def run_resnet(args, results, save):
         res["torch-pruning"] = "skipped: pip install torch-pruning==1.6.1"
         print("torch-pruning is not installed: its side is skipped", flush=True)
     models = {"dense": base}
+    chunks = list(zip(xtr.chunk(args.steps), ytr.chunk(args.steps), strict=True))
+
+    def between(model, step):  # iterative: fine-tune on the step's share of the subset
+        xs, ys = chunks[step - 1]
+        return fine_tune(model, xs, ys, 1, args.batch, args.lr, args.seed + step, True)
+
     for lib in libs:
         for crit in ("l1", "taylor"):
             key = f"{lib}-{crit}"
             t0 = time.time()
             if lib == "prunekit":
                 small, _ = shrink(base, ChannelPrune(ratio=args.channel_ratio,
-                                                     importance=crit),
-                                  example, calib=calib, measure_latency_=False)
+                                                     importance=crit,
+                                                     iterative_steps=args.steps),
+                                  example, calib=calib, between_steps=between,
+                                  measure_latency_=False)
             else:
-                small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example)
+                small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example,
+                                 args.steps, between)
             prune_s = time.time() - t0
             if key in res and "top1_finetuned" in res[key]:
                 models[key] = small  # for latency only; results cached
@@ -193,7 +213,16 @@ def run_resnet(args, results, save):
         lat = latencies(models, torch.randn(batch, 3, 32, 32), args.repeats)
         for k, v in lat.items():
             res.setdefault(k, {})[f"latency_ms_b{batch}"] = v
-    save()
+        save()
+        if args.compile:  # as deployed: torch.compile fuses BN, ReLU and adds into the convs
+            torch._dynamo.reset()
+            compiled = {k: torch.compile(copy.deepcopy(m).eval(), dynamic=False)
+                        for k, m in models.items()}
+            with torch.inference_mode():
+                lat = latencies(compiled, torch.randn(batch, 3, 32, 32), args.repeats)
+            for k, v in lat.items():
+                res[k][f"latency_ms_b{batch}_compiled"] = v
+            save()
 
 
 def run_minilm(args, results, save):
@@ -252,9 +281,11 @@ def target_lines(r) -> list[str]:
         if not isinstance(e, dict) or k == "dense" or "latency_ms_b1" not in e:
             continue
         need = 0.85 * d["flops"] / e["flops"]
-        for b in (1, 64):
-            sp = d[f"latency_ms_b{b}"] / e[f"latency_ms_b{b}"]
-            out.append(f"target {k} speedup b{b} {sp:.2f} >= 0.85 x FLOPs ratio {need:.2f}: "
+        for b in ("b1", "b64", "b1_compiled", "b64_compiled"):
+            if f"latency_ms_{b}" not in e:
+                continue
+            sp = d[f"latency_ms_{b}"] / e[f"latency_ms_{b}"]
+            out.append(f"target {k} speedup {b} {sp:.2f} >= 0.85 x FLOPs ratio {need:.2f}: "
                        f"{verdict(sp >= need)}")
     for crit in ("l1", "taylor"):
         ours, tp = r.get(f"prunekit-{crit}"), r.get(f"torch-pruning-{crit}")
@@ -279,18 +310,25 @@ def summary(results) -> str:
         d = r["dense"]
         lines.append("ResNet-56 / CIFAR-10, "
                      f"{results['config']['channel_ratio']:.0%} of each block's inner channels "
-                     "removed by both libraries")
+                     "removed by both libraries"
+                     + (f", iteratively in {results['config']['steps']} steps"
+                        if results["config"].get("steps", 1) > 1 else ", in one shot"))
+        cols = ["b1", "b64", "b1_compiled", "b64_compiled"]  # measured speedup at batch
+        cols = [c for c in cols if f"latency_ms_{c}" in d]
         lines.append(f"{'entry':<22}{'top1 pruned':>12}{'top1 tuned':>11}{'params':>9}"
-                     f"{'FLOPs x':>8}{'speedup b1':>11}{'speedup b64':>12}{'target':>8}")
+                     f"{'FLOPs x':>8}"
+                     + "".join(f"{c.replace('_compiled', ' compiled'):>13}" for c in cols)
+                     + f"{'target':>8}")
         for k, e in r.items():
             if not isinstance(e, dict) or "flops" not in e:
                 continue
             fr = e["flops"] / d["flops"]
-            sp1 = d.get("latency_ms_b1", 0) / max(e.get("latency_ms_b1", 1e-9), 1e-9)
-            sp64 = d.get("latency_ms_b64", 0) / max(e.get("latency_ms_b64", 1e-9), 1e-9)
+            sps = [d[f"latency_ms_{c}"] / max(e.get(f"latency_ms_{c}", 1e-9), 1e-9)
+                   for c in cols]
             lines.append(f"{k:<22}{e.get('top1_pruned', e.get('top1', 0)):>12.2f}"
                          f"{e.get('top1_finetuned', e.get('top1', 0)):>11.2f}{e['params']:>9}"
-                         f"{fr:>8.3f}{sp1:>11.2f}{sp64:>12.2f}{0.85 / fr:>8.2f}")
+                         f"{fr:>8.3f}" + "".join(f"{sp:>13.2f}" for sp in sps)
+                         + f"{0.85 / fr:>8.2f}")
         lines += target_lines(r)
     m = results.get("minilm", {})
     if "pruned" in m:
@@ -317,7 +355,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=1024, help="labelled images for Taylor")
     p.add_argument("--channel-ratio", type=float, default=0.5,
                    help="fraction of every block's inner channels removed (both libraries)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="iterative pruning steps (both libraries), each but the last followed "
+                        "by one pass over its 1/steps share of the fine-tune subset")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--compile", action="store_true",
+                   help="also time every ResNet-56 under torch.compile (as deployed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (shared machine)")
     p.add_argument("--minilm-importance", default="l1")
@@ -329,12 +372,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = {k: v for k, v in vars(args).items()
-              if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats")}
+              if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats",
+                          "compile")}
     out = Path(args.out)
     results = {}
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
-        if old.get("config") == config:
+        old_config = dict(old.get("config", {}))
+        old_config.setdefault("steps", 1)  # results written before --steps existed
+        if old_config == config:
             results = old
     results["config"] = config
     if not (args.skip_resnet and args.skip_minilm):  # else: only rewrite the summary
