@@ -168,6 +168,8 @@ def main(argv=None) -> int:
                     help="rows of the slice compared with OBS on layers over 1536 inputs")
     ap.add_argument("--out", default=str(RESULTS / "layer_prune.json"))
     args = ap.parse_args(argv)
+    if args.obs_rows < 1:
+        ap.error(f"--obs-rows must be at least 1, got {args.obs_rows}")
     torch.set_num_threads(args.threads)
     shapes = SHAPES[:3] if args.quick else SHAPES
     if args.shapes:
@@ -210,8 +212,8 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(i)
             rows = torch.randperm(shape[0], generator=g)[: args.obs_rows].sort().values
             layers.append((f"{source}, {len(rows)}-row slice", w[rows], True))
-        for (source, w, with_obs), (label, sparsity, pattern) in itertools.product(layers,
-                                                                                   SETTINGS):
+        for (name, w, with_obs), (label, sparsity, pattern) in itertools.product(layers,
+                                                                                 SETTINGS):
             methods = [prunekit.Magnitude(sparsity=sparsity, pattern=pattern),
                        prunekit.Wanda(sparsity=sparsity,
                                       pattern="unstructured:row" if pattern == "unstructured"
@@ -220,20 +222,20 @@ def main(argv=None) -> int:
             if with_obs:
                 methods.append(prunekit.OBS(sparsity=sparsity, pattern=pattern))
             for cfg in methods:
-                if row := done(shape, source, label, cfg.method):
-                    print(f"{row['shape']:>10} {source[:42]:<42} {label:>7} {cfg.method:>10} "
+                if row := done(shape, name, label, cfg.method):
+                    print(f"{row['shape']:>10} {name[:42]:<42} {label:>7} {cfg.method:>10} "
                           f"(done earlier: {row['seconds']:.2f} s, {row['err_calib']:.5f})")
                     continue
                 (new, mask), secs, first = timed_steady(
                     lambda cfg=cfg, w=w, h=h: prunekit.prune_layer(w, h, cfg))
-                row = dict(shape=f"{shape[0]}x{shape[1]}", source=source, setting=label,
+                row = dict(shape=f"{shape[0]}x{shape[1]}", source=name, setting=label,
                            method=cfg.method, seconds=secs, first_call_seconds=first,
                            hessian_seconds=h_time,
                            err_calib=rel_error(w, new, x), err_heldout=rel_error(w, new, held),
                            sparsity=float((new == 0).float().mean()))
                 results.append(row)
                 save()
-                print(f"{row['shape']:>10} {source[:42]:<42} {label:>7} {cfg.method:>10} "
+                print(f"{row['shape']:>10} {name[:42]:<42} {label:>7} {cfg.method:>10} "
                       f"{secs:>8.2f} {row['err_calib']:>10.5f} {row['err_heldout']:>10.5f}",
                       flush=True)
     for shape in [(768, 3072), (4096, 4096)] if not args.quick else []:

@@ -370,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="ignore cached results")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     torch.set_num_threads(args.threads)
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats",

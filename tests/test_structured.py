@@ -261,6 +261,22 @@ def test_iterative_steps_end_on_the_one_shot_shapes(cfg):
     assert once.stem.out_channels == 4
 
 
+def test_iterative_global_ranking_removes_the_one_shot_count():
+    """With one global threshold the groups may split differently, but five steps remove
+    as many channels in all as one shot does (floor at every step removed fewer)."""
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+
+    def kept(model):
+        return model.stem.out_channels + model.b.out_channels
+
+    once, _ = shrink(net, ChannelPrune(ratio=0.5, global_ranking=True), x,
+                     measure_latency_=False)
+    steps, _ = shrink(net, ChannelPrune(ratio=0.5, global_ranking=True, iterative_steps=5), x,
+                      measure_latency_=False)
+    assert kept(once) == kept(steps) == 14 - 7
+
+
 def test_cli_shrink(tmp_path, capsys):
     import argparse
 

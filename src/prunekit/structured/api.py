@@ -175,11 +175,18 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
     with global_ranking, one threshold over group-normalised scores.
 
     Iterative ratio budgets pass `original` (group key -> class count before the first step)
-    and `done` (share of the schedule finished after this step): a group then keeps
-    n0 - floor(fraction * done * n0) classes, so the last step lands exactly on the one-shot
-    count whatever the rounding of the earlier steps."""
+    and `done` (share of the schedule finished after this step): a group (or, with
+    global_ranking, the whole pool) then keeps n0 - floor(fraction * done * n0) of its n0
+    original classes, so the last step lands exactly on the one-shot count whatever the
+    rounding of the earlier steps."""
     groups = [g for g in graph.groups if cfg.include_reduced or not g.reduced]
     chosen = []
+
+    def to_remove(fraction: float, classes: list, n0: int | None) -> int:
+        if n0 is None:
+            return int(math.floor(fraction * len(classes) + 1e-9))
+        return max(0, len(classes) - (n0 - int(math.floor(fraction * done * n0 + 1e-9))))
+
     if cfg.global_ranking and not cfg.per_layer:
         pool = []
         for gi, g in enumerate(groups):
@@ -188,7 +195,9 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
             pool += [(scores[c.id] / mean, gi, c) for c in g.classes]
         pool.sort(key=lambda t: t[0])
         quota = {gi: _max_remove(g, cfg, 0.95) for gi, g in enumerate(groups)}
-        n_target = int(fraction * len(pool))
+        n0 = None if original is None else sum(original.get(g.key, len(g.classes))
+                                                for g in groups)
+        n_target = to_remove(fraction, pool, n0)
         taken = {gi: 0 for gi in quota}
         for _, gi, c in pool:
             if len(chosen) >= n_target:
@@ -206,11 +215,7 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
                        if d == 0):
                     frac = v
         n = len(g.classes)
-        if original is not None:
-            n0 = original.get(g.key, n)
-            k = max(0, n - (n0 - int(math.floor(frac * done * n0 + 1e-9))))
-        else:
-            k = int(math.floor(frac * n + 1e-9))
+        k = to_remove(frac, g.classes, None if original is None else original.get(g.key, n))
         limit = _max_remove(g, cfg, 1.0)
         if k > limit:
             if frac * n >= n:
@@ -305,13 +310,8 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
         if what is None:  # linear schedule in channels of the original model
             if step == 1:
                 original = {g.key: len(g.classes) for g in graph.groups}
-            if config.global_ranking and not config.per_layer:
-                r = config.ratio or 0.0
-                frac = 1 - (1 - r * step / steps) / (1 - r * (step - 1) / steps)
-                chosen = _plan(graph, scores, frac, config, warn)
-            else:
-                chosen = _plan(graph, scores, config.ratio or 0.0, config, warn, original,
-                               step / steps)
+            chosen = _plan(graph, scores, config.ratio or 0.0, config, warn, original,
+                           step / steps)
         else:
             target = base_metric * (1 - (1 - goal) * step / steps)
             chosen = _search(current, graph, scores, config, example_inputs, what, target, warn)
