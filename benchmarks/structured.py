@@ -4,11 +4,15 @@
    with prunekit and with Torch-Pruning (pip torch-pruning, a benchmark-only dependency),
    then the same short fine-tune for all four (SGD, cosine schedule, standard augmentation).
    Half the FLOPs: both libraries remove --channel-ratio (50%) of every block's inner
-   channels, the structure prunekit's graph finds (the option-A shortcuts pin the residual
-   stream), so both get the very same shapes and FLOPs (0.502 of the dense model: the stem
+   channels, so both get the very same shapes and FLOPs (0.502 of the dense model: the stem
    and the classifier stay). A FLOPs target searched by each library separately lands on
    different roundings (7/16 vs 8/16 kept) and compares unequal models. Taylor uses the
    same --calib labelled training images on both sides.
+   prunekit's graph also follows the option-A shortcuts (their zero channels are buffers),
+   so it can prune the residual stream, which Torch-Pruning cannot on this model (it
+   breaks the model when asked to). --stream-ratio R adds prunekit entries that remove R of
+   the stream channels and 1 - (1 - channel_ratio) / (1 - R) of the inner ones: the same
+   FLOPs, spread over the whole network.
    Reported: top-1 before and after the fine-tune, params, FLOPs, CPU latency at batch 1
    and 64 (dense and pruned measured in turn in this process).
 2. MiniLM (all-MiniLM-L6-v2) with 25% of MLP neurons and 2 of 12 heads per layer removed:
@@ -127,9 +131,10 @@ def tp_prune(model, criterion, ratio, calib, example, steps=1, between=None):
 
     imp = (tp.importance.MagnitudeImportance(p=1) if criterion == "l1"
            else tp.importance.TaylorImportance())
-    # option-A shortcuts zero-pad channels by a fixed count, which Torch-Pruning does not
-    # see: keep the residual stream (stem, every block's conv2) and the classifier whole, so
-    # it prunes the same structure prunekit finds (each block's inner channels)
+    # Torch-Pruning does not follow the option-A shortcuts' zero channels (asked to prune
+    # the residual stream, it returns a model that fails in the classifier): keep the
+    # stream (stem, every block's conv2) and the classifier whole; it prunes each block's
+    # inner channels, as the main prunekit entries do
     ignored = [model.conv1, model.linear] + [b.conv2 for layer in
                                              (model.layer1, model.layer2, model.layer3)
                                              for b in layer]
@@ -182,33 +187,39 @@ def run_resnet(args, results, save):
         xs, ys = chunks[step - 1]
         return fine_tune(model, xs, ys, 1, args.batch, args.lr, args.seed + step, True)
 
-    for lib in libs:
-        for crit in ("l1", "taylor"):
-            key = f"{lib}-{crit}"
-            t0 = time.time()
-            if lib == "prunekit":
-                small, _ = shrink(base, ChannelPrune(ratio=args.channel_ratio,
-                                                     importance=crit,
-                                                     iterative_steps=args.steps),
-                                  example, calib=calib, between_steps=between,
-                                  measure_latency_=False)
-            else:
-                small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example,
-                                 args.steps, between)
-            prune_s = time.time() - t0
-            if key in res and "top1_finetuned" in res[key]:
-                models[key] = small  # for latency only; results cached
-                continue
-            entry = {"params": count_params(small), "flops": count_flops(small, example),
-                     "prune_seconds": prune_s, "top1_pruned": top1_accuracy(small, xt, yt)}
-            t0 = time.time()
-            fine_tune(small, xtr, ytr, args.epochs, args.batch, args.lr, args.seed, args.quiet)
-            entry["finetune_seconds"] = time.time() - t0
-            entry["top1_finetuned"] = top1_accuracy(small, xt, yt)
-            res[key] = entry
-            save()
-            models[key] = small
-            print(f"{key}: {entry}", flush=True)
+    runs = [(lib, crit, "", {"layer*.conv1": args.channel_ratio})
+            for lib in libs for crit in ("l1", "taylor")]
+    if args.stream_ratio:
+        inner = 1 - (1 - args.channel_ratio) / (1 - args.stream_ratio)
+        runs += [("prunekit", crit, f"-stream{args.stream_ratio:g}",
+                  {"conv1": args.stream_ratio, "layer*.conv2": args.stream_ratio,
+                   "layer*.conv1": inner}) for crit in ("l1", "taylor")]
+    for lib, crit, suffix, fractions in runs:
+        key = f"{lib}-{crit}{suffix}"
+        t0 = time.time()
+        if lib == "prunekit":
+            small, _ = shrink(base, ChannelPrune(per_layer=fractions,
+                                                 importance=crit,
+                                                 iterative_steps=args.steps),
+                              example, calib=calib, between_steps=between,
+                              measure_latency_=False)
+        else:
+            small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example,
+                             args.steps, between)
+        prune_s = time.time() - t0
+        if key in res and "top1_finetuned" in res[key]:
+            models[key] = small  # for latency only; results cached
+            continue
+        entry = {"params": count_params(small), "flops": count_flops(small, example),
+                 "prune_seconds": prune_s, "top1_pruned": top1_accuracy(small, xt, yt)}
+        t0 = time.time()
+        fine_tune(small, xtr, ytr, args.epochs, args.batch, args.lr, args.seed, args.quiet)
+        entry["finetune_seconds"] = time.time() - t0
+        entry["top1_finetuned"] = top1_accuracy(small, xt, yt)
+        res[key] = entry
+        save()
+        models[key] = small
+        print(f"{key}: {entry}", flush=True)
     for batch in (1, 64):
         lat = latencies(models, torch.randn(batch, 3, 32, 32), args.repeats)
         for k, v in lat.items():
@@ -355,6 +366,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=1024, help="labelled images for Taylor")
     p.add_argument("--channel-ratio", type=float, default=0.5,
                    help="fraction of every block's inner channels removed (both libraries)")
+    p.add_argument("--stream-ratio", type=float, default=0.0,
+                   help="also prune this fraction of the residual stream (prunekit only)")
     p.add_argument("--steps", type=int, default=1,
                    help="iterative pruning steps (both libraries), each but the last followed "
                         "by one pass over its 1/steps share of the fine-tune subset")
@@ -372,10 +385,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
+    if not 0 <= args.stream_ratio < args.channel_ratio:
+        p.error(f"--stream-ratio must be in [0, --channel-ratio), got {args.stream_ratio}")
     torch.set_num_threads(args.threads)
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats",
-                          "compile")}
+                          "compile", "stream_ratio")}  # stream entries are named by ratio
     out = Path(args.out)
     results = {}
     if out.exists() and not args.fresh:

@@ -87,6 +87,88 @@ def test_shrink_equals_masking_on_a_hand_made_net():
         torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
 
 
+def _masked_copy(model, classes):
+    """A copy of `model` with every slice of `classes` zeroed (running variances kept)."""
+    import copy
+
+    masked = copy.deepcopy(model)
+    named = dict(masked.named_parameters()) | dict(masked.named_buffers())
+    with torch.no_grad():
+        for c in classes:
+            for p, d, i in c.slices:
+                if not p.endswith("running_var"):
+                    named[p].select(d, i).zero_()
+    return masked
+
+
+class Pads(nn.Module):
+    """A spatial pad before a conv, and a channel pad (2 zero channels each side) on both
+    sides of a residual add: the padded channels are fixed, the ones between them are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 12, 3, padding=1)
+        self.d = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(nn.functional.pad(y, (1, 1, 1, 1))))
+        z = self.c(y) + nn.functional.pad(y, (0, 0, 0, 0, 2, 2))
+        return self.d(z).mean((2, 3))
+
+
+def test_pads_keep_channels_prunable_and_shrink_exactly():
+    net = Pads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(net, x)
+    assert not graph.frozen_reasons
+    a, b = (next(g for g in graph.groups if (f"{n}.weight", 0) in g.key) for n in "ab")
+    assert len(a.classes) == 8  # the spatial pad keeps a's channels linked to b's input
+    assert len(b.classes) == 8  # b's channels i are c's output channels i + 2
+    assert all(sorted(i for p, d, i in cl.slices if p == "c.weight" and d == 0) ==
+               [j + 2 for p, d, j in cl.slices if p == "b.weight" and d == 0]
+               for cl in b.classes)
+    assert not any(("c.weight", 0, i) in cl.slices for g in graph.groups for cl in g.classes
+                   for i in (0, 1, 10, 11))  # c's outputs that meet the padded zeros
+    chosen = [a.classes[1], a.classes[5], b.classes[0], b.classes[6]]
+    small = remove_slices(net, chosen)
+    assert small.c.out_channels == 10 and small.b.in_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), _masked_copy(net, chosen)(x), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_cifar_resnet_residual_stream_shrinks_through_option_a_shortcuts(tmp_path):
+    """The zero channels of the option-A shortcuts are buffers, so every stage's residual
+    stream is prunable: the stem's stream, and each padded half of stages 2 and 3."""
+    from prunekit.models import create
+
+    net = create("resnet20-cifar10").eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(net, x)
+    stream = [g for g in graph.groups if any(p.endswith("shortcut.front") or p == "conv1.weight"
+                                             or p.endswith("shortcut.back") for p, _ in g.key)]
+    assert sorted(len(g.classes) for g in stream) == [8, 8, 16, 16, 16]
+    stem = next(g for g in stream if ("conv1.weight", 0) in g.key)
+    # stem channel i runs on as channel i + 8 of stage 2 and i + 24 of stage 3
+    cl = stem.classes[3]
+    assert ("layer2.2.conv2.weight", 0, 11) in cl.slices
+    assert ("layer3.2.conv2.weight", 0, 27) in cl.slices
+    chosen = [g.classes[i] for g in graph.groups for i in (0, 2)]
+    small = remove_slices(net, chosen)
+    assert small.conv1.out_channels == 14 and small.layer3[0].shortcut.front.numel() == 14
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), _masked_copy(net, chosen)(x), rtol=1e-4,
+                                   atol=1e-5)
+    path = tmp_path / "r20.safetensors"
+    save_shrunk(small, path)
+    rebuilt = load_shrunk(create("resnet20-cifar10"), path)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), small(x))
+
+
 def test_grouped_conv_removes_the_same_local_index_from_every_group():
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
                         nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()

@@ -3,9 +3,11 @@ the model tensor by tensor."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,8 +80,9 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, allow_pickle: bool = False,
-                 strict: bool = True) -> nn.Module:
-    """Load weights into `model`, naming the first missing, unexpected or mis-shaped tensor."""
+                 strict: bool = True, optional: Sequence[str] = ()) -> nn.Module:
+    """Load weights into `model`, naming the first missing, unexpected or mis-shaped tensor.
+    Model tensors matching an `optional` pattern (fnmatch) may be absent from the file."""
     state = read_weights(path, allow_pickle)
     own = model.state_dict()
     for name, t in state.items():
@@ -93,7 +96,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_pickle: bool =
                              f"({len(unexpected)} unexpected in all)")
         tied = _tied_names(model)
         missing = [k for k in own if k not in state and k not in tied
-                   and not k.endswith("num_batches_tracked")]
+                   and not k.endswith("num_batches_tracked")
+                   and not any(fnmatch.fnmatchcase(k, p) for p in optional)]
         if missing:
             raise PruneError(f"{path}: the model's tensor {missing[0]} is missing from the file "
                              f"({len(missing)} missing in all)")

@@ -44,11 +44,12 @@ def _add(name, task, dataset, description, pretrained, factory):
 def _resnet(depth):
     def make(pretrained=False, download=False, **kw):
         from prunekit.data import path_of
-        from prunekit.models.cifar_resnet import CifarResNet
+        from prunekit.models.cifar_resnet import NOT_IN_CHECKPOINTS, CifarResNet
 
         model = CifarResNet(depth, **kw)
         if pretrained:
-            load_weights(model, path_of(f"cifar10_resnets/resnet{depth}.safetensors", download))
+            load_weights(model, path_of(f"cifar10_resnets/resnet{depth}.safetensors", download),
+                         optional=NOT_IN_CHECKPOINTS)
         return model.eval()
     return make
 

@@ -3,19 +3,32 @@ named so that the akamaster/pytorch_resnet_cifar10 weights load key for key."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Tensors the model has that the akamaster checkpoints lack (the shortcuts' zero channels).
+NOT_IN_CHECKPOINTS = ("*.shortcut.front", "*.shortcut.back")
+
 
 class ShortcutA(nn.Module):
-    """Subsample by 2 and zero-pad channels by planes//4 on both sides (no parameters)."""
+    """Subsample by 2 and zero-pad channels by planes//4 on both sides (no parameters).
+
+    The zero channels are buffers concatenated around the input rather than a fixed pad
+    width in the code, so structured pruning can remove them like any other channel of the
+    residual stream: the shrunk model then pads fewer zeros, with no change to this code."""
 
     def __init__(self, planes: int):
         super().__init__()
-        self.pad = planes // 4
+        self.register_buffer("front", torch.zeros(planes // 4))
+        self.register_buffer("back", torch.zeros(planes // 4))
 
     def forward(self, x):
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        x = x[:, :, ::2, ::2]
+        n, _, h, w = x.shape
+        front = self.front.view(1, -1, 1, 1).expand(n, -1, h, w)
+        back = self.back.view(1, -1, 1, 1).expand(n, -1, h, w)
+        return torch.cat([front, x, back], 1)
 
 
 class BasicBlock(nn.Module):

@@ -487,6 +487,9 @@ class _Tracer(TorchDispatchMode):
         labs = [torch.cat([lab, torch.full((*lab.shape[:-1], k - lab.shape[-1]), -1,
                                            dtype=torch.long)], -1) if lab.shape[-1] < k else lab
                 for lab in labs]
+        if name == "constant_pad_nd" and min(args[1], default=0) >= 0:
+            self.set(outs[0], self.pad_labels(labs[0], args[1]))
+            return
         pad_value = -1
         if name in _POSITIONAL:
             dims = self._positional_dims(name, args, kwargs, srcs[0])
@@ -520,6 +523,25 @@ class _Tracer(TorchDispatchMode):
             else:
                 v = self.varies(labs[0], [d])
                 self.freeze(v, f"aten.{name} into unequal parts along a channel dim")
+
+    def pad_labels(self, lab: torch.Tensor, pad: Sequence[int]) -> torch.Tensor:
+        """Labels after a constant pad that only grows: along a dim where channels vary, the
+        new positions are constants of a fixed count (the sentinel; the channels they border
+        stay prunable, the pad just moves them); along any other dim the padded elements
+        belong to the slices they extend (a spatial pad keeps each element in its channel)."""
+        for i in range(0, len(pad), 2):
+            d = lab.dim() - 2 - i // 2
+            before, after = pad[i], pad[i + 1]
+            if not before and not after:
+                continue
+            channels = bool(self.varies(lab, [d]).numel())
+            parts = []
+            for n in (before, after):
+                shape = (*lab.shape[:d], n, *lab.shape[d + 1:])
+                parts.append(torch.full(shape, self.sentinel, dtype=torch.long) if channels
+                             else lab.narrow(d, 0, 1).expand(shape))
+            lab = torch.cat([parts[0], lab, parts[1]], d)
+        return lab
 
     @staticmethod
     def _dim(args, kwargs, t, pos, default):
