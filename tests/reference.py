@@ -1,5 +1,7 @@
 """Plain reference implementations used only to check the fast ones."""
 
+import copy
+
 import torch
 
 
@@ -45,3 +47,17 @@ def sparsegpt_reference(W, H, sparsity=0.0, prunen=0, prunem=0, blocksize=128, p
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W.float(), ~mask
+
+
+def masked_copy(model, classes):
+    """The model with every slice of the channel classes set to zero (running variances
+    kept): what a shrunk model must compute."""
+    m = copy.deepcopy(model)
+    named = dict(m.named_parameters())
+    named.update(dict(m.named_buffers()))
+    with torch.no_grad():
+        for c in classes:
+            for p, d, i in c.slices:
+                if not p.endswith("running_var"):
+                    named[p].select(d, i).zero_()
+    return m

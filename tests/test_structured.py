@@ -19,6 +19,7 @@ from prunekit.structured import (
     score,
     shrink,
 )
+from reference import masked_copy
 
 
 @pytest.fixture(autouse=True)
@@ -76,29 +77,9 @@ def test_shrink_equals_masking_on_a_hand_made_net():
     small = remove_slices(net, chosen)
     assert small.stem.out_channels == 6 and small.dw.groups == 10 and small.b.out_channels == 4
     assert small.head.in_features == 10 * 16
-    masked = Net().eval()
-    masked.load_state_dict(net.state_dict())
-    named = dict(masked.named_parameters()) | dict(masked.named_buffers())
     with torch.no_grad():
-        for c in chosen:
-            for p, d, i in c.slices:
-                if not p.endswith("running_var"):
-                    named[p].select(d, i).zero_()
-        torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-6)
-
-
-def _masked_copy(model, classes):
-    """A copy of `model` with every slice of `classes` zeroed (running variances kept)."""
-    import copy
-
-    masked = copy.deepcopy(model)
-    named = dict(masked.named_parameters()) | dict(masked.named_buffers())
-    with torch.no_grad():
-        for c in classes:
-            for p, d, i in c.slices:
-                if not p.endswith("running_var"):
-                    named[p].select(d, i).zero_()
-    return masked
+        torch.testing.assert_close(small(x), masked_copy(net, chosen)(x), rtol=1e-5,
+                                   atol=1e-6)
 
 
 class Pads(nn.Module):
@@ -136,7 +117,7 @@ def test_pads_keep_channels_prunable_and_shrink_exactly():
     small = remove_slices(net, chosen)
     assert small.c.out_channels == 10 and small.b.in_channels == 6
     with torch.no_grad():
-        torch.testing.assert_close(small(x), _masked_copy(net, chosen)(x), rtol=1e-5,
+        torch.testing.assert_close(small(x), masked_copy(net, chosen)(x), rtol=1e-5,
                                    atol=1e-6)
 
 
@@ -160,7 +141,7 @@ def test_cifar_resnet_residual_stream_shrinks_through_option_a_shortcuts(tmp_pat
     small = remove_slices(net, chosen)
     assert small.conv1.out_channels == 14 and small.layer3[0].shortcut.front.numel() == 14
     with torch.no_grad():
-        torch.testing.assert_close(small(x), _masked_copy(net, chosen)(x), rtol=1e-4,
+        torch.testing.assert_close(small(x), masked_copy(net, chosen)(x), rtol=1e-4,
                                    atol=1e-5)
     path = tmp_path / "r20.safetensors"
     save_shrunk(small, path)

@@ -10,6 +10,7 @@ import torchvision
 from torch.utils._pytree import tree_flatten
 
 from prunekit.structured import CRITERIA, ChannelPrune, build_graph, remove_slices, shrink
+from reference import masked_copy
 
 TV_MODELS = torchvision.models.list_models(module=torchvision.models)
 
@@ -59,19 +60,6 @@ def randomise(model):
             if p.dim() >= 2 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model.eval()
-
-
-def masked_copy(model, classes):
-    """The model with every slice of `classes` set to zero (what shrinking must equal)."""
-    m = copy.deepcopy(model)
-    named = dict(m.named_parameters())
-    named.update(dict(m.named_buffers()))
-    with torch.no_grad():
-        for c in classes:
-            for p, d, i in c.slices:
-                if not p.endswith("running_var"):
-                    named[p].select(d, i).zero_()
-    return m
 
 
 def pick(graph, frac, seed=0):
