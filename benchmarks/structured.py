@@ -326,7 +326,8 @@ def summary(results) -> str:
                         if results["config"].get("steps", 1) > 1 else ", in one shot"))
         cols = ["b1", "b64", "b1_compiled", "b64_compiled"]  # measured speedup at batch
         cols = [c for c in cols if f"latency_ms_{c}" in d]
-        lines.append(f"{'entry':<22}{'top1 pruned':>12}{'top1 tuned':>11}{'params':>9}"
+        w = max(22, *(len(k) + 2 for k in r))
+        lines.append(f"{'entry':<{w}}{'top1 pruned':>12}{'top1 tuned':>11}{'params':>9}"
                      f"{'FLOPs x':>8}"
                      + "".join(f"{c.replace('_compiled', ' compiled'):>13}" for c in cols)
                      + f"{'target':>8}")
@@ -336,7 +337,7 @@ def summary(results) -> str:
             fr = e["flops"] / d["flops"]
             sps = [d[f"latency_ms_{c}"] / max(e.get(f"latency_ms_{c}", 1e-9), 1e-9)
                    for c in cols]
-            lines.append(f"{k:<22}{e.get('top1_pruned', e.get('top1', 0)):>12.2f}"
+            lines.append(f"{k:<{w}}{e.get('top1_pruned', e.get('top1', 0)):>12.2f}"
                          f"{e.get('top1_finetuned', e.get('top1', 0)):>11.2f}{e['params']:>9}"
                          f"{fr:>8.3f}" + "".join(f"{sp:>13.2f}" for sp in sps)
                          + f"{0.85 / fr:>8.2f}")
