@@ -88,6 +88,25 @@ def test_sparse_conv_matches_conv():
         torch.testing.assert_close(sparse_module(conv, kind)(x), conv(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, (1, 2), 1), (1, 2, 2)])
+def test_sparse_conv_gathers_only_the_taps_it_reads(stride, padding, dilation):
+    """Whole weight columns pruned (1xN with N = the output channels): the layer builds only
+    the kept (channel, offset) rows of im2col, and still equals the convolution."""
+    conv = nn.Conv2d(6, 16, 3, stride=stride, padding=padding, dilation=dilation, bias=True)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(6 * 9, generator=g) < 0.2
+    with torch.no_grad():
+        conv.weight.mul_(keep.view(1, 6, 3, 3))
+    x = torch.randn(3, 6, 11, 9)
+    for kind in ("csr", "block"):
+        layer = sparse_module(conv, kind)
+        assert torch.equal(layer.taps, torch.nonzero(keep).flatten())
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer(x[:1, :, :7]), conv(x[:1, :, :7]), rtol=1e-4,
+                                   atol=1e-5)  # another input size: another gather index
+    assert sparse_module(conv, "block").kernel.full is not None  # no column left to skip
+
+
 def test_sparse_linear_keeps_leading_dims():
     lin = nn.Linear(12, 8)
     with torch.no_grad():

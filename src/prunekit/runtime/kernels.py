@@ -1,7 +1,10 @@
 """Sparse matrix kernels for inference and the layers that use them.
 
 Every kernel computes W @ X for a fixed sparse W (out, in) and a dense X (in, n): a linear
-layer passes its input rows transposed, a convolution its im2col patches. Kernels:
+layer passes its input rows transposed, a convolution its im2col patches. A convolution
+builds only the patch rows (input channel, kernel offset) that some kept weight reads, so
+weights pruned in whole columns (1xN with N = the output channels) skip most of im2col.
+Kernels:
 
 - "dense": the layer as it was (PyTorch's own GEMM / convolution).
 - "csr": torch.sparse CSR times dense (MKL sparse BLAS where PyTorch has it).
@@ -81,8 +84,12 @@ class BlockWeight:
         vals = torch.gather(wb, 2, order.unsqueeze(1).expand(nb, self.n, kmax))
         self.values = (vals * valid.unsqueeze(1)).contiguous()  # (nb, N, kmax)
         self.nb, self.kmax = nb, kmax
+        # no block row drops a column (a convolution's gathered taps often): a plain GEMM
+        self.full = w.contiguous() if bool((counts == cols).all()) else None
 
     def matmul(self, xt: torch.Tensor) -> torch.Tensor:
+        if self.full is not None:
+            return self.full @ xt
         g = xt.index_select(0, self.index).view(self.nb, self.kmax, xt.shape[1])
         return torch.bmm(self.values, g).view(self.shape[0], xt.shape[1])
 
@@ -163,25 +170,51 @@ class SparseLinear(nn.Module):
 
 
 class SparseConv2d(nn.Module):
-    """A Conv2d (groups=1, zero padding) as im2col followed by a sparse kernel."""
+    """A Conv2d (groups=1, zero padding) as im2col followed by a sparse kernel.
 
-    def __init__(self, kernel, conv: nn.Conv2d):
+    `taps` (sorted im2col row indices, c * kh * kw + i * kw + j) are the patch rows the
+    kernel's weight columns stand for; the other rows have no kept weight and are never
+    built: the rows needed are gathered straight from the padded input."""
+
+    def __init__(self, kernel, conv: nn.Conv2d, taps: torch.Tensor | None = None):
         super().__init__()
         self.kernel = kernel
-        self.out_channels = conv.out_channels
+        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
+        self.taps = taps
+        self._index: dict = {}  # (h, w) -> flat index of each gathered element
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
                                                                 requires_grad=False)
 
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+            (h, w), self.padding, self.dilation, self.kernel_size, self.stride))
+
+    def _gather_index(self, h: int, w: int) -> torch.Tensor:
+        """(T * ho * wo,) positions in the flattened padded input (C, Hp, Wp) of the taps."""
+        if (h, w) not in self._index:
+            (kh, kw), (ph, pw) = self.kernel_size, self.padding
+            hp, wp = h + 2 * ph, w + 2 * pw
+            ho, wo = self._out_size(h, w)
+            c, i, j = self.taps // (kh * kw), self.taps % (kh * kw) // kw, self.taps % kw
+            rows = i[:, None] * self.dilation[0] + torch.arange(ho) * self.stride[0]
+            cols = j[:, None] * self.dilation[1] + torch.arange(wo) * self.stride[1]
+            idx = c[:, None, None] * hp * wp + rows[:, :, None] * wp + cols[:, None, :]
+            self._index[(h, w)] = idx.reshape(-1)
+        return self._index[(h, w)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) \
-            // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) \
-            // self.stride[1] + 1
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C*k*k, B*L)
+        ho, wo = self._out_size(h, w)
+        if self.taps is None:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        else:
+            ph, pw = self.padding
+            flat = F.pad(x, (pw, pw, ph, ph)).reshape(b, -1)
+            idx = self._gather_index(h, w).to(x.device)
+            cols = flat.index_select(1, idx).view(b, self.taps.numel(), ho * wo)
+        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (taps, B*L)
         y = self.kernel.matmul(xt).view(self.out_channels, b, ho * wo).transpose(0, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
@@ -213,7 +246,12 @@ def sparse_module(module: nn.Module, kind: str) -> nn.Module:
     why = unsupported_reason(module)
     if why:
         raise PruneError(why)
-    kernel = make_kernel(kind, weight_matrix(module).detach().float())
+    w = weight_matrix(module).detach().float()
     if isinstance(module, nn.Conv2d):
-        return SparseConv2d(kernel, module)
-    return SparseLinear(kernel, module.bias)
+        taps = torch.nonzero(w.any(dim=0)).flatten()
+        if taps.numel() == w.shape[1]:  # every patch row is read: plain im2col
+            return SparseConv2d(make_kernel(kind, w), module)
+        if not taps.numel():
+            taps = taps.new_zeros(1)  # an all-zero layer still needs one (zero) column
+        return SparseConv2d(make_kernel(kind, w[:, taps].contiguous()), module, taps)
+    return SparseLinear(make_kernel(kind, w), module.bias)
