@@ -12,6 +12,10 @@ Part 2: WoodFisher at 70% and 90% global sparsity on ResNet-20 against global ma
 
     python benchmarks/budget.py                          # everything (long on 2 cores)
     python benchmarks/budget.py --models resnet20 --eval-limit 2000 --steps 60
+    python benchmarks/budget.py --models minilm --pattern 1x16 --out budget_1x16.json
+
+--pattern 1xN prunes N-row blocks (SparseGPT supports it) and adds the 1xN block kernel to
+the latency table and the conversion, so high levels can buy more speed than CSR gives.
 
 Rows are written to benchmarks/results/budget.json as they finish; a rerun skips them. The
 latency table is cached per machine (prunekit.budget.build_latency_table).
@@ -66,8 +70,23 @@ def finish(model, name):
     return model
 
 
-def measured_speedup(dense, pruned, batch, repeats):
-    fast, report = convert(pruned, batch, kernels=("dense", "csr"), progress=False)
+def kernels_for(pattern: str) -> tuple[str, ...]:
+    """Kernels the table and the conversion choose from: 1xN weights can use the block
+    kernel, unstructured ones only CSR."""
+    return ("dense", "csr", "block") if pattern.startswith("1x") else ("dense", "csr")
+
+
+def unfit_layers(model, pattern: str) -> tuple[str, ...]:
+    """Layers a 1xN pattern cannot tile (rows not a multiple of N: ResNet-20's 10-way
+    classifier): they stay dense, and their time counts as the rest of the model."""
+    if not pattern.startswith("1x"):
+        return ()
+    n = int(pattern[2:])
+    return tuple(name for name, m in find_layers(model).items() if m.weight.shape[0] % n)
+
+
+def measured_speedup(dense, pruned, batch, repeats, pattern):
+    fast, report = convert(pruned, batch, kernels=kernels_for(pattern), progress=False)
     r = measure_latency({"dense": dense, "sparse": fast}, batch, repeats=repeats)
     kernels = {}
     for lc in report.layers:
@@ -82,10 +101,14 @@ def part1(model_key, args, results, save):
     dense = create(name, pretrained=True).eval()
     calib = calibration_batches(name, n=args.calib, seed=0, batch_size=32)
     timing = calibration_batches(name, n=args.batch, seed=1, batch_size=args.batch)[0]
-    layers = find_layers(dense)
+    skip = unfit_layers(dense, args.pattern)
+    layers = find_layers(dense, exclude=skip)
     t0 = time.perf_counter()
-    table = build_latency_table(dense, timing, LEVELS, kernels=("dense", "csr"),
-                                repeats=args.repeats, progress=not args.quiet)
+    table = build_latency_table(dense, timing, LEVELS, pattern=args.pattern, exclude=skip,
+                                kernels=kernels_for(args.pattern), repeats=args.repeats,
+                                progress=not args.quiet)
+    method = SparseGPT(pattern=args.pattern)
+    tag = "" if args.pattern == "unstructured" else f"{args.pattern}/"
     results.setdefault("tables", {})[model_key] = {"path": table.path,
                                                    "max_speedup": table.max_speedup(),
                                                    "dense_ms": 1e3 * table.dense_total,
@@ -100,16 +123,17 @@ def part1(model_key, args, results, save):
     db = None
     for target in args.targets:
         for kind in ("uniform", "global", "spdy"):
-            key = f"{model_key}/{target}x/{kind}"
+            key = f"{model_key}/{tag}{target}x/{kind}"
             if key in results["rows"]:
                 print(results["rows"][key], flush=True)
                 continue
             model = copy.deepcopy(dense)
-            row = {"model": model_key, "target_speedup": target, "budget": kind}
+            row = {"model": model_key, "target_speedup": target, "budget": kind,
+                   "pattern": args.pattern}
             try:
                 if kind == "spdy":
                     if db is None:
-                        db = build_database(dense, SparseGPT(), calib, LEVELS,
+                        db = build_database(dense, method, calib, LEVELS, exclude=skip,
                                             progress=not args.quiet)
                     alloc = spdy_search(model, db, calib, Target("speedup", target), table,
                                         steps=args.steps, progress=not args.quiet)
@@ -119,7 +143,7 @@ def part1(model_key, args, results, save):
                     family = (lambda s: uniform(layers, s)) if kind == "uniform" else \
                         (lambda s: global_by_score(layers, s))
                     _, budget = for_speedup(table, target, family)
-                    prune_with_budget(model, budget, SparseGPT(), calib, progress=False)
+                    prune_with_budget(model, budget, method, calib, progress=False)
             except Unreachable as e:
                 row["unreachable"] = str(e)
                 row["best_reachable"] = e.best
@@ -131,7 +155,8 @@ def part1(model_key, args, results, save):
             row["predicted_speedup"] = table.speedup(budget)
             row["sparsity"] = total_sparsity(layers, budget)
             row["budget_levels"] = budget
-            s, timing_row, kernels = measured_speedup(dense, model, timing, args.repeats)
+            s, timing_row, kernels = measured_speedup(dense, model, timing, args.repeats,
+                                                      args.pattern)
             row["measured_speedup"] = s
             row["kernels"] = kernels
             row["dense_ms"] = timing_row["dense"]["median_ms"]
@@ -184,6 +209,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet20,minilm")
     p.add_argument("--targets", default="1.5,2.0")
+    p.add_argument("--pattern", default="unstructured",
+                   help="SparseGPT's pattern: unstructured, or 1xN (e.g. 1x16: block kernel)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=64, help="batch size the speedup is measured at")
     p.add_argument("--calib", type=int, default=256)

@@ -9,12 +9,18 @@ all through SparseLinear, i.e. including the transposes a model would pay. Timin
 interleaved rounds (median), so load changes hit all candidates alike. Random Gaussian
 weights: kernel speed depends on the mask, not the values.
 
+--convs times ResNet-20's 3x3 convolutions (batch 1, 16, 64) the same way through
+SparseConv2d: unstructured masks on the (out, in*9) weight matrix, and 1x16 masks, which on
+a 16-channel layer prune whole (input channel, offset) taps, so the layer gathers only the
+patch rows it reads instead of building all of im2col.
+
 On a CUDA GPU with compute capability 8.0+ (none in the session that wrote the committed
 results) it also times 2:4 semi-structured sparsity in fp16 against dense fp16.
 
     python benchmarks/kernels.py                 # all shapes, 1 thread
     python benchmarks/kernels.py --threads 2 --shapes 384x384,768x768
     python benchmarks/kernels.py --quick         # two small shapes, batch 1 and 16
+    python benchmarks/kernels.py --convs --out benchmarks/results/kernels_conv.json
 
 Finished rows are kept in the results file; a rerun skips them.
 """
@@ -22,6 +28,7 @@ Finished rows are kept in the results file; a rerun skips them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 
 from prunekit.io import atomic_write_text
 from prunekit.patterns import Block1xN
-from prunekit.runtime.kernels import BlockWeight, CSRWeight, SparseLinear
+from prunekit.runtime.kernels import BlockWeight, CSRWeight, SparseLinear, sparse_module
 from prunekit.runtime.latency import machine_info, num_threads, time_calls
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,6 +47,9 @@ SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
 BATCHES = (1, 16, 128)
 BLOCK = 16
+# ResNet-20's convolutions: (in, out, input size, stride)
+CONVS = [(16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1)]
+CONV_BATCHES = (1, 16, 64)
 
 
 def _row_key(shape, s, batch) -> str:
@@ -67,6 +77,36 @@ def measure(shape, s, batch, repeats, gen) -> dict:
     for k in mods:
         row[f"{k}_ms"] = 1e3 * t[k]["median"]
         row[f"{k}_speedup"] = dense / t[k]["median"]
+    return row
+
+
+def measure_conv(spec, s, batch, repeats, gen) -> dict:
+    cin, cout, size, stride = spec
+    conv = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    x = torch.randn(batch, cin, size, size, generator=gen)
+    w = torch.randn(cout, cin * 9, generator=gen)
+    masks = {"csr": torch.rand(cout, cin * 9, generator=gen) >= s,
+             "1x16": Block1xN(BLOCK).select(torch.rand(cout, cin * 9, generator=gen), s)}
+    mods, dense = {}, {}
+    for name, kind, mask in (("csr", "csr", "csr"), ("block_1x16", "block", "1x16"),
+                             ("csr_on_1x16", "csr", "1x16")):
+        ref = copy.deepcopy(conv)
+        with torch.no_grad():
+            ref.weight.copy_((w * masks[mask]).view_as(conv.weight))
+        mods[name], dense[name] = sparse_module(ref, kind), ref
+    with torch.inference_mode():
+        for name, m in mods.items():
+            torch.testing.assert_close(m(x), dense[name](x), rtol=1e-3, atol=1e-3)
+        calls = {"dense": lambda: dense["csr"](x)}
+        calls.update({k: (lambda m=m: m(x)) for k, m in mods.items()})
+        t = time_calls(calls, repeats=repeats)
+    row = {"conv": f"{cin}->{cout} {size}x{size} s{stride}", "sparsity": s, "batch": batch,
+           "dense_ms": 1e3 * t["dense"]["median"],
+           "taps_read_1x16": int(mods["block_1x16"].taps.numel()) if mods[
+               "block_1x16"].taps is not None else cin * 9, "taps_all": cin * 9}
+    for k in mods:
+        row[f"{k}_ms"] = 1e3 * t[k]["median"]
+        row[f"{k}_speedup"] = t["dense"]["median"] / t[k]["median"]
     return row
 
 
@@ -106,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--shapes", help="comma-separated OUTxIN subset")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--convs", action="store_true", help="ResNet-20 convolutions instead")
     p.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = p.parse_args(argv)
     shapes = SHAPES
@@ -122,20 +163,13 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     print(f"machine: {results['machine']['cpu']}, {args.threads} thread(s), "
           f"torch {torch.__version__}")
+    if args.convs:
+        return run_convs(args, results, rows, out, gen)
     print(f"{'shape':>10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'csr':>6} "
           f"{'1x16':>6} {'csr@1x16':>8}   (speedup over dense)")
     with num_threads(args.threads):
-        for shape in shapes:
-            for s in SPARSITIES:
-                for batch in batches:
-                    key = _row_key(shape, s, batch)
-                    if key not in rows:
-                        rows[key] = measure(shape, s, batch, args.repeats, gen)
-                        atomic_write_text(out, json.dumps(results, indent=1))
-                    r = rows[key]
-                    print(f"{r['shape']:>10} {s:>8.2f} {batch:>5} {r['dense_ms']:>9.3f} "
-                          f"{r['csr_speedup']:>5.2f}x {r['block_1x16_speedup']:>5.2f}x "
-                          f"{r['csr_on_1x16_speedup']:>7.2f}x", flush=True)
+        sweep(rows, out, results, shapes, batches, _row_key, measure, args.repeats, gen,
+              lambda r: f"{r['shape']:>10}")
         gpu = []
         for shape in shapes:
             for batch in batches:
@@ -149,6 +183,33 @@ def main(argv=None) -> int:
         atomic_write_text(out, json.dumps(results, indent=1))
     print("2:4:", results["semi_structured_2_4"] if not gpu else f"{len(gpu)} rows")
     print(f"wrote {out}")
+    return 0
+
+
+def sweep(rows, out, results, specs, batches, key, measure_row, repeats, gen, label):
+    """Measure every (spec, sparsity, batch) row not yet in `rows` (saved after each one)
+    and print them all."""
+    for spec in specs:
+        for s in SPARSITIES:
+            for batch in batches:
+                k = key(spec, s, batch)
+                if k not in rows:
+                    rows[k] = measure_row(spec, s, batch, repeats, gen)
+                    atomic_write_text(out, json.dumps(results, indent=1))
+                r = rows[k]
+                print(f"{label(r)} {s:>8.2f} {batch:>5} {r['dense_ms']:>9.3f} "
+                      f"{r['csr_speedup']:>5.2f}x {r['block_1x16_speedup']:>5.2f}x "
+                      f"{r['csr_on_1x16_speedup']:>7.2f}x", flush=True)
+
+
+def run_convs(args, results, rows, out, gen) -> int:
+    print(f"{'conv':>20} {'taps read (1x16)':>16} {'sparsity':>8} {'batch':>5} "
+          f"{'dense ms':>9} {'csr':>6} {'1x16':>6} {'csr@1x16':>8}   (speedup over dense)")
+    with num_threads(args.threads):
+        sweep(rows, out, results, CONVS, CONV_BATCHES, lambda c, s, b: f"conv/{c}/{s}/{b}",
+              measure_conv, args.repeats, gen,
+              lambda r: f"{r['conv']:>20} {r['taps_read_1x16']:>7}/{r['taps_all']:<8}")
+    atomic_write_text(out, json.dumps(results, indent=1))
     return 0
 
 

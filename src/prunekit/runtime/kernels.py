@@ -93,6 +93,15 @@ class BlockWeight:
         g = xt.index_select(0, self.index).view(self.nb, self.kmax, xt.shape[1])
         return torch.bmm(self.values, g).view(self.shape[0], xt.shape[1])
 
+    def matmul_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """W @ x[b] for x of shape (B, in, L), as (B, out, L): a convolution's patches need
+        no transposing in or out."""
+        if self.full is not None:
+            return torch.matmul(self.full, x)
+        b, _, n = x.shape
+        g = x.index_select(1, self.index).view(b, self.nb, self.kmax, n)
+        return torch.matmul(self.values, g).view(b, self.shape[0], n)
+
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.index.numel() * 8
 
@@ -191,17 +200,21 @@ class SparseConv2d(nn.Module):
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
             (h, w), self.padding, self.dilation, self.kernel_size, self.stride))
 
-    def _gather_index(self, h: int, w: int) -> torch.Tensor:
-        """(T * ho * wo,) positions in the flattened padded input (C, Hp, Wp) of the taps."""
+    def _gather_index(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions in the flattened input (C * H * W) of every gathered element
+        (T * ho * wo), and a 0/1 mask of those inside the input (None when all are): the
+        zero padding is applied by the mask, never materialised."""
         if (h, w) not in self._index:
             (kh, kw), (ph, pw) = self.kernel_size, self.padding
-            hp, wp = h + 2 * ph, w + 2 * pw
             ho, wo = self._out_size(h, w)
             c, i, j = self.taps // (kh * kw), self.taps % (kh * kw) // kw, self.taps % kw
-            rows = i[:, None] * self.dilation[0] + torch.arange(ho) * self.stride[0]
-            cols = j[:, None] * self.dilation[1] + torch.arange(wo) * self.stride[1]
-            idx = c[:, None, None] * hp * wp + rows[:, :, None] * wp + cols[:, None, :]
-            self._index[(h, w)] = idx.reshape(-1)
+            rows = i[:, None] * self.dilation[0] + torch.arange(ho) * self.stride[0] - ph
+            cols = j[:, None] * self.dilation[1] + torch.arange(wo) * self.stride[1] - pw
+            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None]
+            idx = c[:, None, None] * h * w + rows.clamp(0, h - 1)[:, :, None] * w + \
+                cols.clamp(0, w - 1)[:, None, :]
+            mask = None if bool(inside.all()) else inside.reshape(-1, ho * wo).float()
+            self._index[(h, w)] = (idx.reshape(-1), mask)
         return self._index[(h, w)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,15 +223,21 @@ class SparseConv2d(nn.Module):
         if self.taps is None:
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         else:
-            ph, pw = self.padding
-            flat = F.pad(x, (pw, pw, ph, ph)).reshape(b, -1)
-            idx = self._gather_index(h, w).to(x.device)
-            cols = flat.index_select(1, idx).view(b, self.taps.numel(), ho * wo)
-        xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (taps, B*L)
-        y = self.kernel.matmul(xt).view(self.out_channels, b, ho * wo).transpose(0, 1)
+            idx, mask = self._gather_index(h, w)
+            cols = x.reshape(b, -1).index_select(1, idx.to(x.device))
+            cols = cols.view(b, self.taps.numel(), ho * wo)
+            if mask is not None:
+                cols = cols * mask.to(x.device, x.dtype)
+        if hasattr(self.kernel, "matmul_batched"):  # (B, taps, L) -> (B, out, L)
+            y = self.kernel.matmul_batched(cols)
+        else:  # one (taps, B*L) product, and the result back to batch-major order: a
+            # transposed output would slow every following op (batch norm 3x)
+            xt = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+            y = self.kernel.matmul(xt).view(self.out_channels, b, ho * wo).transpose(0, 1)
+            y = y.contiguous()
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1)
-        return y.reshape(b, self.out_channels, ho, wo)
+        return y.view(b, self.out_channels, ho, wo)
 
     def extra_repr(self) -> str:
         return f"{self.out_channels}, kernel_size={self.kernel_size}, kernel={self.kernel.name}"
