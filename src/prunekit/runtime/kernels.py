@@ -183,7 +183,7 @@ class SparseConv2d(nn.Module):
 
     `taps` (sorted im2col row indices, c * kh * kw + i * kw + j) are the patch rows the
     kernel's weight columns stand for; the other rows have no kept weight and are never
-    built: the rows needed are gathered straight from the padded input."""
+    built: the rows needed are gathered straight from the input."""
 
     def __init__(self, kernel, conv: nn.Conv2d, taps: torch.Tensor | None = None):
         super().__init__()
@@ -192,7 +192,7 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.taps = taps
-        self._index: dict = {}  # (h, w) -> flat index of each gathered element
+        self._index: dict = {}  # (h, w) -> (gather index, padding mask)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
                                                                 requires_grad=False)
 
