@@ -45,8 +45,10 @@ from prunekit.budget import (
     total_sparsity,
     uniform,
 )
+from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
-from prunekit.layers import find_layers
+from prunekit.layers import find_layers, weight_matrix
+from prunekit.patterns import Block1xN, get_pattern
 from prunekit.runtime import convert, measure_latency
 from prunekit.runtime.latency import machine_info, num_threads
 
@@ -73,16 +75,21 @@ def finish(model, name):
 def kernels_for(pattern: str) -> tuple[str, ...]:
     """Kernels the table and the conversion choose from: 1xN weights can use the block
     kernel, unstructured ones only CSR."""
-    return ("dense", "csr", "block") if pattern.startswith("1x") else ("dense", "csr")
+    if isinstance(get_pattern(pattern), Block1xN):
+        return ("dense", "csr", "block")
+    return ("dense", "csr")
 
 
 def unfit_layers(model, pattern: str) -> tuple[str, ...]:
-    """Layers a 1xN pattern cannot tile (rows not a multiple of N: ResNet-20's 10-way
-    classifier): they stay dense, and their time counts as the rest of the model."""
-    if not pattern.startswith("1x"):
-        return ()
-    n = int(pattern[2:])
-    return tuple(name for name, m in find_layers(model).items() if m.weight.shape[0] % n)
+    """Layers the pattern cannot tile (for 1x16, ResNet-20's 10-way classifier): they stay
+    dense, and their time counts as the rest of the model."""
+    pat, skip = get_pattern(pattern), []
+    for name, m in find_layers(model).items():
+        try:
+            pat.validate_shape(tuple(weight_matrix(m).shape), name)
+        except PruneError:
+            skip.append(name)
+    return tuple(skip)
 
 
 def measured_speedup(dense, pruned, batch, repeats, pattern):

@@ -188,7 +188,7 @@ class SparseConv2d(nn.Module):
     def __init__(self, kernel, conv: nn.Conv2d, taps: torch.Tensor | None = None):
         super().__init__()
         self.kernel = kernel
-        self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
+        self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.taps = taps
