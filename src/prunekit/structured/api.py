@@ -182,10 +182,11 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
     groups = [g for g in graph.groups if cfg.include_reduced or not g.reduced]
     chosen = []
 
-    def to_remove(fraction: float, classes: list, n0: int | None) -> int:
+    def to_remove(fraction: float, n: int, n0: int | None) -> int:
+        """Of n classes left now (n0 originally), how many this step removes."""
         if n0 is None:
-            return int(math.floor(fraction * len(classes) + 1e-9))
-        return max(0, len(classes) - (n0 - int(math.floor(fraction * done * n0 + 1e-9))))
+            return int(math.floor(fraction * n + 1e-9))
+        return max(0, n - (n0 - int(math.floor(fraction * done * n0 + 1e-9))))
 
     if cfg.global_ranking and not cfg.per_layer:
         pool = []
@@ -197,7 +198,7 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
         quota = {gi: _max_remove(g, cfg, 0.95) for gi, g in enumerate(groups)}
         n0 = None if original is None else sum(original.get(g.key, len(g.classes))
                                                 for g in groups)
-        n_target = to_remove(fraction, pool, n0)
+        n_target = to_remove(fraction, len(pool), n0)
         taken = {gi: 0 for gi in quota}
         for _, gi, c in pool:
             if len(chosen) >= n_target:
@@ -215,7 +216,7 @@ def _plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
                        if d == 0):
                     frac = v
         n = len(g.classes)
-        k = to_remove(frac, g.classes, None if original is None else original.get(g.key, n))
+        k = to_remove(frac, n, None if original is None else original.get(g.key, n))
         limit = _max_remove(g, cfg, 1.0)
         if k > limit:
             if frac * n >= n:
