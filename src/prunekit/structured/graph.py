@@ -161,7 +161,8 @@ class DependencyGraph:
         return [g for g in self.groups if any(p.startswith(layer + ".") for p, _ in g.key)]
 
 
-def _tensors(x) -> list[torch.Tensor]:
+def tensors_in(x) -> list[torch.Tensor]:
+    """Every tensor inside a nest of lists, tuples and dicts."""
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -370,7 +371,7 @@ class _Tracer(TorchDispatchMode):
         if self.busy:  # our own bookkeeping inside a module hook
             return out
         self.n_ops += 1
-        outs = _tensors(out)
+        outs = tensors_in(out)
         if not outs:
             return out
         if self.opaque_depth:
@@ -381,7 +382,7 @@ class _Tracer(TorchDispatchMode):
         try:
             self.rule(name, func, args, kwargs, out, outs)
         except Exception as e:  # a rule that cannot follow this op: report, do not crash
-            ins = _tensors((args, kwargs))
+            ins = tensors_in((args, kwargs))
             if any((self.get(t) >= 0).any() for t in ins):
                 self.errors.append(f"{self.where()}: aten.{name} ({type(e).__name__}: {e})")
             for t in outs:
@@ -389,7 +390,7 @@ class _Tracer(TorchDispatchMode):
         return out
 
     def rule(self, name, func, args, kwargs, out, outs):
-        ins = _tensors((args, kwargs))
+        ins = tensors_in((args, kwargs))
         if name in _FRESH or not any(self._labelled(t) for t in ins):
             for t in outs:
                 self.set(t, torch.full((*t.shape, 1), -1, dtype=torch.long))
@@ -507,7 +508,7 @@ class _Tracer(TorchDispatchMode):
                 kw.pop("value", None)
             if name in ("_to_copy", "to"):
                 kw = {}
-            results.append(_tensors(func(*a, **kw)))
+            results.append(tensors_in(func(*a, **kw)))
         for j, t in enumerate(outs):
             lab = torch.stack([r[j] for r in results], -1)
             self.set(t, lab)
@@ -800,7 +801,7 @@ class _Tracer(TorchDispatchMode):
         self.stack.append(name or "<model>")
         if self.opaque_depth or self._is_opaque(name, module):
             if not self.opaque_depth:
-                for t in _tensors(args):
+                for t in tensors_in(args):
                     self.freeze(self.get(t), "inputs of a module left whole (ignore or "
                                 "nn.MultiheadAttention)")
             self.opaque_depth += 1
@@ -812,7 +813,7 @@ class _Tracer(TorchDispatchMode):
         if self.opaque_depth:
             self.opaque_depth -= 1
             if not self.opaque_depth:
-                for t in _tensors(out):
+                for t in tensors_in(out):
                     self.set(t, torch.full((*t.shape, 1), -1, dtype=torch.long))
         if self.stack:
             self.stack.pop()
@@ -910,7 +911,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
             + (f" (and {len(tracer.errors) - 1} more)" if len(tracer.errors) > 1 else "")
             + f"; leave that module whole with ignore=({module!r},)")
     tracer.stack = ["<output>"]
-    for t in _tensors([_outputs(o) for o in outs]):
+    for t in tensors_in([plain_outputs(o) for o in outs]):
         tracer.freeze(tracer.get(t), "reaches the model output")
     for pat in ignore:  # weights of ignored modules stay whole
         for i, n in enumerate(tracer.names):
@@ -928,7 +929,8 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
     return graph
 
 
-def _outputs(out):
+def plain_outputs(out):
+    """A model's output as plain containers (transformers ModelOutput -> tuple)."""
     if hasattr(out, "to_tuple"):
         return out.to_tuple()
     return out

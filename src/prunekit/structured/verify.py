@@ -14,9 +14,9 @@ from prunekit.structured.graph import (
     ChannelClass,
     ChannelGroup,
     DependencyGraph,
-    _outputs,
-    _tensors,
+    plain_outputs,
     run_model,
+    tensors_in,
 )
 from prunekit.structured.remove import remove_slices
 
@@ -33,7 +33,7 @@ def probe(group: ChannelGroup) -> list[ChannelClass]:
 
 
 def _floats(out) -> list[torch.Tensor]:
-    return [t for t in _tensors(_outputs(out)) if t.is_floating_point()]
+    return [t for t in tensors_in(plain_outputs(out)) if t.is_floating_point()]
 
 
 def _masked_outputs(model: nn.Module, classes: list[ChannelClass], example_inputs):
