@@ -236,6 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "budget.json"))
     args = p.parse_args(argv)
     args.targets = [float(t) for t in args.targets.split(",")]
+    try:
+        get_pattern(args.pattern)
+    except PruneError as e:
+        p.error(f"--pattern: {e}")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["command"] = "python " + " ".join(["benchmarks/budget.py", *sys.argv[1:]])
