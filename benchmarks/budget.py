@@ -1,11 +1,15 @@
 """Per-layer budgets at equal CPU speedup, and WoodFisher against global magnitude.
 
 Part 1, for each model (ResNet-20 on CIFAR-10, MiniLM on STS-B) and speedup target (1.5x,
-2x): SparseGPT one-shot with three budgets that the measured latency table predicts reach the
-target: uniform (one sparsity everywhere), global (one magnitude threshold) and SPDY (DP +
-local search over the sensitivity database). Each pruned model is then converted to the
-fastest kernel per layer and its speedup over the dense model measured side by side, and
-its quality evaluated (CIFAR-10 test top-1 after BN re-estimation; STS-B test Spearman).
+2x): SparseGPT one-shot with three budgets: uniform (one sparsity everywhere), global (one
+magnitude threshold) and SPDY (DP + local search over the sensitivity database). Each budget
+is first sized by the measured per-layer latency table; the pruned model is then converted
+to the fastest kernel per layer and its speedup over the dense model measured side by side.
+Layers timed alone mispredict the whole model, so the predicted target is rescaled and the
+model pruned again until the measured speedup lands in [target, target x (1 + --band)]
+(prunekit.budget.prune_for_speedup, up to --rounds prunes; every round is recorded).
+The model is then evaluated (CIFAR-10 test top-1 after BN re-estimation; STS-B test
+Spearman).
 
 Part 2: WoodFisher at 70% and 90% global sparsity on ResNet-20 against global magnitude
 (both one-shot, BN re-estimated, no fine-tuning).
@@ -34,20 +38,16 @@ import torch.nn.functional as F
 
 from prunekit import Magnitude, SparseGPT, prune
 from prunekit.budget import (
-    Target,
     Unreachable,
     build_database,
     build_latency_table,
-    for_speedup,
-    global_by_score,
-    prune_with_budget,
-    spdy_search,
+    prune_for_speedup,
     total_sparsity,
-    uniform,
+    unfit_layers,
 )
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
-from prunekit.layers import find_layers, weight_matrix
+from prunekit.layers import find_layers
 from prunekit.patterns import Block1xN, get_pattern
 from prunekit.runtime import convert, measure_latency
 from prunekit.runtime.latency import machine_info, num_threads
@@ -78,18 +78,6 @@ def kernels_for(pattern: str) -> tuple[str, ...]:
     if isinstance(get_pattern(pattern), Block1xN):
         return ("dense", "csr", "block")
     return ("dense", "csr")
-
-
-def unfit_layers(model, pattern: str) -> tuple[str, ...]:
-    """Layers the pattern cannot tile (for 1x16, ResNet-20's 10-way classifier): they stay
-    dense, and their time counts as the rest of the model."""
-    pat, skip = get_pattern(pattern), []
-    for name, m in find_layers(model).items():
-        try:
-            pat.validate_shape(tuple(weight_matrix(m).shape), name)
-        except PruneError:
-            skip.append(name)
-    return tuple(skip)
 
 
 def measured_speedup(dense, pruned, batch, repeats, pattern):
@@ -134,23 +122,27 @@ def part1(model_key, args, results, save):
             if key in results["rows"]:
                 print(results["rows"][key], flush=True)
                 continue
-            model = copy.deepcopy(dense)
             row = {"model": model_key, "target_speedup": target, "budget": kind,
                    "pattern": args.pattern}
+            if kind == "spdy" and db is None:
+                db = build_database(dense, method, calib, LEVELS, exclude=skip,
+                                    progress=not args.quiet)
+            details = {}  # by measured speedup: the chosen round's kernels and timings
+
+            def measure(d, pruned, details=details):
+                s, timing_row, kernels = measured_speedup(d, pruned, timing, args.repeats,
+                                                          args.pattern)
+                details[s] = {"kernels": kernels,
+                                       "dense_ms": timing_row["dense"]["median_ms"],
+                                       "sparse_ms": timing_row["sparse"]["median_ms"]}
+                return s
+
+            model = copy.deepcopy(dense)
             try:
-                if kind == "spdy":
-                    if db is None:
-                        db = build_database(dense, method, calib, LEVELS, exclude=skip,
-                                            progress=not args.quiet)
-                    alloc = spdy_search(model, db, calib, Target("speedup", target), table,
-                                        steps=args.steps, progress=not args.quiet)
-                    budget = alloc.budget
-                    row["search_loss"] = alloc.loss
-                else:
-                    family = (lambda s: uniform(layers, s)) if kind == "uniform" else \
-                        (lambda s: global_by_score(layers, s))
-                    _, budget = for_speedup(table, target, family)
-                    prune_with_budget(model, budget, method, calib, progress=False)
+                res = prune_for_speedup(model, method, calib, timing, target, kind,
+                                        table=table, database=db, exclude=skip,
+                                        steps=args.steps, rounds=args.rounds, band=args.band,
+                                        measure=measure, progress=not args.quiet)
             except Unreachable as e:
                 row["unreachable"] = str(e)
                 row["best_reachable"] = e.best
@@ -159,15 +151,15 @@ def part1(model_key, args, results, save):
                 print(key, row, flush=True)
                 continue
             finish(model, name)
-            row["predicted_speedup"] = table.speedup(budget)
-            row["sparsity"] = total_sparsity(layers, budget)
-            row["budget_levels"] = budget
-            s, timing_row, kernels = measured_speedup(dense, model, timing, args.repeats,
-                                                      args.pattern)
-            row["measured_speedup"] = s
-            row["kernels"] = kernels
-            row["dense_ms"] = timing_row["dense"]["median_ms"]
-            row["sparse_ms"] = timing_row["sparse"]["median_ms"]
+            if res.search_loss is not None:
+                row["search_loss"] = res.search_loss
+            row["predicted_target"] = res.predicted_target
+            row["predicted_speedup"] = res.predicted_speedup
+            row["measured_speedup"] = res.measured
+            row["rounds"] = res.rounds
+            row["sparsity"] = total_sparsity(layers, res.budget)
+            row["budget_levels"] = res.budget
+            row.update(details[res.measured])
             row["quality"] = quality(model, name, args.eval_limit)
             results["rows"][key] = row
             save()
@@ -223,6 +215,10 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--steps", type=int, default=100, help="SPDY search steps")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=4,
+                   help="prune-convert-measure rounds per budget to land the measured speedup "
+                        "in [target, target x (1 + band)] (1: trust the latency table)")
+    p.add_argument("--band", type=float, default=0.05)
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--wf-grads", type=int, default=128)
     p.add_argument("--wf-batch", type=int, default=16)

@@ -1,6 +1,7 @@
 """Budgets: the DP against brute force, uniform/global/ERK invariants, pruning with a budget,
 the cached latency table, and the SPDY search on a small model."""
 
+import copy
 import itertools
 import json
 
@@ -21,10 +22,13 @@ from prunekit.budget import (
     erk,
     for_speedup,
     global_by_score,
+    meet_measured_speedup,
+    prune_for_speedup,
     prune_with_budget,
     solve,
     spdy_search,
     total_sparsity,
+    unfit_layers,
     uniform,
 )
 from prunekit.budget import latency_table as lt_mod
@@ -132,6 +136,25 @@ def test_global_by_score_ties_keep_exact_total():
             m.weight.fill_(1.0)
     budget = global_by_score(find_layers(model), 0.5)
     assert sum(budget[n] * 16 for n in budget) == 16
+
+
+def test_global_by_score_never_empties_a_layer():
+    model = MLP((32, 32, 32, 32))
+    with torch.no_grad():
+        model.layers[1].weight.mul_(1e-4)  # every weight below all of the others'
+    layers = find_layers(model)
+    budget = global_by_score(layers, 0.5, max_sparsity=0.9)
+    assert budget["layers.1"] == pytest.approx(int(0.9 * 1024) / 1024)
+    assert sum(budget[n] * 1024 for n in budget) == pytest.approx(round(0.5 * 3072))
+    # the rest is cut by magnitude over the other two layers
+    rest = torch.cat([layers[n].weight.abs().flatten() for n in ("layers.0", "layers.2")])
+    cut = round(0.5 * 3072) - int(0.9 * 1024)
+    threshold = rest.kthvalue(cut).values
+    for n in ("layers.0", "layers.2"):
+        assert budget[n] * 1024 == int((layers[n].weight.abs() <= threshold).sum())
+    prune_with_budget(model, global_by_score(layers, 0.7), Magnitude(), progress=False)
+    with pytest.raises(PruneError, match="max_sparsity"):
+        global_by_score(layers, 0.95, max_sparsity=0.9)
 
 
 def test_erk_density_ratios_and_total():
@@ -284,3 +307,110 @@ def test_for_speedup_bisection():
 def test_cost_matrix_needs_table_for_speedup():
     with pytest.raises(PruneError, match="latency table"):
         cost_matrix(["a"], [0.0, 0.5], Target("speedup", 2.0))
+
+
+def test_spdy_search_resumes_from_coefficients():
+    dense, calib, db = _tiny_setup()  # each search prunes a fresh copy of the dense model
+    model = copy.deepcopy(dense)
+    first = spdy_search(model, db, calib, Target("sparsity", 0.6), steps=10, progress=False)
+    again = spdy_search(copy.deepcopy(dense), db, calib, Target("sparsity", 0.6), steps=0,
+                        init=first.coefficients, progress=False)
+    assert again.budget == first.budget and again.loss == pytest.approx(first.loss)
+    tighter = spdy_search(copy.deepcopy(dense), db, calib, Target("sparsity", 0.7), steps=4,
+                          init=first.coefficients, progress=False)
+    assert total_sparsity(find_layers(model), tighter.budget) >= 0.7 - 1e-9
+    with pytest.raises(PruneError, match="no coefficient"):
+        spdy_search(model, db, calib, Target("sparsity", 0.6), init={"nope": 1.0},
+                    progress=False)
+
+
+def _drifting_table():
+    """A table, and a 'measurement' in which every sparse layer runs 25% slower than the
+    table says (as layers timed alone can), so the prediction overestimates the speedup."""
+    table = lt_mod.LatencyTable([0.0, 0.5, 0.9], {"a": [2.0, 1.5, 0.5], "b": [2.0, 2.0, 1.0]},
+                                {}, dense_total=5.0, machine={})
+
+    def measure(budget):
+        slow = {n: table.time_at(n, s) * (1.25 if s > 0 else 1.0) for n, s in budget.items()}
+        return table.dense_total / (table.other + sum(slow.values()))
+
+    def build(t):
+        return for_speedup(table, t, lambda s: {"a": s, "b": s})[1]
+
+    return table, build, measure
+
+
+def test_meet_measured_speedup_corrects_a_drifting_prediction():
+    table, build, measure = _drifting_table()
+    assert measure(build(1.5)) < 1.5  # the plain prediction falls short
+    res = meet_measured_speedup(build, measure, 1.5, band=0.05)
+    assert 1.5 <= res.measured <= 1.5 * 1.05
+    assert res.measured == pytest.approx(measure(res.model))
+    assert res.predicted_target > 1.5 and len(res.rounds) <= 4
+    # out of reach: the table allows 2.5x at most, which measures about 2.05x
+    with pytest.raises(Unreachable, match="not reached") as e:
+        meet_measured_speedup(build, measure, 2.3)
+    assert e.value.best == pytest.approx(measure(build(table.speedup({"a": 0.9, "b": 0.9}))))
+
+
+def test_meet_measured_speedup_backs_off_an_overshoot():
+    calls = []
+
+    def build(t):
+        calls.append(t)
+        return t
+
+    res = meet_measured_speedup(build, lambda t: 1.2 * t, 1.5, band=0.05)
+    assert calls[0] == 1.5 and res.predicted_target < 1.5  # pruned less than first asked
+    assert 1.5 <= res.measured <= 1.575
+    with pytest.raises(PruneError, match="factor"):
+        meet_measured_speedup(build, lambda t: t, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "global", "erk", "spdy"])
+def test_prune_for_speedup_reaches_the_measured_target(kind):
+    """A table that overestimates (the 'measurement' runs every sparse layer 25% slower than
+    timed alone): the returned model measures at least the target, and holds the budget."""
+    model, calib, db = _tiny_setup()
+    names = list(db.weights)
+    table = lt_mod.LatencyTable(db.levels, {n: [4.0, 3.0, 2.0, 1.0] for n in names},
+                                {n: ["dense"] * 4 for n in names}, dense_total=14.0,
+                                machine={})
+
+    def measure(dense, pruned):
+        layers = find_layers(pruned)
+        sparsity = {n: float((layers[n].weight == 0).float().mean()) for n in names}
+        slow = sum(table.time_at(n, s) * (1.25 if s > 0 else 1.0) for n, s in sparsity.items())
+        return table.dense_total / (table.other + slow)
+
+    before = copy.deepcopy(model)
+    res = prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, kind, table=table,
+                            database=db, steps=6, measure=measure, progress=False)
+    assert res.measured >= 1.5 and res.measured == pytest.approx(measure(before, model))
+    hits = [r["predicted_target"] for r in res.rounds if r.get("measured", 0) >= 1.5]
+    assert res.predicted_target == min(hits) > 1.5  # the least pruned model that got there
+    assert res.predicted_speedup >= res.predicted_target
+    layers = find_layers(model)
+    for n, s in res.budget.items():
+        assert float((layers[n].weight == 0).float().mean()) == pytest.approx(s, abs=0.02)
+    # out of reach (2.8x predicted at most, which measures about 2.3x): the model is untouched
+    untouched = copy.deepcopy(before)
+    with pytest.raises(Unreachable, match="not reached"):
+        prune_for_speedup(untouched, SparseGPT(), calib, calib[0], 2.6, kind, table=table,
+                          database=db, steps=6, measure=measure, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before.parameters(), untouched.parameters()))
+
+
+def test_prune_for_speedup_rejects_bad_arguments():
+    model, calib, db = _tiny_setup()
+    with pytest.raises(PruneError, match="budget must be one of"):
+        prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, "fastest")
+    with pytest.raises(PruneError, match="no prunable layer"):
+        prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, include=("nothing*",))
+
+
+def test_unfit_layers_names_what_a_pattern_cannot_tile():
+    model = MLP((16, 48, 48, 8))  # 48 rows tile into 1x16 blocks, the 8-way output does not
+    assert unfit_layers(model, "1x16") == ("layers.2",)
+    assert unfit_layers(model, "1x16", exclude=("layers.2",)) == ()
+    assert unfit_layers(model, "unstructured") == ()

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from prunekit.cli import main
@@ -73,3 +74,36 @@ def test_demo_without_shared_data_runs_what_it_can(tmp_path, monkeypatch, capsys
     # the Hessian-based methods keep more of the dense accuracy than magnitude
     assert digits["sparsegpt"]["after"] >= digits["magnitude"]["after"] - 1
     assert digits["obs"]["after"] >= digits["magnitude"]["after"] - 1
+
+
+def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
+    """--speedup: the real latency table sizes the budget; the measurement is replaced by a
+    deterministic stand-in (1 + the pruned layers' mean sparsity) so that the loop's choice
+    can be checked: no timing is asserted."""
+    import prunekit.budget.measured as measured
+    from prunekit.layers import find_layers
+
+    def fake(dense, pruned, batch, kernels, repeats):
+        layers = find_layers(pruned, exclude=("fc2",))
+        return 1 + sum(float((m.weight == 0).float().mean()) for m in layers.values()) / len(
+            layers)
+
+    monkeypatch.setattr(measured, "converted_speedup", fake)
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fast.safetensors"
+    assert main(["prune", "digits-cnn", "--pretrained", "--pattern", "1x16", "--speedup", "1.5",
+                 "--budget", "uniform", "--calib-samples", "64", "--speedup-batch", "32",
+                 "--out", str(out), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["measured"] >= 1.5 and report["skipped"] == ["fc2"]  # 10 rows: no 1x16
+    w = read_weights(out)
+    for name, s in report["budget"].items():
+        assert float((w[f"{name}.weight"] == 0).float().mean()) == pytest.approx(s, abs=0.02)
+    assert torch.count_nonzero(w["fc2.weight"]) == w["fc2.weight"].numel()
+    assert main(["prune", "digits-cnn", "--speedup", "1.5", "--sparsity", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["prune", "digits-cnn", "--pretrained", "--pattern", "1x16", "--speedup", "9",
+                 "--budget", "uniform", "--calib-samples", "64", "--speedup-batch", "32",
+                 "--out", str(tmp_path / "no.safetensors"), "--quiet"]) == 2
+    assert "not reached" in capsys.readouterr().err
+    assert not (tmp_path / "no.safetensors").exists()

@@ -1,9 +1,18 @@
 """Per-layer sparsity budgets: uniform, global by score, ERK, and latency-aware SPDY (measured
-latency table, one-shot sensitivity database, DP, local search)."""
+latency table, one-shot sensitivity database, DP, local search), and a loop that turns a
+predicted speedup into a measured one."""
 
 from prunekit.budget.alloc import erk, global_by_score, prune_with_budget, total_sparsity, uniform
 from prunekit.budget.dp import Unreachable, solve
 from prunekit.budget.latency_table import DEFAULT_LEVELS, LatencyTable, build_latency_table
+from prunekit.budget.measured import (
+    MeasuredSpeedup,
+    SpeedupResult,
+    converted_speedup,
+    meet_measured_speedup,
+    prune_for_speedup,
+    unfit_layers,
+)
 from prunekit.budget.spdy import (
     Allocation,
     Database,
@@ -19,4 +28,6 @@ __all__ = [
     "erk", "global_by_score", "prune_with_budget", "total_sparsity", "uniform", "Unreachable",
     "solve", "DEFAULT_LEVELS", "LatencyTable", "build_latency_table", "Allocation", "Database",
     "Target", "build_database", "cost_matrix", "for_speedup", "layer_macs", "spdy_search",
+    "MeasuredSpeedup", "SpeedupResult", "converted_speedup", "meet_measured_speedup",
+    "prune_for_speedup", "unfit_layers",
 ]

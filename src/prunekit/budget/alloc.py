@@ -24,34 +24,53 @@ def uniform(layers: Sequence[str] | Mapping[str, nn.Module], sparsity: float) ->
     return {name: float(sparsity) for name in layers}
 
 
-def global_by_score(layers: Mapping[str, nn.Module], sparsity: float, score=None) -> dict:
+def global_by_score(layers: Mapping[str, nn.Module], sparsity: float, score=None,
+                    max_sparsity: float = 0.99) -> dict:
     """Per-layer sparsities from one threshold over all layers' scores (|w| by default).
 
-    `score(name, matrix)` may return any per-weight importance of the (out, in) matrix.
+    `score(name, matrix)` may return any per-weight importance of the (out, in) matrix. No
+    layer is emptied: one whose share would pass `max_sparsity` is held there, and the
+    threshold is taken again over the other layers for the weights still to remove.
     """
     check_sparsity(sparsity)
+    check_sparsity(max_sparsity, "max_sparsity")
     scores = {}
     for name, m in layers.items():
         w = weight_matrix(m).detach().float()
         scores[name] = (w.abs() if score is None else score(name, w)).reshape(-1)
+    total = sum(s.numel() for s in scores.values())
+    k = int(round(sparsity * total))
+    held = {}  # layers at max_sparsity
+    while True:
+        free = {n: s for n, s in scores.items() if n not in held}
+        rest = k - sum(held.values())
+        if not free:
+            raise PruneError(f"global sparsity {sparsity} needs more than max_sparsity "
+                             f"{max_sparsity} of every layer")
+        counts = _threshold_counts(free, rest)
+        over = {n: int(max_sparsity * free[n].numel()) for n in free
+                if counts[n] > max_sparsity * free[n].numel()}
+        if not over:
+            break
+        held.update(over)
+    counts.update(held)
+    return {name: counts[name] / scores[name].numel() for name in layers}
+
+
+def _threshold_counts(scores: Mapping[str, torch.Tensor], k: int) -> dict[str, int]:
+    """How many of each layer's scores are among the k smallest of all (ties shared out in
+    layer order, so the counts sum to k exactly)."""
+    if k <= 0:
+        return {name: 0 for name in scores}
     flat = torch.cat(list(scores.values()))
-    k = int(round(sparsity * flat.numel()))
-    if k == 0:
-        return {name: 0.0 for name in layers}
-    threshold = torch.kthvalue(flat, k).values
-    out, below_total = {}, 0
+    threshold = torch.kthvalue(flat, min(k, flat.numel())).values
+    out = {name: int((s < threshold).sum()) for name, s in scores.items()}
+    rest = k - sum(out.values())
     for name, s in scores.items():
-        below = int((s < threshold).sum())
-        out[name] = below
-        below_total += below
-    # ties at the threshold: share the remainder in layer order so the total is exact
-    rest = k - below_total
-    for name, s in scores.items():
-        ties = int((s == threshold).sum())
-        take = min(ties, rest)
+        take = min(int((s == threshold).sum()), rest)
         out[name] += take
         rest -= take
-    return {name: out[name] / scores[name].numel() for name in layers}
+    return out
 
 
 def erk(layers: Mapping[str, nn.Module], sparsity: float, power: float = 1.0) -> dict:

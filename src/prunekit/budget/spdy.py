@@ -188,12 +188,15 @@ def assemble(layers: Mapping[str, nn.Module], db: Database, choice: Mapping[str,
 def spdy_search(model: nn.Module, db: Database, calib, target: Target,
                 table: LatencyTable | None = None, steps: int = 100, seed: int = 0,
                 resolution: int = 2000, loss: Callable[[nn.Module], float] | None = None,
-                batch=None, progress: bool = True) -> Allocation:
+                batch=None, init: Mapping[str, float] | None = None,
+                progress: bool = True) -> Allocation:
     """Search per-layer coefficients; return the best allocation found (the model ends up
     holding it: the database weights at the chosen levels).
 
     loss(model) scores a candidate (default: relative output error against the dense model
     on `calib`). `batch` is a sample input used to count MACs for a 'flops' target.
+    `init` starts from the coefficients of an earlier search (Allocation.coefficients, e.g.
+    at a nearby target) and goes straight to the local search, without random starts.
     """
     start = time.perf_counter()
     names = list(db.weights)
@@ -223,10 +226,17 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
         assemble(layers, db, dict(zip(names, choice)))
         return loss(model), choice
 
-    coef = np.ones(len(names))
+    if init is not None:
+        missing = [n for n in names if n not in init]
+        if missing:
+            raise PruneError(f"init has no coefficient for layer(s) {missing[:3]}: pass the "
+                             "coefficients of a search over the same database")
+        coef = np.array([float(init[n]) for n in names])
+    else:
+        coef = np.ones(len(names))
     best_loss, best_choice = evaluate(coef)
     history = [best_loss]
-    explore = steps // 5
+    explore = 0 if init is not None else steps // 5
     with Progress(enabled=progress) as bar:
         task = bar.add("SPDY search", total=steps)
         for step in range(steps):

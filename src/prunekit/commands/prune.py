@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 
+from prunekit.budget.measured import BUDGETS
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
 
@@ -28,6 +29,14 @@ def register(sub) -> None:
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    p.add_argument("--speedup", type=float, default=None,
+                   help="prune for this measured speedup on this machine instead of a "
+                        "sparsity: per-layer budget, convert to sparse kernels, measure, repeat")
+    p.add_argument("--budget", default="spdy", choices=BUDGETS,
+                   help="how --speedup spreads sparsity over the layers (default spdy)")
+    p.add_argument("--speedup-batch", type=int, default=64,
+                   help="batch size the --speedup is measured at")
+    p.add_argument("--steps", type=int, default=100, help="SPDY search steps (--budget spdy)")
     p.add_argument("--out", help="write the pruned weights here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,6 +105,9 @@ def cmd_prune(args) -> int:
     from prunekit.io import save_weights
     from prunekit.models import calibration_batches, get_info, load_model
 
+    if args.speedup is not None and args.sparsity is not None:
+        raise PruneError("give --sparsity or --speedup, not both: --speedup chooses each "
+                         "layer's sparsity")
     config = make_config(args.method, args.sparsity, args.pattern, args.option)
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
                        allow_pickle=args.allow_pickle)
@@ -105,6 +117,8 @@ def cmd_prune(args) -> int:
             raise PruneError(f"{config.method} needs calibration data, which prunekit can draw "
                              f"only for registry models; use the Python API for {args.model}")
         calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed)
+    if args.speedup is not None:
+        return _prune_for_speedup(args, model, config, calib)
     report = prune(model, config, calib, progress=not args.quiet)
     if args.out:
         save_weights(model, args.out, metadata={"prunekit_report": report.to_dict()})
@@ -113,6 +127,43 @@ def cmd_prune(args) -> int:
         print()
     else:
         print(report)
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def _prune_for_speedup(args, model, config, calib) -> int:
+    from prunekit.budget import prune_for_speedup
+    from prunekit.io import save_weights
+    from prunekit.models import calibration_batches, get_info
+
+    if ":" in args.model:
+        raise PruneError("--speedup measures on a batch drawn from the model's dataset, which "
+                         f"prunekit has only for registry models; use the Python API "
+                         f"(prunekit.budget.prune_for_speedup) for {args.model}")
+    info = get_info(args.model)
+    if calib is None:  # SPDY scores its candidates on calibration data whatever the method
+        calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
+    timing = calibration_batches(info, n=args.speedup_batch, seed=args.seed + 1,
+                                 batch_size=args.speedup_batch)[0]
+    result = prune_for_speedup(model, config, calib, timing, args.speedup, args.budget,
+                               steps=args.steps, progress=not args.quiet)
+    report = {"method": config.method, "pattern": config.pattern, "target": args.speedup,
+              "batch_size": args.speedup_batch, **result.to_dict()}
+    if args.out:
+        save_weights(model, args.out, metadata={"prunekit_report": report})
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(f"{config.method} ({config.pattern}, {args.budget} budget): measured speedup "
+              f"{result.measured:.2f}x at batch {args.speedup_batch} (target "
+              f"{args.speedup:g}x; table predicted {result.predicted_speedup:.2f}x) after "
+              f"{len(result.rounds)} round(s)")
+        for name, s in result.budget.items():
+            print(f"  {name:<40} sparsity {s:.2f}")
+        if result.skipped:
+            print(f"  left dense (the pattern cannot tile them): {', '.join(result.skipped)}")
         if args.out:
             print(f"wrote {args.out}")
     return 0
