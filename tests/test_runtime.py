@@ -53,6 +53,9 @@ def test_block_kernel_matches_dense(n, s):
     for cols in (1, 7):
         x = torch.randn(48, cols)
         torch.testing.assert_close(k.matmul(x), w @ x, rtol=1e-5, atol=1e-5)
+    k.chunk = 3  # rows in chunks of 3: full chunks and a partial last one
+    x = torch.randn(11, 48)
+    torch.testing.assert_close(k.linear(x), x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_block_kernel_with_empty_block_row():
@@ -113,6 +116,12 @@ def test_sparse_linear_keeps_leading_dims():
         lin.weight.mul_(torch.rand_like(lin.weight) > 0.5)
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(sparse_module(lin, "csr")(x), lin(x), rtol=1e-5, atol=1e-5)
+    blocked = nn.Linear(12, 8)
+    with torch.no_grad():
+        blocked.weight.mul_(Block1xN(4).select(torch.rand(8, 12), 0.5))
+    layer = sparse_module(blocked, "block")
+    assert layer.kernel.full is None
+    torch.testing.assert_close(layer(x), blocked(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_layers_fall_back_to_dense_with_note():

@@ -30,6 +30,7 @@ from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
 from prunekit.patterns import get_pattern
 from prunekit.progress import Progress
 from prunekit.runtime.convert import candidate_kernels, layer_inputs
+from prunekit.runtime.kernels import VERSION as KERNELS_VERSION
 from prunekit.runtime.latency import machine_info, measure_latency, num_threads, time_calls
 
 DEFAULT_LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -80,8 +81,8 @@ class LatencyTable:
 
 def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc) -> str:
     info = machine_info(threads)
-    parts = ["v2", info["cpu"], str(info["cores"]), str(info["threads"]), info["torch"],
-             str(info["gpu"]), type(model).__name__, pattern, ",".join(kernels),
+    parts = [f"v{KERNELS_VERSION}", info["cpu"], str(info["cores"]), str(info["threads"]),
+             info["torch"], str(info["gpu"]), type(model).__name__, pattern, ",".join(kernels),
              ",".join(f"{x:g}" for x in levels), batch_desc]
     parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

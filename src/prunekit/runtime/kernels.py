@@ -24,6 +24,9 @@ from torch import nn
 
 from prunekit.errors import PruneError
 
+# bumped when a kernel's speed changes: cached latency tables are then measured again
+VERSION = 3
+
 KERNELS = ("dense", "csr", "block", "2:4")
 
 
@@ -83,7 +86,11 @@ class BlockWeight:
         wb = w.reshape(nb, self.n, cols)
         vals = torch.gather(wb, 2, order.unsqueeze(1).expand(nb, self.n, kmax))
         self.values = (vals * valid.unsqueeze(1)).contiguous()  # (nb, N, kmax)
+        self.values_t = self.values.transpose(1, 2).contiguous()  # (nb, kmax, N)
         self.nb, self.kmax = nb, kmax
+        # rows per chunk in linear(): the chunk's gathered columns (about 2^18 floats) stay
+        # in cache; gathering every row at once streams copies of the activations
+        self.chunk = max(16, min(512, (1 << 18) // (nb * kmax)))
         # no block row drops a column (a convolution's gathered taps often): a plain GEMM
         self.full = w.contiguous() if bool((counts == cols).all()) else None
 
@@ -92,6 +99,19 @@ class BlockWeight:
             return self.full @ xt
         g = xt.index_select(0, self.index).view(self.nb, self.kmax, xt.shape[1])
         return torch.bmm(self.values, g).view(self.shape[0], xt.shape[1])
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T for a row-major x of shape (T, in), as (T, out), a chunk of rows at a
+        time."""
+        if self.full is not None:
+            return x @ self.full.t()
+        y = x.new_empty(x.shape[0], self.shape[0])
+        for s in range(0, x.shape[0], self.chunk):
+            xc = x[s:s + self.chunk]
+            g = xc.index_select(1, self.index).view(len(xc), self.nb, self.kmax)
+            y[s:s + self.chunk].view(len(xc), self.nb, self.n).transpose(0, 1).copy_(
+                torch.bmm(g.transpose(0, 1), self.values_t))
+        return y
 
     def matmul_batched(self, x: torch.Tensor) -> torch.Tensor:
         """W @ x[b] for x of shape (B, in, L), as (B, out, L): a convolution's patches need
@@ -168,8 +188,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xt = x.reshape(-1, self.in_features).t().contiguous()
-        y = self.kernel.matmul(xt).t()
+        if hasattr(self.kernel, "linear"):  # row-major in and out: no transposed copies
+            y = self.kernel.linear(x.reshape(-1, self.in_features).contiguous())
+        else:
+            y = self.kernel.matmul(x.reshape(-1, self.in_features).t().contiguous()).t()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
