@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--steps", type=int, default=100, help="SPDY search steps")
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--rounds", type=int, default=4,
+    p.add_argument("--rounds", type=int, default=5,
                    help="prune-convert-measure rounds per budget to land the measured speedup "
                         "in [target, target x (1 + band)] (1: trust the latency table)")
     p.add_argument("--band", type=float, default=0.05)

@@ -414,3 +414,21 @@ def test_unfit_layers_names_what_a_pattern_cannot_tile():
     assert unfit_layers(model, "1x16") == ("layers.2",)
     assert unfit_layers(model, "1x16", exclude=("layers.2",)) == ()
     assert unfit_layers(model, "unstructured") == ()
+
+
+def test_meet_measured_speedup_narrows_a_bracket_when_the_speedup_jumps():
+    """Kernels switch at a sparsity threshold: the measured speedup jumps from 1.2x to 2x at
+    predicted 1.6x. Once a miss and a hit bracket the target, every later try stays inside
+    and the least pruned hit ends close above the jump."""
+    tried = []
+
+    def build(t):
+        tried.append(t)
+        return t
+
+    res = meet_measured_speedup(build, lambda t: 2.0 if t >= 1.6 else 1.2, 1.5, rounds=5)
+    assert res.measured == 2.0 and 1.6 <= res.predicted_target < 1.7
+    lo, hi = tried[0], tried[1]  # 1.5 misses; scaling by 1.5375 / 1.2 overshoots the jump
+    for t in tried[2:]:
+        assert lo < t < hi
+        lo, hi = (t, hi) if t < 1.6 else (lo, t)

@@ -41,7 +41,7 @@ class MeasuredSpeedup:
 
 
 def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any], float],
-                          target: float, rounds: int = 4, band: float = 0.05,
+                          target: float, rounds: int = 5, band: float = 0.05,
                           log: Callable[[str], None] | None = None) -> MeasuredSpeedup:
     """Find a model whose measured speedup is at least `target`, pruning as little as it can.
 
@@ -50,6 +50,11 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
     measured speedup. Up to `rounds` builds. Of the models that reach the target, the one
     built for the smallest t is returned (the least pruned). If none does, Unreachable is
     raised with the best measured speedup as `best`.
+
+    The next t scales the last one by aim / measured. Once one t has missed the target and a
+    larger one has reached it, the next t is interpolated between those two and stays
+    strictly between them: kernels switch at sparsity thresholds, so the measured speedup
+    can jump, and plain scaling would step back outside the bracket.
     """
     if target < 1:
         raise PruneError(f"a speedup target is a factor >= 1, got {target}")
@@ -78,13 +83,27 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
             hits.append((t, measured, model))
             if measured <= target * (1 + band):
                 break
-        t = max(1.0, t * aim / measured)  # a predicted slowdown prunes nothing
+        t = _next_target(t, measured, aim, target, history)
     if not hits:
         best = max((h["measured"] for h in history if "measured" in h), default=1.0)
         raise Unreachable(f"measured speedup {target:g}x was not reached in {len(history)} "
                           f"round(s): the best measured is {best:.3f}x", best)
     t, measured, model = min(hits, key=lambda h: h[0])
     return MeasuredSpeedup(model, t, measured, history)
+
+
+def _next_target(t: float, measured: float, aim: float, target: float,
+                 history: list[dict]) -> float:
+    tried = [(h["predicted_target"], h["measured"]) for h in history if "measured" in h]
+    misses = [p for p in tried if p[1] < target]
+    hits = [p for p in tried if p[1] >= target]
+    lo = max(misses) if misses else None  # the largest t that missed
+    hi = min(hits) if hits else None  # the smallest t that reached the target
+    if lo is not None and hi is not None and lo[0] < hi[0]:
+        (t0, m0), (t1, m1) = lo, hi
+        guess = t0 + (aim - m0) * (t1 - t0) / (m1 - m0)
+        return guess if t0 < guess < t1 else 0.5 * (t0 + t1)
+    return max(1.0, t * aim / measured)  # a predicted slowdown prunes nothing
 
 
 BUDGETS = ("uniform", "global", "erk", "spdy")
@@ -139,7 +158,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
                       levels: Sequence[float] = DEFAULT_LEVELS,
                       kernels: Sequence[str] = ("dense", "csr", "block"),
                       include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                      steps: int = 100, rounds: int = 4, band: float = 0.05, repeats: int = 9,
+                      steps: int = 100, rounds: int = 5, band: float = 0.05, repeats: int = 9,
                       measure: Callable[[nn.Module, nn.Module], float] | None = None,
                       progress: bool = True) -> SpeedupResult:
     """Prune `model` in place, one-shot with `config`, so that once converted
