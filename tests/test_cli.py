@@ -97,8 +97,10 @@ def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["measured"] >= 1.5 and report["skipped"] == ["fc2"]  # 10 rows: no 1x16
     w = read_weights(out)
-    for name, s in report["budget"].items():
-        assert float((w[f"{name}.weight"] == 0).float().mean()) == pytest.approx(s, abs=0.02)
+    for name, s in report["budget"].items():  # to within one 1x16 block of the layer
+        weight = w[f"{name}.weight"]
+        assert float((weight == 0).float().mean()) == pytest.approx(
+            s, abs=16 / weight.numel() + 1e-6)
     assert torch.count_nonzero(w["fc2.weight"]) == w["fc2.weight"].numel()
     assert main(["prune", "digits-cnn", "--speedup", "1.5", "--sparsity", "0.5"]) == 2
     assert "not both" in capsys.readouterr().err

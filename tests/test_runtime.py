@@ -65,6 +65,26 @@ def test_block_kernel_with_empty_block_row():
     torch.testing.assert_close(BlockWeight(w, 4).matmul(x), w @ x)
 
 
+def test_block_kernel_groups_uneven_block_rows():
+    """Block rows keeping 1, 3, 9, 40 and 0 columns: each group pads to at most twice its
+    smallest count, and every product matches the dense one."""
+    w = torch.zeros(20, 48)
+    for row, kept in enumerate((1, 3, 9, 40, 0)):
+        cols = torch.randperm(48)[:kept]
+        w[4 * row:4 * row + 4, cols] = torch.randn(4, kept)
+    k = BlockWeight(w, 4)
+    assert len(k.groups) == 4 and not k.covers_all
+    for g in k.groups:
+        kept = (w.view(5, 4, 48) != 0).any(1).sum(1)[g.rows[::4] // 4]
+        assert g.k == int(kept.max()) <= 2 * int(kept.min())
+    for rows in (3, 200):
+        x = torch.randn(rows, 48)
+        torch.testing.assert_close(k.linear(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k.matmul(x.t()), w @ x.t(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 48, 5)
+    torch.testing.assert_close(k.matmul_batched(x), w @ x, rtol=1e-5, atol=1e-5)
+
+
 def test_block_detection_and_refusal():
     w = _sparse(16, 16, 0.5)  # unstructured: no 1xN structure
     assert block_size_of(w != 0) == 1
