@@ -106,10 +106,10 @@ class BlockWeight:
                              torch.full_like(counts, -1, dtype=torch.float32))
         wb = w.reshape(nb, self.n, cols)
         kinds = [b for b in bucket.unique().tolist() if b >= 0]
+        self.covers_all = bool((counts > 0).all())  # no block row is empty
         self.groups = [_BlockGroup(wb, blocks, counts, torch.nonzero(bucket == b).flatten(),
-                                   self.n, natural=len(kinds) == 1 and bool((counts > 0).all()))
+                                   self.n, natural=len(kinds) == 1 and self.covers_all)
                        for b in kinds]
-        self.covers_all = bool((counts > 0).all())
 
     def _out(self, like: torch.Tensor, shape) -> torch.Tensor:
         return like.new_empty(shape) if self.covers_all else like.new_zeros(shape)
