@@ -18,6 +18,7 @@ from prunekit.budget import (
     Unreachable,
     build_database,
     build_latency_table,
+    converted_speedup,
     cost_matrix,
     erk,
     for_speedup,
@@ -367,6 +368,35 @@ def test_meet_measured_speedup_backs_off_an_overshoot():
         meet_measured_speedup(build, lambda t: t, 0.5)
 
 
+def test_meet_measured_speedup_confirms_a_hit_before_taking_it():
+    """A noisy machine: each model measures 15% fast on its first run and at its true speed
+    after. One lucky sample must not pick a model that is really slower than the target."""
+    true = {}
+    runs: dict[float, int] = {}
+
+    def build(t):
+        true[t] = 0.92 * t  # the prediction runs 8% optimistic
+        return t
+
+    def measure(t):
+        runs[t] = runs.get(t, 0) + 1
+        return true[t] * (1.15 if runs[t] == 1 else 1.0)
+
+    res = meet_measured_speedup(build, measure, 1.5, band=0.05, confirm=2)
+    assert true[res.predicted_target] * (1 + 0.15 / 3) >= 1.5  # the mean of 3 samples
+    assert res.measured == pytest.approx(true[res.predicted_target] * (1 + 0.15 / 3))
+    first = res.rounds[0]
+    assert first["samples"] == pytest.approx([1.5 * 0.92 * 1.15, 1.5 * 0.92, 1.5 * 0.92])
+    assert first["measured"] < 1.5  # the lucky first sample alone would have been taken
+    misses = [r for r in res.rounds if len(r["samples"]) == 1]
+    assert all(r["measured"] < 1.5 for r in misses)  # a first miss is not measured again
+    runs.clear()
+    lucky = meet_measured_speedup(build, measure, 1.5, band=0.05, confirm=0)
+    assert true[lucky.predicted_target] < 1.5 <= lucky.measured  # fooled without confirming
+    with pytest.raises(PruneError, match="confirm >= 0"):
+        meet_measured_speedup(build, measure, 1.5, confirm=-1)
+
+
 @pytest.mark.parametrize("kind", ["uniform", "global", "erk", "spdy"])
 def test_prune_for_speedup_reaches_the_measured_target(kind):
     """A table that overestimates (the 'measurement' runs every sparse layer 25% slower than
@@ -407,6 +437,17 @@ def test_prune_for_speedup_rejects_bad_arguments():
         prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, "fastest")
     with pytest.raises(PruneError, match="no prunable layer"):
         prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, include=("nothing*",))
+
+
+def test_converted_speedup_reports_its_times_and_kernels():
+    model, calib, _ = _tiny_setup()
+    pruned = copy.deepcopy(model)
+    prune(pruned, Magnitude(sparsity=0.9, pattern="1x16", exclude=("layers.2",)))
+    info = {}
+    speedup = converted_speedup(model, pruned, calib[0], repeats=3, info=info)
+    assert speedup == pytest.approx(info["dense_ms"] / info["sparse_ms"]) == info["speedup"]
+    assert sum(info["kernels"].values()) == 3  # every layer, each with its chosen kernel
+    assert set(info["kernels"]) <= {"dense", "csr", "block"}
 
 
 def test_unfit_layers_names_what_a_pattern_cannot_tile():

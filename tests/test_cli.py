@@ -83,7 +83,7 @@ def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
     import prunekit.budget.measured as measured
     from prunekit.layers import find_layers
 
-    def fake(dense, pruned, batch, kernels, repeats):
+    def fake(dense, pruned, batch, kernels, repeats, info=None):
         layers = find_layers(pruned, exclude=("fc2",))
         return 1 + sum(float((m.weight == 0).float().mean()) for m in layers.values()) / len(
             layers)
