@@ -86,5 +86,9 @@ def solve(errors, costs, budget: float, resolution: int | None = 2000) -> list[i
         choice = trace(int(end))
         if sum(c[i, k] for i, k in enumerate(choice)) <= budget + slack:
             return choice
+    if cheapest <= budget + slack:
+        # near the limit, rounding up can hide the only allocations that fit: each kept
+        # state held a lower-error choice whose real cost is over; the cheapest one fits
+        return [int(k) for k in np.where(allowed, c, np.inf).argmin(axis=1)]
     raise Unreachable(f"budget {budget:.6g} cannot be met at resolution {resolution}; "
                       f"the cheapest allocation costs {cheapest:.6g}", cheapest)

@@ -4,7 +4,7 @@ A latency table times each layer on its own. Inside the whole model the layers s
 and the converted kernels add small costs of their own, so the speedup measured on the
 converted model drifts from the table's prediction (ResNet-20's 1x16 convolutions measure
 5-15% under it). This closes the loop: prune for a predicted target, convert, measure, and
-scale the predicted target by aim / measured until the measurement lands in
+scale the predicted gain (target - 1) by (aim - 1) / (measured - 1) until it lands in
 [target, target * (1 + band)], where aim is the middle of that band.
 
 Measurements on a shared machine swing by about 10% from run to run, so a candidate that
@@ -59,8 +59,9 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
     `target` is measured `confirm` more times, and its speedup is the mean of all its
     samples: it reaches the target only if that mean does.
 
-    The next t scales the last one by aim / measured. Once one t has missed the target and a
-    larger one has reached it, the next t is interpolated between those two and stays
+    The next t scales the last one's gain (t - 1) by (aim - 1) / (measured - 1). Once one
+    t has missed the target and a larger one has reached it, the next t is interpolated
+    between those two and stays
     strictly between them: kernels switch at sparsity thresholds, so the measured speedup
     can jump, and plain scaling would step back outside the bracket.
     """
@@ -117,7 +118,11 @@ def _next_target(t: float, measured: float, aim: float, target: float,
         (t0, m0), (t1, m1) = lo, hi
         guess = t0 + (aim - m0) * (t1 - t0) / (m1 - m0)
         return guess if t0 < guess < t1 else 0.5 * (t0 + t1)
-    return max(1.0, t * aim / measured)  # a predicted slowdown prunes nothing
+    if measured <= 1 or t <= 1:  # nothing gained yet: push by the whole shortfall
+        return max(1.0, t * aim / max(measured, 1e-9))
+    # the time saved, not the speedup, scales with the pruning: at batch 1, 95% runs twice
+    # as fast as 90% and plain scaling steps all the way back to no pruning
+    return 1 + (t - 1) * (aim - 1) / (measured - 1)
 
 
 BUDGETS = ("uniform", "global", "erk", "spdy")
