@@ -232,6 +232,20 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     open(t1.path, "w").write(json.dumps(state))
     t3 = build_latency_table(model, x, levels, repeats=2, progress=False)
     assert len(calls) == 1 and t3.times["layers.0"] == t1.times["layers.0"]
+    # timed call after call (weights left in cache): a table of its own, not the cold one
+    hot = build_latency_table(model, x, levels, repeats=2, progress=False, cold=False)
+    assert hot.path != t1.path and len(calls) == 3
+    flushes = []
+
+    class Counting:
+        def __call__(self):
+            flushes.append(1)
+
+    monkeypatch.setattr(lt_mod, "CacheFlush", Counting)
+    build_latency_table(model, x, levels, repeats=2, progress=False, cold=False, refresh=True)
+    assert flushes == []
+    build_latency_table(model, x, levels, repeats=2, progress=False, refresh=True)
+    assert len(flushes) >= 2 * 2 * len(levels)  # every timed call of every layer and level
 
 
 def _tiny_setup():

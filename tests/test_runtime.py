@@ -215,6 +215,24 @@ def test_measure_latency_reports_medians_and_threads():
         measure_latency(model, torch.randn(1, 3, 8, 8), threads=0)
 
 
+def test_time_calls_runs_before_ahead_of_every_single_timed_call():
+    from prunekit.runtime.latency import CacheFlush, last_level_cache_bytes, time_calls
+
+    log = []
+    r = time_calls({"a": lambda: log.append("a"), "b": lambda: log.append("b")}, warmup=1,
+                   repeats=4, before=lambda: log.append("flush"))
+    assert r["a"]["samples"] == r["b"]["samples"] == 4
+    timed = log[2:]  # after one warm-up call each: flush, call, flush, call, ...
+    assert timed == ["flush", "a", "flush", "b"] * 4
+    log.clear()
+    time_calls({"a": lambda: log.append("a")}, warmup=1, repeats=2)
+    assert len(log) > 3  # without `before`, a fast call repeats within a sample
+    flush = CacheFlush()
+    assert flush.buffer.numel() * 4 == 2 * last_level_cache_bytes() > 0
+    flush()
+    assert float(flush.buffer[0]) == 1.0  # every element written
+
+
 def test_compressed_export_round_trips_bit_exactly(tmp_path):
     model = _Net()
     prune(model, Magnitude(sparsity=0.8), progress=False)

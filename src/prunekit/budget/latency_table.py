@@ -2,11 +2,14 @@
 
 For each prunable layer and level, the layer (with its own shape and its real input from a
 sample batch) gets weights at that sparsity (random mask under the pattern) and runs through
-every kernel that serves it; the fastest median is the layer's time at that level. The rest of
+every kernel that serves it; the fastest median is the layer's time at that level. Each call
+starts with the caches flushed and only the layer's input warm, as inside the whole model,
+where the other layers evict its weights (cold=False times call after call). The rest of
 the model (everything but the prunable layers) is the dense model's time minus the dense layer
 times. The table is a JSON file under $PRUNEKIT_CACHE/latency (default ~/.cache/prunekit),
-keyed by the machine, the thread count, the model's layer shapes, the batch shape and the
-levels; each layer is written as soon as it is measured, so an interrupted build resumes.
+keyed by the machine, the thread count, the model's layer shapes, the batch shape, the
+levels and the cold setting; each layer is written as soon as it is measured, so an
+interrupted build resumes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from prunekit.patterns import get_pattern
 from prunekit.progress import Progress
 from prunekit.runtime.convert import candidate_kernels, layer_inputs
 from prunekit.runtime.kernels import VERSION as KERNELS_VERSION
-from prunekit.runtime.latency import machine_info, measure_latency, num_threads, time_calls
+from prunekit.runtime.latency import (
+    CacheFlush,
+    machine_info,
+    measure_latency,
+    num_threads,
+    time_calls,
+)
 
 DEFAULT_LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -79,11 +88,12 @@ class LatencyTable:
                 "dense_total": self.dense_total, "machine": self.machine}
 
 
-def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc) -> str:
+def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc,
+         cold) -> str:
     info = machine_info(threads)
-    parts = [f"v{KERNELS_VERSION}", info["cpu"], str(info["cores"]), str(info["threads"]),
-             info["torch"], str(info["gpu"]), type(model).__name__, pattern, ",".join(kernels),
-             ",".join(f"{x:g}" for x in levels), batch_desc]
+    parts = [f"v{KERNELS_VERSION}", "cold" if cold else "hot", info["cpu"], str(info["cores"]),
+             str(info["threads"]), info["torch"], str(info["gpu"]), type(model).__name__,
+             pattern, ",".join(kernels), ",".join(f"{x:g}" for x in levels), batch_desc]
     parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -102,7 +112,8 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
                         include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                         threads: int | None = None, repeats: int = 9,
                         cache: str | os.PathLike | None = None, refresh: bool = False,
-                        progress: bool = True, seed: int = 0) -> LatencyTable:
+                        progress: bool = True, seed: int = 0,
+                        cold: bool = True) -> LatencyTable:
     """Measure (or load from the cache) the latency table of `model` on `batch`."""
     levels = sorted(float(x) for x in levels)
     if not levels or levels[0] != 0.0 or levels[-1] >= 1.0:
@@ -114,7 +125,8 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
     missing = [n for n in layers if n not in inputs]
     if missing:
         raise PruneError(f"layer {missing[0]} did not run on the sample batch; exclude it")
-    key = _key(model, layers, inputs, levels, pat.name, kernels, threads, _batch_desc(batch))
+    key = _key(model, layers, inputs, levels, pat.name, kernels, threads, _batch_desc(batch),
+               cold)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", machine_info(threads)["cpu"]).strip("-")[:40]
     path = Path(cache) if cache else cache_dir() / f"{slug}-{key}.json"
     state = {"levels": levels, "times": {}, "kernels": {}, "dense_total": None,
@@ -127,6 +139,7 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
         except (json.JSONDecodeError, OSError):
             pass  # a corrupt cache is measured again
     gen = torch.Generator().manual_seed(seed)
+    flush = CacheFlush() if cold else None
     with num_threads(threads), Progress(enabled=progress) as bar:
         task = bar.add("latency table", total=len(layers))
         for name, module in layers.items():
@@ -134,7 +147,7 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
                 bar.advance(task)
                 continue
             state["times"][name], state["kernels"][name] = _measure_layer(
-                module, inputs[name], levels, pat, kernels, repeats, gen)
+                module, inputs[name], levels, pat, kernels, repeats, gen, flush)
             atomic_write_text(path, json.dumps(state, indent=1))
             bar.advance(task)
         if state["dense_total"] is None:
@@ -145,14 +158,16 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
                         state["machine"], str(path))
 
 
-def _measure_layer(module, x, levels, pattern, kernels, repeats, gen):
+def _measure_layer(module, x, levels, pattern, kernels, repeats, gen, flush):
     """Seconds per level. Each level's sparse kernels are timed interleaved with the dense
     layer and kept as a ratio to it, scaled by the level-0 dense time: timings taken minutes
     apart under different machine load are never compared directly."""
     w = weight_matrix(module).detach().float()
     dense = module
+    before = None if flush is None else (lambda: (flush(), x.sum()))  # input warm, rest cold
     with torch.inference_mode():
-        base = time_calls({"dense": lambda: dense(x)}, repeats=repeats)["dense"]["median"]
+        base = time_calls({"dense": lambda: dense(x)}, repeats=repeats,
+                          before=before)["dense"]["median"]
     times, chosen = [base], ["dense"]
     for s in levels[1:]:
         probe = copy.deepcopy(module)
@@ -162,7 +177,8 @@ def _measure_layer(module, x, levels, pattern, kernels, repeats, gen):
         set_weight_matrix(probe, torch.where(w == 0, torch.ones_like(w), w) * mask)
         cands, _ = candidate_kernels(probe, x, kernels)
         with torch.inference_mode():
-            t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=repeats)
+            t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=repeats,
+                           before=before)
         best = min(t, key=lambda k: t[k]["median"])
         # served densely, a level costs exactly the dense time (no ratio rounding)
         times.append(base if best == "dense" else base * t[best]["median"] / t["dense"]["median"])
