@@ -309,6 +309,23 @@ def test_spdy_flops_and_speedup_targets():
         Target("latency", 2.0)
 
 
+def test_spdy_reaches_its_own_max_speedup_when_layers_sum_past_the_model():
+    """Layers timed cold can sum to more than the whole model: `other` is clamped at 0. The
+    search must then use the table's own baseline: a target just under max_speedup() is
+    reachable (with the measured total as baseline it raised Unreachable)."""
+    model, calib, db = _tiny_setup()
+    names = list(db.weights)
+    table = lt_mod.LatencyTable(db.levels, {n: [4.0, 3.0, 2.0, 1.0] for n in names},
+                                {n: ["dense"] * 4 for n in names},
+                                dense_total=3.0 * len(names), machine={})
+    assert table.other == 0 and table.max_speedup() == pytest.approx(4.0)
+    target = table.max_speedup() * (1 - 1e-6)
+    alloc = spdy_search(model, db, calib, Target("speedup", target), table=table, steps=2,
+                        progress=False)
+    assert alloc.predicted["speedup"] >= target
+    assert set(alloc.budget.values()) == {db.levels[-1]}  # the only way there
+
+
 def test_for_speedup_bisection():
     table = lt_mod.LatencyTable([0.0, 0.5, 0.9], {"a": [2.0, 1.5, 0.5], "b": [2.0, 2.0, 1.0]},
                                 {}, dense_total=5.0, machine={})

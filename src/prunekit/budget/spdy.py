@@ -135,7 +135,10 @@ def cost_matrix(names: Sequence[str], levels: Sequence[float], target: Target,
             raise PruneError(f"the latency table's levels {table.levels} differ from the "
                              f"database's {list(levels)}")
         costs = np.array([table.times[n] for n in names])
-        budget = table.dense_total / target.value - table.other
+        # the same baseline as table.speedup: when the layers timed cold sum to more than
+        # the whole model, `other` is clamped at 0 and the dense prediction exceeds the
+        # measured total (dense_total here made SPDY refuse its own max_speedup)
+        budget = table.predict({}) / target.value - table.other
         if budget <= 0 or costs.min(axis=1).sum() > budget:
             raise Unreachable(
                 f"speedup {target.value:g}x cannot be reached on this machine: the best "
@@ -259,8 +262,7 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
     predicted = {"cost": chosen_cost, "budget": cap,
                  "sparsity": sum(budget[n] * sizes[n] for n in names) / sum(sizes.values())}
     if table is not None:
-        predicted["speedup"] = table.dense_total / (table.other + sum(
-            table.times[n][k] for n, k in zip(names, best_choice)))
+        predicted["speedup"] = table.speedup(budget)
     return Allocation(budget, best_loss, dict(zip(names, coef.tolist())), predicted, history,
                       time.perf_counter() - start)
 

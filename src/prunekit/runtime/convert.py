@@ -20,7 +20,7 @@ from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
 from prunekit.progress import Progress
 from prunekit.runtime.kernels import KERNELS, sparse_module, unsupported_reason
-from prunekit.runtime.latency import CacheFlush, machine_info, num_threads, time_calls
+from prunekit.runtime.latency import machine_info, num_threads, time_calls
 
 
 @dataclass
@@ -117,11 +117,8 @@ def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]
 def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "block", "2:4"),
             include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
             threads: int | None = None, repeats: int = 9, inplace: bool = False,
-            progress: bool = True, cold: bool = True) -> tuple[nn.Module, ConversionReport]:
+            progress: bool = True) -> tuple[nn.Module, ConversionReport]:
     """Replace each prunable layer by its fastest kernel, measured on its input from `batch`.
-
-    With cold=True each timed call starts with the caches flushed (the input kept warm), as
-    inside the whole model, where the other layers evict this one's weights.
 
     Returns (converted model, report). The original model is untouched unless inplace=True.
     """
@@ -133,7 +130,6 @@ def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "
     layers = find_layers(target, include, exclude)
     inputs = layer_inputs(target, layers, batch)
     choices = []
-    flush = CacheFlush() if cold else None
     with num_threads(threads), Progress(enabled=progress) as bar:
         task = bar.add("converting layers", total=len(layers))
         for name, module in layers.items():
@@ -145,9 +141,7 @@ def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "
             cands, notes = candidate_kernels(module, x, kernels)
             with torch.inference_mode():
                 times = time_calls({k: (lambda m=m, x=x: m(x)) for k, m in cands.items()},
-                                   repeats=repeats,
-                                   before=None if flush is None else (
-                                       lambda x=x: (flush(), x.sum())))
+                                   repeats=repeats)
             ms = {k: 1e3 * v["median"] for k, v in times.items()}
             best = min(ms, key=ms.get)
             if best != "dense":
