@@ -75,8 +75,8 @@ class CacheFlush:
 
     Inside a whole model each layer's weights are evicted by the other layers' before the
     layer runs again; a layer timed alone, call after call, finds them in cache. At small
-    batches that hides most of a dense layer's time: MiniLM's linear layers at batch 1 sum
-    to 5.0 ms timed hot and 11.2 ms cold, in a 15.2 ms model."""
+    batches that hides most of a dense layer's time: MiniLM's linear layers at batch 1 (2
+    threads) sum to 5.0 ms timed hot and 11.2 ms cold, in a 15.2 ms model."""
 
     def __init__(self, nbytes: int | None = None):
         self.buffer = torch.zeros((nbytes or 2 * last_level_cache_bytes()) // 4)
