@@ -8,8 +8,9 @@ scale the predicted gain (target - 1) by (aim - 1) / (measured - 1) until it lan
 [target, target * (1 + band)], where aim is the middle of that band.
 
 Measurements on a shared machine swing by about 10% from run to run, so a candidate that
-reaches the target is measured again (`confirm` times) and judged by the mean: one lucky
-measurement would otherwise pick a model that is slower than the target.
+reaches the target, or misses it by less than the band, is measured again (`confirm` times)
+and judged by the mean: one lucky measurement would otherwise pick a model that is slower
+than the target, and one unlucky miss would push the search to prune more than it needs.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
     measured speedup. Up to `rounds` builds. Of the models that reach the target, the one
     built for the smallest t is returned (the least pruned). If none does, Unreachable is
     raised with the best measured speedup as `best`. A model that measures at least
-    `target` is measured `confirm` more times, and its speedup is the mean of all its
-    samples: it reaches the target only if that mean does.
+    target / (1 + band) is measured `confirm` more times, and its speedup is the mean of all
+    its samples: it reaches the target only if that mean does.
 
     The next t scales the last one's gain (t - 1) by (aim - 1) / (measured - 1). Once one
     t has missed the target and a larger one has reached it, the next t is interpolated
@@ -86,7 +87,7 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
             ceiling = e.best * (1 - 1e-6)
             continue
         samples = [float(measure(model))]
-        if samples[0] >= target:
+        if samples[0] >= target / (1 + band):  # a hit, or a miss that noise may have made
             samples += [float(measure(model)) for _ in range(confirm)]
         measured = sum(samples) / len(samples)
         history.append({"predicted_target": t, "measured": measured, "samples": samples})
