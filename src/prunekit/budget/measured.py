@@ -62,9 +62,9 @@ def meet_measured_speedup(build: Callable[[float], Any], measure: Callable[[Any]
 
     The next t scales the last one's gain (t - 1) by (aim - 1) / (measured - 1). Once one
     t has missed the target and a larger one has reached it, the next t is interpolated
-    between those two and stays
-    strictly between them: kernels switch at sparsity thresholds, so the measured speedup
-    can jump, and plain scaling would step back outside the bracket.
+    between those two and stays strictly between them: kernels switch at sparsity
+    thresholds, so the measured speedup can jump, and plain scaling would step back outside
+    the bracket.
     """
     if target < 1:
         raise PruneError(f"a speedup target is a factor >= 1, got {target}")
@@ -202,7 +202,8 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
     database are built when not given (the table is cached per machine). `measure(dense,
     pruned)` returns a candidate's speedup (default: converted_speedup, whose times and
     kernel counts for the chosen model land in `timings`); a candidate that reaches the
-    target is measured `confirm` more times and judged by the mean. Raises Unreachable
+    target, or misses it by less than `band`, is measured `confirm` more times and judged
+    by the mean. Raises Unreachable
     with the best measured speedup when no round reaches the target; the model is then left
     as it was.
     """
