@@ -8,8 +8,9 @@ to the fastest kernel per layer and its speedup over the dense model measured si
 Layers timed alone mispredict the whole model, so the predicted target is rescaled and the
 model pruned again until the measured speedup lands in [target, target x (1 + --band)]
 (prunekit.budget.prune_for_speedup, up to --rounds prunes; every round is recorded). A
-model that reaches the target is measured --confirm more times and judged by the mean, so
-that one lucky measurement on this shared machine does not decide.
+model that reaches the target, or misses it by less than --band, is measured --confirm more
+times and judged by the mean, so that one lucky or unlucky measurement on this shared
+machine does not decide.
 The model is then evaluated (CIFAR-10 test top-1 after BN re-estimation; STS-B test
 Spearman).
 
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
                         "in [target, target x (1 + band)] (1: trust the latency table)")
     p.add_argument("--band", type=float, default=0.05)
     p.add_argument("--confirm", type=int, default=1,
-                   help="extra measurements of a model that reaches the target (mean decides)")
+                   help="extra measurements of a model that reaches the target or nearly "
+                        "(the mean decides)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--wf-grads", type=int, default=128)
     p.add_argument("--wf-batch", type=int, default=16)

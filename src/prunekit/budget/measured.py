@@ -173,11 +173,8 @@ def converted_speedup(dense: nn.Module, pruned: nn.Module, batch,
     r = measure_latency({"dense": dense, "sparse": fast}, batch, repeats=repeats)
     speedup = r["dense"]["median_ms"] / r["sparse"]["median_ms"]
     if info is not None:
-        counts: dict[str, int] = {}
-        for layer in report.layers:
-            counts[layer.kernel] = counts.get(layer.kernel, 0) + 1
         info.update(speedup=speedup, dense_ms=r["dense"]["median_ms"],
-                    sparse_ms=r["sparse"]["median_ms"], kernels=counts)
+                    sparse_ms=r["sparse"]["median_ms"], kernels=report.kernel_counts())
     return speedup
 
 

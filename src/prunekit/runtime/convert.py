@@ -42,6 +42,13 @@ class ConversionReport:
     layers: list[LayerChoice]
     machine: dict
 
+    def kernel_counts(self) -> dict[str, int]:
+        """How many layers took each kernel."""
+        counts: dict[str, int] = {}
+        for lc in self.layers:
+            counts[lc.kernel] = counts.get(lc.kernel, 0) + 1
+        return counts
+
     def to_dict(self) -> dict:
         return {"layers": [asdict(lc) | {"speedup": lc.speedup} for lc in self.layers],
                 "machine": self.machine}
