@@ -94,10 +94,10 @@ def part1(model_key, args, results, save):
     t0 = time.perf_counter()
     table = build_latency_table(dense, timing, LEVELS, pattern=args.pattern, exclude=skip,
                                 kernels=kernels_for(args.pattern), repeats=args.repeats,
-                                progress=not args.quiet)
+                                progress=not args.quiet, timing=args.timing)
     method = SparseGPT(pattern=args.pattern)
     tag = "" if args.pattern == "unstructured" else f"{args.pattern}/"
-    results.setdefault("tables", {})[model_key] = {"path": table.path,
+    results.setdefault("tables", {})[model_key] = {"path": table.path, "timing": args.timing,
                                                    "max_speedup": table.max_speedup(),
                                                    "dense_ms": 1e3 * table.dense_total,
                                                    "seconds": time.perf_counter() - t0}
@@ -205,6 +205,9 @@ def main(argv=None) -> int:
                    help="prune-convert-measure rounds per budget to land the measured speedup "
                         "in [target, target x (1 + band)] (1: trust the latency table)")
     p.add_argument("--band", type=float, default=0.05)
+    p.add_argument("--timing", default="cold", choices=("cold", "hot", "model"),
+                   help="how the latency table times a layer: alone with caches flushed "
+                        "(cold), alone call after call (hot), or inside the whole model")
     p.add_argument("--confirm", type=int, default=1,
                    help="extra measurements of a model that reaches the target or nearly "
                         "(the mean decides)")

@@ -233,7 +233,7 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     t3 = build_latency_table(model, x, levels, repeats=2, progress=False)
     assert len(calls) == 1 and t3.times["layers.0"] == t1.times["layers.0"]
     # timed call after call (weights left in cache): a table of its own, not the cold one
-    hot = build_latency_table(model, x, levels, repeats=2, progress=False, cold=False)
+    hot = build_latency_table(model, x, levels, repeats=2, progress=False, timing="hot")
     assert hot.path != t1.path and len(calls) == 3
     flushes = []
 
@@ -242,10 +242,80 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
             flushes.append(1)
 
     monkeypatch.setattr(lt_mod, "CacheFlush", Counting)
-    build_latency_table(model, x, levels, repeats=2, progress=False, cold=False, refresh=True)
+    build_latency_table(model, x, levels, repeats=2, progress=False, timing="hot", refresh=True)
     assert flushes == []
     build_latency_table(model, x, levels, repeats=2, progress=False, refresh=True)
     assert len(flushes) >= 2 * 2 * len(levels)  # every timed call of every layer and level
+
+
+class _SharedLayer(nn.Module):
+    """`square` runs twice in every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.square = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.head(self.square(torch.relu(self.square(x))))
+
+
+def test_in_model_table_times_layers_inside_the_pass(tmp_path, monkeypatch):
+    """timing="model": each layer's time is what its hooks see inside the whole forward pass
+    (summed when it runs twice), and `other` is the pass minus the layers. A clock that
+    ticks once per reading makes every layer call cost exactly 1."""
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    ticks = itertools.count()
+    monkeypatch.setattr(lt_mod, "perf_counter", lambda: float(next(ticks)))
+    model, x, levels = _SharedLayer(), torch.randn(4, 64), (0.0, 0.5, 0.9)
+    table = build_latency_table(model, x, levels, repeats=3, progress=False, timing="model")
+    assert table.times == {"square": [2.0] * 3, "head": [1.0] * 3}
+    assert table.kernels == {"square": ["dense"] * 3, "head": ["dense"] * 3}
+    # a pass reads the clock at its start and end and twice per layer call: 3 calls -> 7
+    assert table.dense_total == 7.0 and table.other == 4.0
+    assert all(type(m) is nn.Linear for m in model.children())  # the model is untouched
+    assert model.square._forward_hooks == {} and model.square._forward_pre_hooks == {}
+
+
+def test_in_model_table_resumes_by_level_and_is_keyed_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model, x, levels = MLP((64, 256, 64)), torch.randn(8, 64), (0.0, 0.5, 0.9)
+    passes = []
+    real = lt_mod._timed_forwards
+    monkeypatch.setattr(lt_mod, "_timed_forwards",
+                        lambda variants, *a: passes.append(sorted(variants)) or real(variants, *a))
+    drawn = []
+    real_probe = lt_mod._probe_weights
+    monkeypatch.setattr(lt_mod, "_probe_weights",
+                        lambda m, level, *a: drawn.append((level, real_probe(m, level, *a)))
+                        or drawn[-1][1])
+    kw = dict(repeats=2, progress=False, pattern="1x16")
+    table = build_latency_table(model, x, levels, timing="model", **kw)
+    # one pass per sparse level, the dense model timed beside every sparse kernel
+    assert passes == [["block", "csr", "dense"]] * 2
+    for name, times in table.times.items():
+        assert all(b <= a for a, b in zip(times, times[1:]))
+        assert times[0] > 0
+    assert table.speedup({}) == 1.0 and table.max_speedup() >= 1.0
+    first = [w for level, w in drawn if level == 0.9]
+    assert len(first) == 2
+    cold = build_latency_table(model, x, levels, **kw)
+    assert cold.path != table.path and len(passes) == 2  # the cold table never runs the model
+    # interrupted after the first level: only the second is measured again, same masks
+    state = json.loads(open(table.path).read())
+    del state["levels_done"]["2"]
+    state["times"], state["kernels"] = {}, {}
+    open(table.path, "w").write(json.dumps(state))
+    drawn.clear()
+    again = build_latency_table(model, x, levels, timing="model", **kw)
+    assert len(passes) == 3
+    second = [w for level, w in drawn if level == 0.9]
+    assert len(second) == 2 and all(torch.equal(a, b) for a, b in zip(first, second))
+    kept = json.loads(open(again.path).read())["levels_done"]
+    assert kept["1"] == state["levels_done"]["1"]
+    with pytest.raises(PruneError, match="timing must be one of cold, hot, model"):
+        build_latency_table(model, x, levels, timing="warm")
 
 
 def _tiny_setup():

@@ -185,7 +185,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
                       kernels: Sequence[str] = ("dense", "csr", "block"),
                       include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                       steps: int = 100, rounds: int = 5, band: float = 0.05, confirm: int = 1,
-                      repeats: int = 9,
+                      repeats: int = 9, timing: str = "cold",
                       measure: Callable[[nn.Module, nn.Module], float] | None = None,
                       progress: bool = True) -> SpeedupResult:
     """Prune `model` in place, one-shot with `config`, so that once converted
@@ -195,8 +195,9 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
     `budget` picks how sparsity is spread: "uniform", "global" (one magnitude threshold),
     "erk", or "spdy" (DP plus local search over the one-shot errors; `steps` search steps,
     a quarter of them in each later round). Layers the pattern cannot tile stay dense
-    (listed in `skipped`). The latency table and, for SPDY, the sensitivity
-    database are built when not given (the table is cached per machine). `measure(dense,
+    (listed in `skipped`). The latency table (timed as `timing` says, see
+    build_latency_table) and, for SPDY, the sensitivity database are built when not given
+    (the table is cached per machine). `measure(dense,
     pruned)` returns a candidate's speedup (default: converted_speedup, whose times and
     kernel counts for the chosen model land in `timings`); a candidate that reaches the
     target, or misses it by less than `band`, is measured `confirm` more times and judged
@@ -218,7 +219,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
     if table is None:
         table = build_latency_table(dense, batch, levels, pattern=config.pattern,
                                     kernels=kernels, include=include, exclude=exclude,
-                                    repeats=repeats, progress=progress)
+                                    repeats=repeats, progress=progress, timing=timing)
     if budget == "spdy" and database is None:
         database = build_database(dense, config, calib, table.levels, include, exclude,
                                   progress=progress)
