@@ -277,6 +277,27 @@ def test_in_model_table_times_layers_inside_the_pass(tmp_path, monkeypatch):
     assert model.square._forward_hooks == {} and model.square._forward_pre_hooks == {}
 
 
+def test_in_model_table_charges_time_outside_the_layers_to_the_kernel(tmp_path, monkeypatch):
+    """A kernel that makes the rest of the model slower (here by 2 s) pays for it: the
+    table predicts a model with every layer on that kernel at its whole measured time."""
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+
+    def fake(variants, names, batch, repeats):
+        dense = {"total": [10.0], "layers.0": [3.0], "layers.1": [2.0]}  # outside: 5
+        sparse = {"total": [9.0], "layers.0": [1.0], "layers.1": [1.0]}  # outside: 7
+        return {v: dense if v == "dense" else sparse for v in variants}
+
+    monkeypatch.setattr(lt_mod, "_timed_forwards", fake)
+    model, x = MLP((64, 256, 64)), torch.randn(8, 64)
+    table = build_latency_table(model, x, (0.0, 0.9), pattern="1x16", timing="model",
+                                kernels=("dense", "csr"), progress=False)
+    assert table.times["layers.0"] == pytest.approx([3.0, 2.0])  # 1 + half of the 2 s
+    assert table.times["layers.1"] == pytest.approx([2.0, 2.0])
+    assert table.kernels["layers.0"] == ["dense", "csr"]
+    assert table.predict({"layers.0": 0.9, "layers.1": 0.9}) == pytest.approx(9.0)
+    assert table.dense_total == 10.0 and table.other == 5.0
+
+
 def test_in_model_table_resumes_by_level_and_is_keyed_apart(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
     torch.manual_seed(0)
@@ -294,7 +315,7 @@ def test_in_model_table_resumes_by_level_and_is_keyed_apart(tmp_path, monkeypatc
     table = build_latency_table(model, x, levels, timing="model", **kw)
     # one pass per sparse level, the dense model timed beside every sparse kernel
     assert passes == [["block", "csr", "dense"]] * 2
-    for name, times in table.times.items():
+    for times in table.times.values():
         assert all(b <= a for a, b in zip(times, times[1:]))
         assert times[0] > 0
     assert table.speedup({}) == 1.0 and table.max_speedup() >= 1.0

@@ -10,7 +10,8 @@ Three ways to time a layer (`timing`):
 - "model": every layer is timed inside the whole model's forward pass (hooks around each
   layer), with every layer at the same level and the same kernel. What the layers leave in
   cache for each other is then part of the time: at batch 1 a model whose layers are all
-  sparse fits in cache, and its layers run faster than any of them timed alone.
+  sparse fits in cache, and its layers run faster than any of them timed alone. Time that a
+  kernel adds outside the layers (the next op reading its output) is charged to its layers.
 
 The fastest kernel's median is the layer's time at that level. The rest of the model
 (everything but the prunable layers) is the dense model's time minus the dense layer
@@ -55,6 +56,7 @@ from prunekit.runtime.latency import (
 
 DEFAULT_LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TIMINGS = ("cold", "hot", "model")
+VERSION = 2  # bumped when the way a table is measured changes: cached tables are then stale
 
 
 def cache_dir() -> Path:
@@ -103,7 +105,7 @@ class LatencyTable:
 def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, batch_desc,
          timing) -> str:
     info = machine_info(threads)
-    parts = [f"v{KERNELS_VERSION}", timing, info["cpu"], str(info["cores"]),
+    parts = [f"v{KERNELS_VERSION}", f"t{VERSION}", timing, info["cpu"], str(info["cores"]),
              str(info["threads"]), info["torch"], str(info["gpu"]), type(model).__name__,
              pattern, ",".join(kernels), ",".join(f"{x:g}" for x in levels), batch_desc]
     parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
@@ -261,12 +263,20 @@ def _measure_in_model(model, batch, layers, inputs, levels, pattern, kernels, re
                 variants[kind] = variant
         t = _timed_forwards(variants, names, batch, repeats)
         med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in t.items()}
-        ratios = {}
-        for n in names:
-            ratios[n] = [1.0, "dense"]
-            for kind in served:
-                if n in served[kind] and med[kind][n] / med["dense"][n] < ratios[n][0]:
-                    ratios[n] = [med[kind][n] / med["dense"][n], kind]
+        # a kernel can change the time spent outside the layers too (the ops after a layer
+        # read its output's memory layout): that change is charged to the layers the kernel
+        # serves, in proportion to their time, so that a model with every layer at this
+        # level and kernel is predicted at its measured time
+        outside = {v: med[v]["total"] - sum(med[v][n] for n in names) for v in variants}
+        ratios = {n: [1.0, "dense"] for n in names}
+        for kind, layers_served in served.items():
+            if not layers_served:
+                continue
+            extra = (outside[kind] - outside["dense"]) / sum(med[kind][n] for n in layers_served)
+            for n in layers_served:
+                ratio = max(med[kind][n] * (1 + extra), 0.0) / med["dense"][n]
+                if ratio < ratios[n][0]:
+                    ratios[n] = [ratio, kind]
         done[str(i)] = {"ratios": ratios, "dense": {n: t["dense"][n] for n in names},
                         "total": t["dense"]["total"]}
         atomic_write_text(path, json.dumps(state, indent=1))
