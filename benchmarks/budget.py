@@ -21,6 +21,10 @@ Part 2: WoodFisher at 70% and 90% global sparsity on ResNet-20 against global ma
     python benchmarks/budget.py --models resnet20 --eval-limit 2000 --steps 60
     python benchmarks/budget.py --models minilm --pattern 1x16 --out budget_1x16.json
 
+The latency table times each layer inside the whole model (see
+prunekit.budget.build_latency_table); --timing cold times each layer alone with the caches
+flushed, as the tables of budget_1x16.json and budget_1x16_b1.json were.
+
 --pattern 1xN prunes N-row blocks (SparseGPT supports it) and adds the 1xN block kernel to
 the latency table and the conversion, so high levels can buy more speed than CSR gives.
 
@@ -205,9 +209,9 @@ def main(argv=None) -> int:
                    help="prune-convert-measure rounds per budget to land the measured speedup "
                         "in [target, target x (1 + band)] (1: trust the latency table)")
     p.add_argument("--band", type=float, default=0.05)
-    p.add_argument("--timing", default="cold", choices=("cold", "hot", "model"),
-                   help="how the latency table times a layer: alone with caches flushed "
-                        "(cold), alone call after call (hot), or inside the whole model")
+    p.add_argument("--timing", default="model", choices=("model", "cold", "hot"),
+                   help="how the latency table times a layer: inside the whole model (model), "
+                        "alone with caches flushed (cold), or alone call after call (hot)")
     p.add_argument("--confirm", type=int, default=1,
                    help="extra measurements of a model that reaches the target or nearly "
                         "(the mean decides)")

@@ -214,7 +214,7 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     model = MLP((64, 128, 64))
     x = torch.randn(8, 64)
     levels = (0.0, 0.5, 0.9)
-    t1 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    t1 = build_latency_table(model, x, levels, repeats=2, progress=False, timing="cold")
     assert set(t1.times) == {"layers.0", "layers.1"}
     for name, times in t1.times.items():
         assert all(b <= a for a, b in zip(times, times[1:]))
@@ -224,13 +224,13 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     calls = []
     real = lt_mod._measure_layer
     monkeypatch.setattr(lt_mod, "_measure_layer", lambda *a: calls.append(1) or real(*a))
-    t2 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    t2 = build_latency_table(model, x, levels, repeats=2, progress=False, timing="cold")
     assert calls == [] and t2.times == t1.times and t2.path == t1.path
     # drop one layer from the file, as if interrupted: only that layer is measured again
     state = json.loads(open(t1.path).read())
     del state["times"]["layers.1"]
     open(t1.path, "w").write(json.dumps(state))
-    t3 = build_latency_table(model, x, levels, repeats=2, progress=False)
+    t3 = build_latency_table(model, x, levels, repeats=2, progress=False, timing="cold")
     assert len(calls) == 1 and t3.times["layers.0"] == t1.times["layers.0"]
     # timed call after call (weights left in cache): a table of its own, not the cold one
     hot = build_latency_table(model, x, levels, repeats=2, progress=False, timing="hot")
@@ -244,7 +244,7 @@ def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(lt_mod, "CacheFlush", Counting)
     build_latency_table(model, x, levels, repeats=2, progress=False, timing="hot", refresh=True)
     assert flushes == []
-    build_latency_table(model, x, levels, repeats=2, progress=False, refresh=True)
+    build_latency_table(model, x, levels, repeats=2, progress=False, timing="cold", refresh=True)
     assert len(flushes) >= 2 * 2 * len(levels)  # every timed call of every layer and level
 
 
@@ -321,7 +321,7 @@ def test_in_model_table_resumes_by_level_and_is_keyed_apart(tmp_path, monkeypatc
     assert table.speedup({}) == 1.0 and table.max_speedup() >= 1.0
     first = [w for level, w in drawn if level == 0.9]
     assert len(first) == 2
-    cold = build_latency_table(model, x, levels, **kw)
+    cold = build_latency_table(model, x, levels, timing="cold", **kw)
     assert cold.path != table.path and len(passes) == 2  # the cold table never runs the model
     # interrupted after the first level: only the second is measured again, same masks
     state = json.loads(open(table.path).read())

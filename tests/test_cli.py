@@ -93,9 +93,13 @@ def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
     out = tmp_path / "fast.safetensors"
     assert main(["prune", "digits-cnn", "--pretrained", "--pattern", "1x16", "--speedup", "1.5",
                  "--budget", "uniform", "--calib-samples", "64", "--speedup-batch", "32",
-                 "--out", str(out), "--json", "--quiet"]) == 0
+                 "--timing", "model", "--out", str(out), "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["measured"] >= 1.5 and report["skipped"] == ["fc2"]  # 10 rows: no 1x16
+    # the table was timed inside the model: it holds the per-level passes
+    tables = list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert report["timing"] == "model" and len(tables) == 1
+    assert "levels_done" in json.loads(tables[0].read_text())
     w = read_weights(out)
     for name, s in report["budget"].items():  # to within one 1x16 block of the layer
         weight = w[f"{name}.weight"]

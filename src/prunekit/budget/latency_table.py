@@ -2,16 +2,17 @@
 
 Three ways to time a layer (`timing`):
 
-- "cold" (the default): the layer alone, with its own shape and its real input from a sample
-  batch, gets weights at each level (random mask under the pattern) and runs through every
-  kernel that serves it. Each call starts with the caches flushed and only the layer's
-  input warm, as inside the whole model, where the other layers evict its weights.
+- "model" (the default): every layer is timed inside the whole model's forward pass (hooks
+  around each layer), with every layer at the same level and the same kernel. What the
+  layers leave in cache for each other is then part of the time: at batch 1 a model whose
+  layers are all sparse fits in cache, and its layers run faster than any of them timed
+  alone. Time that a kernel adds outside the layers (the next op reading its output) is
+  charged to its layers.
+- "cold": the layer alone, with its own shape and its real input from a sample batch, gets
+  weights at each level (random mask under the pattern) and runs through every kernel that
+  serves it. Each call starts with the caches flushed and only the layer's input warm, as
+  inside the whole model, where the other layers evict its weights.
 - "hot": the same, timed call after call (the weights stay in cache).
-- "model": every layer is timed inside the whole model's forward pass (hooks around each
-  layer), with every layer at the same level and the same kernel. What the layers leave in
-  cache for each other is then part of the time: at batch 1 a model whose layers are all
-  sparse fits in cache, and its layers run faster than any of them timed alone. Time that a
-  kernel adds outside the layers (the next op reading its output) is charged to its layers.
 
 The fastest kernel's median is the layer's time at that level. The rest of the model
 (everything but the prunable layers) is the dense model's time minus the dense layer
@@ -127,7 +128,7 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
                         threads: int | None = None, repeats: int = 9,
                         cache: str | os.PathLike | None = None, refresh: bool = False,
                         progress: bool = True, seed: int = 0,
-                        timing: str = "cold") -> LatencyTable:
+                        timing: str = "model") -> LatencyTable:
     """Measure (or load from the cache) the latency table of `model` on `batch`; `timing` is
     "cold", "hot" or "model" (see the module docstring)."""
     levels = sorted(float(x) for x in levels)

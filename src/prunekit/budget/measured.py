@@ -185,7 +185,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
                       kernels: Sequence[str] = ("dense", "csr", "block"),
                       include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                       steps: int = 100, rounds: int = 5, band: float = 0.05, confirm: int = 1,
-                      repeats: int = 9, timing: str = "cold",
+                      repeats: int = 9, timing: str = "model",
                       measure: Callable[[nn.Module, nn.Module], float] | None = None,
                       progress: bool = True) -> SpeedupResult:
     """Prune `model` in place, one-shot with `config`, so that once converted

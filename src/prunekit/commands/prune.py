@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 
+from prunekit.budget.latency_table import TIMINGS
 from prunekit.budget.measured import BUDGETS
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
@@ -36,6 +37,10 @@ def register(sub) -> None:
                    help="how --speedup spreads sparsity over the layers (default spdy)")
     p.add_argument("--speedup-batch", type=int, default=64,
                    help="batch size the --speedup is measured at")
+    p.add_argument("--timing", default="model", choices=TIMINGS,
+                   help="how the latency table times a layer for --speedup: inside the whole "
+                        "model (model, the default), alone with caches flushed (cold) or alone "
+                        "call after call (hot)")
     p.add_argument("--steps", type=int, default=100, help="SPDY search steps (--budget spdy)")
     p.add_argument("--out", help="write the pruned weights here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -147,9 +152,9 @@ def _prune_for_speedup(args, model, config, calib) -> int:
     timing = calibration_batches(info, n=args.speedup_batch, seed=args.seed + 1,
                                  batch_size=args.speedup_batch)[0]
     result = prune_for_speedup(model, config, calib, timing, args.speedup, args.budget,
-                               steps=args.steps, progress=not args.quiet)
+                               steps=args.steps, timing=args.timing, progress=not args.quiet)
     report = {"method": config.method, "pattern": config.pattern, "target": args.speedup,
-              "batch_size": args.speedup_batch, **result.to_dict()}
+              "batch_size": args.speedup_batch, "timing": args.timing, **result.to_dict()}
     if args.out:
         save_weights(model, args.out, metadata={"prunekit_report": report})
     if args.json:
