@@ -282,7 +282,7 @@ def _measure_in_model(model, batch, layers, inputs, levels, pattern, kernels, re
                         "total": t["dense"]["total"]}
         atomic_write_text(path, json.dumps(state, indent=1))
         bar.advance(task)
-    if len(levels) == 1:  # only the dense level: one timed pass of the dense model
+    if len(levels) == 1 and "0" not in done:  # only the dense level: time the dense model
         t = _timed_forwards({"dense": model}, names, batch, repeats)["dense"]
         done["0"] = {"ratios": {}, "dense": {n: t[n] for n in names}, "total": t["total"]}
     # every dense pass of every level pooled: one in-model dense time per layer
