@@ -2,6 +2,7 @@
 bad input, save / load and the CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -214,6 +215,14 @@ def test_flops_params_and_ratio_budgets():
             assert m.out_channels % 8 == 0
     assert rep.params_after < rep.params_before
     assert all(g["removed"] * 2 <= g["units"] for g in rep.groups)
+    # out of reach: the most that can be removed is returned, with a warning naming the
+    # FLOPs it leaves and the target asked for
+    with pytest.warns(UserWarning, match="flops target not reached") as caught:
+        small, rep = shrink(model, ChannelPrune(flops_ratio=1e-3), x, measure_latency_=False)
+    least, asked = re.search(r"leaves (\S+) > (\S+)", str(caught[0].message)).groups()
+    assert float(least) == pytest.approx(rep.flops_after, rel=1e-3)
+    assert float(asked) == pytest.approx(1e-3 * rep.flops_before, rel=1e-3)
+    assert rep.flops_ratio > 1e-3 and rep.warnings
 
 
 def test_per_layer_min_channels_and_clamp_warning():

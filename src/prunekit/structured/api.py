@@ -343,18 +343,18 @@ def _group_log(graph: DependencyGraph, chosen) -> list[dict]:
 
 def _search(model, graph, scores, cfg, example_inputs, what, target, warn):
     """Smallest uniform fraction whose shrunk model meets `target` (bisection)."""
-    target *= 1 + 1e-9  # a target given as a ratio of the base may round just below it
+    limit = target * (1 + 1e-9)  # a target given as a ratio of the base may round just below
     lo, hi = 0.0, 0.95
     best = _plan(graph, scores, hi, cfg, [])
-    if _measure(remove_slices(model, best), example_inputs, what) > target:
+    least = _measure(remove_slices(model, best), example_inputs, what)
+    if least > limit:
         warn.append(f"{what} target not reached: the most that can be removed leaves "
-                    f"{_measure(remove_slices(model, best), example_inputs, what):.4g} > "
-                    f"{target:.4g}")
+                    f"{least:.4g} > {target:.4g}")
         return best
     for _ in range(12):
         mid = (lo + hi) / 2
         plan = _plan(graph, scores, mid, cfg, [])
-        if _measure(remove_slices(model, plan), example_inputs, what) <= target:
+        if _measure(remove_slices(model, plan), example_inputs, what) <= limit:
             hi, best = mid, plan
         else:
             lo = mid
