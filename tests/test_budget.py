@@ -277,6 +277,10 @@ def test_in_model_table_times_layers_inside_the_pass(tmp_path, monkeypatch):
     assert model.square._forward_hooks == {} and model.square._forward_pre_hooks == {}
     only_dense = build_latency_table(model, x, (0.0,), repeats=3, progress=False)
     assert only_dense.times == {"square": [2.0], "head": [1.0]} and only_dense.other == 4.0
+    passes = []
+    monkeypatch.setattr(lt_mod, "_timed_forwards", lambda *a: passes.append(1))
+    again = build_latency_table(model, x, (0.0,), repeats=3, progress=False)
+    assert passes == [] and again.times == only_dense.times  # read from the cache
 
 
 def test_in_model_table_charges_time_outside_the_layers_to_the_kernel(tmp_path, monkeypatch):
