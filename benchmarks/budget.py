@@ -52,6 +52,7 @@ from prunekit.budget import (
     total_sparsity,
     unfit_layers,
 )
+from prunekit.budget.latency_table import TIMINGS
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers
@@ -92,11 +93,11 @@ def part1(model_key, args, results, save):
     name = NAMES[model_key]
     dense = create(name, pretrained=True).eval()
     calib = calibration_batches(name, n=args.calib, seed=0, batch_size=32)
-    timing = calibration_batches(name, n=args.batch, seed=1, batch_size=args.batch)[0]
+    timed_batch = calibration_batches(name, n=args.batch, seed=1, batch_size=args.batch)[0]
     skip = unfit_layers(dense, args.pattern)
     layers = find_layers(dense, exclude=skip)
     t0 = time.perf_counter()
-    table = build_latency_table(dense, timing, LEVELS, pattern=args.pattern, exclude=skip,
+    table = build_latency_table(dense, timed_batch, LEVELS, pattern=args.pattern, exclude=skip,
                                 kernels=kernels_for(args.pattern), repeats=args.repeats,
                                 progress=not args.quiet, timing=args.timing)
     method = SparseGPT(pattern=args.pattern)
@@ -126,7 +127,7 @@ def part1(model_key, args, results, save):
                                     progress=not args.quiet)
             model = copy.deepcopy(dense)
             try:
-                res = prune_for_speedup(model, method, calib, timing, target, kind,
+                res = prune_for_speedup(model, method, calib, timed_batch, target, kind,
                                         table=table, database=db, exclude=skip,
                                         kernels=kernels_for(args.pattern), steps=args.steps,
                                         rounds=args.rounds, band=args.band,
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
                    help="prune-convert-measure rounds per budget to land the measured speedup "
                         "in [target, target x (1 + band)] (1: trust the latency table)")
     p.add_argument("--band", type=float, default=0.05)
-    p.add_argument("--timing", default="model", choices=("model", "cold", "hot"),
+    p.add_argument("--timing", default="model", choices=TIMINGS,
                    help="how the latency table times a layer: inside the whole model (model), "
                         "alone with caches flushed (cold), or alone call after call (hot)")
     p.add_argument("--confirm", type=int, default=1,

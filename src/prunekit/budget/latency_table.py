@@ -162,21 +162,20 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
         if timing == "model":
             _measure_in_model(model, batch, layers, inputs, levels, pat, kernels, repeats, gen,
                               state, path, bar)
-            return LatencyTable(levels, state["times"], state["kernels"], state["dense_total"],
-                                state["machine"], str(path))
-        task = bar.add("latency table", total=len(layers))
-        for name, module in layers.items():
-            if name in state["times"]:
+        else:
+            task = bar.add("latency table", total=len(layers))
+            for name, module in layers.items():
+                if name in state["times"]:
+                    bar.advance(task)
+                    continue
+                state["times"][name], state["kernels"][name] = _measure_layer(
+                    module, inputs[name], levels, pat, kernels, repeats, gen, flush)
+                atomic_write_text(path, json.dumps(state, indent=1))
                 bar.advance(task)
-                continue
-            state["times"][name], state["kernels"][name] = _measure_layer(
-                module, inputs[name], levels, pat, kernels, repeats, gen, flush)
-            atomic_write_text(path, json.dumps(state, indent=1))
-            bar.advance(task)
-        if state["dense_total"] is None:
-            state["dense_total"] = measure_latency(model, batch, repeats=repeats)["model"][
-                "median_ms"] / 1e3
-            atomic_write_text(path, json.dumps(state, indent=1))
+            if state["dense_total"] is None:
+                state["dense_total"] = measure_latency(model, batch, repeats=repeats)["model"][
+                    "median_ms"] / 1e3
+                atomic_write_text(path, json.dumps(state, indent=1))
     return LatencyTable(levels, state["times"], state["kernels"], state["dense_total"],
                         state["machine"], str(path))
 

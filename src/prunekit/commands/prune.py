@@ -149,9 +149,9 @@ def _prune_for_speedup(args, model, config, calib) -> int:
     info = get_info(args.model)
     if calib is None:  # SPDY scores its candidates on calibration data whatever the method
         calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
-    timing = calibration_batches(info, n=args.speedup_batch, seed=args.seed + 1,
-                                 batch_size=args.speedup_batch)[0]
-    result = prune_for_speedup(model, config, calib, timing, args.speedup, args.budget,
+    timed_batch = calibration_batches(info, n=args.speedup_batch, seed=args.seed + 1,
+                                      batch_size=args.speedup_batch)[0]
+    result = prune_for_speedup(model, config, calib, timed_batch, args.speedup, args.budget,
                                steps=args.steps, timing=args.timing, progress=not args.quiet)
     report = {"method": config.method, "pattern": config.pattern, "target": args.speedup,
               "batch_size": args.speedup_batch, "timing": args.timing, **result.to_dict()}
