@@ -1,5 +1,7 @@
 """Sparse kernels, conversion by measurement, latency helper, and export round trips."""
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -231,6 +233,39 @@ def test_time_calls_runs_before_ahead_of_every_single_timed_call():
     assert flush.buffer.numel() * 4 == 2 * last_level_cache_bytes() > 0
     flush()
     assert float(flush.buffer[0]) == 1.0  # every element written
+
+
+_FAULTS = """
+import resource, sys, torch
+from prunekit.runtime import keep_freed_memory, machine_info
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(64 << 18)  # 64 MiB, over any glibc mmap threshold
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, machine_info()["malloc"], min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt behaviour is glibc's")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], out[1], int(out[2])
+
+    pages = (64 << 20) // 4096
+    kept, mode, faults = run("keep")
+    assert (kept, mode) == ("True", "kept")
+    assert faults < pages // 100  # the freed 64 MiB is reused, not mapped and zeroed again
+    kept, mode, faults = run("system")
+    assert (kept, mode) == ("False", "system")
+    assert faults > pages // 2  # glibc's default maps it afresh: one fault per page
 
 
 def test_compressed_export_round_trips_bit_exactly(tmp_path):

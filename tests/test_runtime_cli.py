@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import platform
 
 import pytest
 import torch
@@ -60,6 +61,20 @@ def test_latency_text_and_bad_sizes(capsys):
         run(["latency", "digits-cnn", "--batch-sizes", "a,b"])
     with pytest.raises(PruneError, match="positive"):
         run(["latency", "digits-cnn", "--batch-sizes", "0"])
+
+
+@pytest.mark.parametrize("flag,mode", [([], "kept"), (["--system-malloc"], "system")])
+def test_latency_keeps_freed_memory_unless_asked(flag, mode):
+    import subprocess
+    import sys
+
+    if mode == "kept" and platform.libc_ver()[0] != "glibc":
+        pytest.skip("freed memory is kept only under glibc")
+    out = subprocess.run([sys.executable, "-m", "prunekit.cli", "latency", "digits-cnn",
+                          "--batch-sizes", "1", "--repeats", "1", "--warmup", "1",
+                          "--threads", "1", "--json", "--quiet", *flag],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["rows"][0]["machine"]["malloc"] == mode
 
 
 def test_export_compressed_and_dense(pruned_digits, tmp_path, capsys):

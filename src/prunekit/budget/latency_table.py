@@ -107,7 +107,8 @@ def _key(model: nn.Module, layers, inputs, levels, pattern, kernels, threads, ba
          timing) -> str:
     info = machine_info(threads)
     parts = [f"v{KERNELS_VERSION}", f"t{VERSION}", timing, info["cpu"], str(info["cores"]),
-             str(info["threads"]), info["torch"], str(info["gpu"]), type(model).__name__,
+             str(info["threads"]), info["torch"], str(info["gpu"]), info["malloc"],
+             type(model).__name__,
              pattern, ",".join(kernels), ",".join(f"{x:g}" for x in levels), batch_desc]
     parts += [f"{n}:{tuple(m.weight.shape)}:{tuple(inputs[n].shape)}" for n, m in layers.items()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -23,7 +23,23 @@ def register(sub) -> None:
                         "and report the speedup")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_malloc_option(p)
     p.set_defaults(func=cmd_latency)
+
+
+def add_malloc_option(p) -> None:
+    """--system-malloc, for every command that times a model."""
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time with the C library's default allocator, which maps and zeroes "
+                        "large tensors afresh on every call; by default freed memory is kept "
+                        "in the process, as jemalloc or tcmalloc would (steadier timings)")
+
+
+def apply_malloc_option(args) -> None:
+    from prunekit.runtime import keep_freed_memory
+
+    if not args.system_malloc:
+        keep_freed_memory()
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -53,6 +69,7 @@ def cmd_latency(args) -> int:
     from prunekit.models import load_model
     from prunekit.runtime import convert, measure_latency
 
+    apply_malloc_option(args)
     sizes = _batch_sizes(args.batch_sizes)
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
     rows = []
@@ -78,8 +95,8 @@ def cmd_latency(args) -> int:
         print()
         return 0
     m = rows[0]["machine"]
-    print(f"{args.model} on {m['cpu']}, {m['threads']} thread(s), median of {args.repeats} "
-          f"after {args.warmup} warm-up calls")
+    print(f"{args.model} on {m['cpu']}, {m['threads']} thread(s), {m['malloc']} malloc, median "
+          f"of {args.repeats} after {args.warmup} warm-up calls")
     for row in rows:
         line = (f"batch {row['batch']:>4}: dense {row['dense_ms']:.3f} ms "
                 f"(p10 {row['dense_p10_ms']:.3f}, p90 {row['dense_p90_ms']:.3f})")

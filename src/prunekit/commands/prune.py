@@ -8,6 +8,7 @@ import sys
 
 from prunekit.budget.latency_table import TIMINGS
 from prunekit.budget.measured import BUDGETS
+from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
 
@@ -45,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="write the pruned weights here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_malloc_option(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -146,6 +148,7 @@ def _prune_for_speedup(args, model, config, calib) -> int:
         raise PruneError("--speedup measures on a batch drawn from the model's dataset, which "
                          f"prunekit has only for registry models; use the Python API "
                          f"(prunekit.budget.prune_for_speedup) for {args.model}")
+    apply_malloc_option(args)
     info = get_info(args.model)
     if calib is None:  # SPDY scores its candidates on calibration data whatever the method
         calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)

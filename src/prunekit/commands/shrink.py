@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 
 
@@ -37,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="write the shrunk model here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_malloc_option(p)
     p.set_defaults(func=cmd_shrink)
 
 
@@ -57,6 +59,7 @@ def cmd_shrink(args) -> int:
     from prunekit.models import calibration_batches, get_info, load_model
     from prunekit.structured import ChannelPrune, save_shrunk, shrink
 
+    apply_malloc_option(args)
     config = ChannelPrune(
         ratio=args.ratio, flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
         latency_ratio=args.latency_ratio, importance=args.importance, round_to=args.round_to,

@@ -18,11 +18,17 @@ from prunekit.runtime.kernels import (
     make_kernel,
     sparse_module,
 )
-from prunekit.runtime.latency import machine_info, measure_latency, num_threads, time_calls
+from prunekit.runtime.latency import (
+    keep_freed_memory,
+    machine_info,
+    measure_latency,
+    num_threads,
+    time_calls,
+)
 
 __all__ = [
     "ConversionReport", "LayerChoice", "convert", "export_onnx", "load_compressed",
     "save_compressed", "save_dense", "verify_onnx", "KERNELS", "BlockWeight", "CSRWeight",
-    "SparseConv2d", "SparseLinear", "make_kernel", "sparse_module", "machine_info",
-    "measure_latency", "num_threads", "time_calls",
+    "SparseConv2d", "SparseLinear", "make_kernel", "sparse_module", "keep_freed_memory",
+    "machine_info", "measure_latency", "num_threads", "time_calls",
 ]
