@@ -56,12 +56,12 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process for the rest of its life, as jemalloc and
     tcmalloc do. Returns False, changing nothing, where the C library is not glibc.
 
-    By default glibc serves each large allocation with a fresh mmap and unmaps it when it is
-    freed, so every forward pass pays page faults to map and zero its activations again. On
-    the machine of benchmarks/results that cost 19% of MiniLM's time at batch 64, and one
-    convolution (64x16x32x32) took 5 to 15 ms depending on where its tensors landed; a
-    speedup measured that way is partly a measure of the allocator. Timing tools call this
-    first (`--system-malloc` opts out). The price: the process keeps its peak memory."""
+    By default glibc serves each allocation over its mmap threshold (at most 32 MiB) with a
+    fresh mmap and unmaps it when it is freed, so every forward pass maps and zeroes those
+    activations again. MiniLM at batch 64 x 128 tokens paid 179,000 page faults per call
+    for it, 18% of its time (benchmarks/malloc.py): a speedup measured that way is partly a
+    measure of the allocator. Timing tools call this first (`--system-malloc` opts out).
+    The price: the process keeps its peak memory."""
     if _MALLOC["mode"] == "kept":
         return True
     try:
