@@ -57,6 +57,7 @@ from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
+from prunekit.runtime import keep_freed_memory, machine_info, time_calls
 from prunekit.structured import ChannelPrune, count_flops, count_params, shrink
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,6 +123,33 @@ def latencies(models: dict, inputs, repeats):
             m(inputs)
             times[k].append(1000 * (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def conv_times(models: dict, batch: int, repeats: int) -> dict:
+    """Each stage's first stride-1 block (layerN.1): its two convolutions timed alone on the
+    inputs they get inside the model, all models side by side (interleaved rounds). It
+    shows which convolutions turn their FLOPs cut into time and which do not."""
+    x = torch.randn(batch, 3, 32, 32)
+    calls, out = {}, {}
+    for tag, m in models.items():
+        convs = {f"layer{s}.1.conv{c}": m.get_submodule(f"layer{s}.1.conv{c}")
+                 for s in (1, 2, 3) for c in (1, 2)}
+        inputs = {}
+        hooks = [mod.register_forward_hook(lambda mod, i, o, n=n, d=inputs: d.__setitem__(n, i[0]))
+                 for n, mod in convs.items()]
+        with torch.no_grad():
+            m(x)
+        for h in hooks:
+            h.remove()
+        out[tag] = {}
+        for n, mod in convs.items():
+            calls[(tag, n)] = lambda mod=mod, inp=inputs[n]: mod(inp)
+            out[tag][n] = {"channels": [mod.in_channels, mod.out_channels]}
+    with torch.inference_mode():
+        t = time_calls(calls, warmup=2, repeats=repeats, min_sample_s=0.0)
+    for (tag, n), v in t.items():
+        out[tag][n]["ms"] = 1e3 * v["median"]
+    return out
 
 
 def tp_prune(model, criterion, ratio, calib, example, steps=1, between=None):
@@ -220,6 +248,10 @@ def run_resnet(args, results, save):
         save()
         models[key] = small
         print(f"{key}: {entry}", flush=True)
+    if "prunekit-l1" in models:
+        res["conv_ms_b64"] = conv_times({"dense": base, "prunekit-l1": models["prunekit-l1"]},
+                                        64, args.repeats)
+        save()
     for batch in (1, 64):
         lat = latencies(models, torch.randn(batch, 3, 32, 32), args.repeats)
         for k, v in lat.items():
@@ -314,6 +346,18 @@ def target_lines(r) -> list[str]:
     return out
 
 
+def conv_lines(c) -> list[str]:
+    """The per-convolution table: channels, ms, FLOPs and time ratios, dense vs pruned."""
+    d, q = c["dense"], c["prunekit-l1"]
+    out = ["Convolutions alone at batch 64 (each stage's block 1), dense vs prunekit-l1:",
+           f"{'conv':<16}{'dense':>8}{'ms':>7}{'pruned':>8}{'ms':>7}{'FLOPs x':>9}{'time x':>8}"]
+    for n in d:
+        (i0, o0), (i1, o1) = d[n]["channels"], q[n]["channels"]
+        out.append(f"{n:<16}{f'{i0}->{o0}':>8}{d[n]['ms']:>7.2f}{f'{i1}->{o1}':>8}"
+                   f"{q[n]['ms']:>7.2f}{i1 * o1 / (i0 * o0):>9.2f}{q[n]['ms'] / d[n]['ms']:>8.2f}")
+    return out
+
+
 def summary(results) -> str:
     lines = []
     r = results.get("resnet56", {})
@@ -342,6 +386,8 @@ def summary(results) -> str:
                          f"{fr:>8.3f}" + "".join(f"{sp:>13.2f}" for sp in sps)
                          + f"{0.85 / fr:>8.2f}")
         lines += target_lines(r)
+        if "conv_ms_b64" in r:
+            lines += conv_lines(r["conv_ms_b64"])
     m = results.get("minilm", {})
     if "pruned" in m:
         lines.append("MiniLM, 25% MLP neurons and 2/12 heads per layer removed")
@@ -383,7 +429,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "structured.json"))
     p.add_argument("--fresh", action="store_true", help="ignore cached results")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time under the C library's default allocator (see benchmarks/malloc.py)"
+                        "; by default freed memory is kept, as jemalloc would")
     args = p.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
     if not 0 <= args.stream_ratio < args.channel_ratio:
@@ -391,7 +442,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     config = {k: v for k, v in vars(args).items()
               if k not in ("out", "fresh", "quiet", "skip_resnet", "skip_minilm", "repeats",
-                          "compile", "stream_ratio")}  # stream entries are named by ratio
+                          "compile", "stream_ratio", "system_malloc")}
+    # stream entries are named by ratio; the allocator changes only the timings
     out = Path(args.out)
     results = {}
     if out.exists() and not args.fresh:
@@ -404,6 +456,7 @@ def main(argv=None) -> int:
     if not (args.skip_resnet and args.skip_minilm):  # else: only rewrite the summary
         results["command"] = "python " + " ".join(sys.argv)
         results["torch_threads"] = torch.get_num_threads()
+        results["malloc"] = machine_info()["malloc"]
 
     def save():
         atomic_write_text(out, json.dumps(results, indent=2))
@@ -417,7 +470,8 @@ def main(argv=None) -> int:
     save()
     atomic_write_text(out.with_suffix(".md"), "# Structured pruning benchmark\n\n"
                       f"`{results.get('command', '')}`, {results.get('torch_threads')} "
-                      f"thread(s)\n\n```\n{text}\n```\n")
+                      f"thread(s), {results.get('malloc', 'system')} malloc\n\n"
+                      f"```\n{text}\n```\n")
     print(text)
     return 0
 
