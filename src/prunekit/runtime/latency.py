@@ -158,7 +158,8 @@ def measure_latency(models: nn.Module | Mapping[str, nn.Module], batch, warmup: 
     """Time model(batch) (or several models side by side) under torch.inference_mode.
 
     Returns {name: {"median_ms", "p10_ms", "p90_ms"}} ("model" for a single model) plus
-    "machine" with the thread count used.
+    "machine" with the thread count used. It leaves the allocator as it is: call
+    keep_freed_memory() first for the steadier timings the CLI takes.
     """
     if isinstance(models, nn.Module):
         models = {"model": models}
