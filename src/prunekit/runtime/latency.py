@@ -56,12 +56,13 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process for the rest of its life, as jemalloc and
     tcmalloc do. Returns False, changing nothing, where the C library is not glibc.
 
-    By default glibc serves each allocation over its mmap threshold (at most 32 MiB) with a
-    fresh mmap and unmaps it when it is freed, so every forward pass maps and zeroes those
-    activations again. MiniLM at batch 64 x 128 tokens paid 179,000 page faults per call
-    for it, 18% of its time (benchmarks/malloc.py): a speedup measured that way is partly a
-    measure of the allocator. Timing tools call this first (`--system-malloc` opts out).
-    The price: the process keeps its peak memory."""
+    By default glibc serves an allocation over its mmap threshold (at most 32 MiB) with a
+    fresh mmap, unless a free heap block can take it, and unmaps it when it is freed, so a
+    forward pass may map and zero its activations again on every call. MiniLM at batch 64
+    x 128 tokens paid 195,000 page faults per call (1.15x its time with memory kept), and
+    its 95% 1x16 block-sparse version 289,000 (1.49x): its speedup over dense measured
+    1.52x instead of 1.96x (benchmarks/malloc.py). Timing tools call this first
+    (`--system-malloc` opts out). The price: the process keeps its peak memory."""
     if _MALLOC["mode"] == "kept":
         return True
     try:
