@@ -11,3 +11,13 @@ os.environ.setdefault("PRUNEKIT_PROGRESS", "0")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _allocator_left_alone(monkeypatch):
+    """Commands under test leave the C allocator as it is: keep_freed_memory() lasts for the
+    whole process, so the first test to run a timing command would change how every later
+    test allocates. The real call is tested in subprocesses (test_runtime, test_runtime_cli)."""
+    import prunekit.runtime
+
+    monkeypatch.setattr(prunekit.runtime, "keep_freed_memory", lambda: False)

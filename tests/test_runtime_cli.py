@@ -51,6 +51,7 @@ def test_latency_json_with_sparse(pruned_digits, capsys):
     assert [r["batch"] for r in out["rows"]] == [1, 4]
     for r in out["rows"]:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["machine"]["threads"] == 1
+        assert r["machine"]["malloc"] == "system"  # conftest leaves the allocator alone
         assert set(r["kernels"]) == {"conv1", "conv2", "fc1", "fc2"}
 
 
