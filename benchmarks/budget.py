@@ -53,11 +53,12 @@ from prunekit.budget import (
     unfit_layers,
 )
 from prunekit.budget.latency_table import TIMINGS
+from prunekit.commands.latency import add_malloc_option, allocator_conflict, apply_malloc_option
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers
 from prunekit.patterns import Block1xN, get_pattern
-from prunekit.runtime.latency import keep_freed_memory, machine_info, num_threads
+from prunekit.runtime.latency import machine_info, num_threads
 
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -202,9 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", default="unstructured",
                    help="SparseGPT's pattern: unstructured, or 1xN (e.g. 1x16: block kernel)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--system-malloc", action="store_true",
-                   help="time under the C library's default allocator (see benchmarks/malloc.py)"
-                        "; by default freed memory is kept, as jemalloc would")
+    add_malloc_option(p)
     p.add_argument("--batch", type=int, default=64, help="batch size the speedup is measured at")
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--steps", type=int, default=100, help="SPDY search steps")
@@ -242,13 +241,10 @@ def main(argv=None) -> int:
     commands = results.setdefault("commands", [])  # rows kept from earlier (partial) runs
     if results["command"] not in commands:
         commands.append(results["command"])
-    if not args.system_malloc:
-        keep_freed_memory()
-    mode = machine_info()["malloc"]
-    if results.get("rows") and results.get("machine", {}).get("malloc", "system") != mode:
-        p.error(f"{out} holds rows timed under the {'system' if mode == 'kept' else 'kept'} "
-                f"allocator and this run would time under the {mode} one: match it "
-                f"(--system-malloc) or write to a new --out")
+    apply_malloc_option(args)
+    conflict = results.get("rows") and allocator_conflict(results.get("machine"), out)
+    if conflict:
+        p.error(conflict)
     results["machine"] = machine_info(args.threads)
     results.setdefault("rows", {})
 

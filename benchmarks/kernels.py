@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prunekit.commands.latency import add_malloc_option, allocator_conflict, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.patterns import Block1xN
 from prunekit.runtime.kernels import BlockWeight, CSRWeight, SparseLinear, sparse_module
-from prunekit.runtime.latency import keep_freed_memory, machine_info, num_threads, time_calls
+from prunekit.runtime.latency import machine_info, num_threads, time_calls
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072),
@@ -143,9 +144,7 @@ def measure_24(shape, batch, repeats) -> dict | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--system-malloc", action="store_true",
-                   help="time under the C library's default allocator (see benchmarks/malloc.py)"
-                        "; by default freed memory is kept, as jemalloc would")
+    add_malloc_option(p)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--shapes", help="comma-separated OUTxIN subset")
     p.add_argument("--quick", action="store_true")
@@ -161,13 +160,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results["command"] = "python " + " ".join(["benchmarks/kernels.py", *sys.argv[1:]])
-    if not args.system_malloc:
-        keep_freed_memory()
-    mode = machine_info()["malloc"]
-    if results.get("rows") and results.get("machine", {}).get("malloc", "system") != mode:
-        p.error(f"{out} holds rows timed under the {'system' if mode == 'kept' else 'kept'} "
-                f"allocator and this run would time under the {mode} one: match it "
-                f"(--system-malloc) or write to a new --out")
+    apply_malloc_option(args)
+    conflict = results.get("rows") and allocator_conflict(results.get("machine"), out)
+    if conflict:
+        p.error(conflict)
     results["machine"] = machine_info(args.threads)
     rows = results.setdefault("rows", {})
     gen = torch.Generator().manual_seed(0)

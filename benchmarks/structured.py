@@ -52,12 +52,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
-from prunekit.runtime import keep_freed_memory, machine_info, time_calls
+from prunekit.runtime import machine_info, time_calls
 from prunekit.structured import ChannelPrune, count_flops, count_params, shrink
 
 RESULTS = Path(__file__).parent / "results"
@@ -429,12 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "structured.json"))
     p.add_argument("--fresh", action="store_true", help="ignore cached results")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="time under the C library's default allocator (see benchmarks/malloc.py)"
-                        "; by default freed memory is kept, as jemalloc would")
+    add_malloc_option(p)
     args = p.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()
+    apply_malloc_option(args)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
     if not 0 <= args.stream_ratio < args.channel_ratio:

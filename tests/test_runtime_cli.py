@@ -78,6 +78,14 @@ def test_latency_keeps_freed_memory_unless_asked(flag, mode):
     assert json.loads(out)["rows"][0]["machine"]["malloc"] == mode
 
 
+def test_allocator_conflict_names_the_file_and_both_modes():
+    # this process keeps the system allocator (conftest)
+    assert latency_cmd.allocator_conflict({"malloc": "system"}, "r.json") is None
+    assert latency_cmd.allocator_conflict({}, "r.json") is None  # files from before the mode
+    why = latency_cmd.allocator_conflict({"malloc": "kept"}, "r.json")
+    assert "r.json" in why and "kept allocator" in why and "system one" in why
+
+
 def test_export_compressed_and_dense(pruned_digits, tmp_path, capsys):
     model, path = pruned_digits
     out = tmp_path / "c.safetensors"

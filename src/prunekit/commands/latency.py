@@ -42,6 +42,19 @@ def apply_malloc_option(args) -> None:
         keep_freed_memory()
 
 
+def allocator_conflict(saved_machine: dict | None, path) -> str | None:
+    """Why rows saved in `path` (timed on `saved_machine`) must not be joined by rows timed
+    under this process's allocator mode, or None when they may."""
+    from prunekit.runtime import machine_info
+
+    mode = machine_info()["malloc"]
+    if (saved_machine or {}).get("malloc", "system") == mode:
+        return None
+    return (f"{path} holds rows timed under the {'system' if mode == 'kept' else 'kept'} "
+            f"allocator and this run would time under the {mode} one: match it "
+            f"(--system-malloc) or write to a new --out")
+
+
 def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
