@@ -59,6 +59,7 @@ from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
 from prunekit.runtime import machine_info, time_calls
+from prunekit.runtime.convert import layer_inputs
 from prunekit.structured import ChannelPrune, count_flops, count_params, shrink
 
 RESULTS = Path(__file__).parent / "results"
@@ -135,13 +136,7 @@ def conv_times(models: dict, batch: int, repeats: int) -> dict:
     for tag, m in models.items():
         convs = {f"layer{s}.1.conv{c}": m.get_submodule(f"layer{s}.1.conv{c}")
                  for s in (1, 2, 3) for c in (1, 2)}
-        inputs = {}
-        hooks = [mod.register_forward_hook(lambda mod, i, o, n=n, d=inputs: d.__setitem__(n, i[0]))
-                 for n, mod in convs.items()]
-        with torch.no_grad():
-            m(x)
-        for h in hooks:
-            h.remove()
+        inputs = layer_inputs(m, convs, x)
         out[tag] = {}
         for n, mod in convs.items():
             calls[(tag, n)] = lambda mod=mod, inp=inputs[n]: mod(inp)
