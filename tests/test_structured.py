@@ -83,6 +83,34 @@ def test_shrink_equals_masking_on_a_hand_made_net():
                                    atol=1e-6)
 
 
+class NoCopyParameter(nn.Parameter):
+    """A parameter that refuses to be deep-copied."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("a tensor that is cut was copied whole first")
+
+
+def test_remove_slices_never_copies_a_cut_tensor_whole():
+    """Cut tensors are made from the original, not from a full copy of it (peak memory on
+    large models); inplace gives the same model, and the original stays as it was."""
+    net = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(net, x)
+    chosen = [g.classes[i] for g in graph.groups for i in (0, 2)]
+    want = remove_slices(net, chosen)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.stem.weight = NoCopyParameter(net.stem.weight.detach().clone())
+    small = remove_slices(net, chosen)
+    assert type(small.stem.weight) is nn.Parameter and small.stem.out_channels == 6
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    in_place = remove_slices(net, chosen, inplace=True)
+    assert in_place is net and net.stem.out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), want(x))
+        torch.testing.assert_close(in_place(x), want(x))
+
+
 class Pads(nn.Module):
     """A spatial pad before a conv, and a channel pad (2 zero channels each side) on both
     sides of a residual add: the padded channels are fixed, the ones between them are not."""

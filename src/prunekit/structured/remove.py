@@ -29,30 +29,17 @@ def drops_of(classes: Iterable[ChannelClass]) -> dict[str, dict[int, set[int]]]:
     return out
 
 
-def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
-    owners: dict[int, list] = defaultdict(list)
-    for m in model.modules():
-        for k, p in m._parameters.items():
-            if p is not None:
-                owners[id(p)].append((m, k, True))
-        for k, b in m._buffers.items():
-            if b is not None:
-                owners[id(b)].append((m, k, False))
-    return owners
-
-
 def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
                   inplace: bool = False) -> nn.Module:
-    """Return a model with every slice of `classes` cut out (a deep copy unless inplace)."""
-    if not inplace:
-        model = copy.deepcopy(model)
+    """Return a model with every slice of `classes` cut out (a copy unless inplace).
+
+    The copy never holds a full-size duplicate of a tensor that is cut: the cut tensors are
+    made from the original first and handed to deepcopy, so peak memory stays near the
+    original plus the smaller model (it matters for models of billions of parameters)."""
     drops = drops_of(classes)
-    if not drops:
-        return model
     named = dict(model.named_parameters(remove_duplicate=True))
     named.update(dict(model.named_buffers(remove_duplicate=True)))
-    owners = _tensor_owners(model)
-    old_attrs = {m: _shape_attrs(m) for m in model.modules()}
+    cut: dict[int, torch.Tensor] = {}  # id(original tensor) -> its cut replacement
     with torch.no_grad():
         for name, dims in drops.items():
             t = named[name]
@@ -61,16 +48,18 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
                 keep = torch.tensor(sorted(set(range(t.shape[d])) - idx), dtype=torch.long)
                 new = new.index_select(d, keep.to(new.device))
             new = new.clone()
-            for m, k, is_param in owners[id(t)]:
-                if is_param:
-                    m._parameters[k] = nn.Parameter(new, requires_grad=t.requires_grad)
-                else:
-                    m._buffers[k] = new
-            # tied parameters: every owner must share one new Parameter
-            if owners[id(t)] and owners[id(t)][0][2]:
-                shared = owners[id(t)][0][0]._parameters[owners[id(t)][0][1]]
-                for m, k, _ in owners[id(t)]:
-                    m._parameters[k] = shared
+            # tied parameters share one id, so every owner gets the same new Parameter
+            cut[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
+                          if isinstance(t, nn.Parameter) else new)
+    if not inplace:
+        model = copy.deepcopy(model, memo=dict(cut))
+    old_attrs = {m: _shape_attrs(m) for m in model.modules()}  # deepcopy kept the old values
+    if inplace:
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is not None and id(t) in cut:
+                        store[k] = cut[id(t)]
     for m in reversed(list(model.modules())):  # children first: parents read their shapes
         fix_shape_attrs(m, old_attrs.get(m, {}))
     return model
