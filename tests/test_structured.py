@@ -214,6 +214,29 @@ def test_l1_and_taylor_against_brute_force():
             assert t[c.id] == pytest.approx(gw * gw, rel=1e-4, abs=1e-10)
 
 
+def test_shrink_takes_your_own_scores():
+    """Given the l1 scores it removes what importance="l1" removes; given their negation it
+    keeps exactly those channels instead; incomplete scores are refused, naming the gap."""
+    net = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_graph(net, x)
+    l1 = score(net, graph, "l1")
+    cfg = ChannelPrune(ratio=0.5, importance="l2")
+    by_name, _ = shrink(net, ChannelPrune(ratio=0.5, importance="l1"), x, measure_latency_=False)
+    mine, report = shrink(net, cfg, x, measure_latency_=False, graph=graph, scores=l1)
+    assert report.config["importance"] == "custom scores"
+    for a, b in zip(by_name.state_dict().values(), mine.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    flipped, _ = shrink(net, cfg, x, measure_latency_=False, graph=graph,
+                        scores={k: -v for k, v in l1.items()})
+    assert flipped.stem.out_channels == mine.stem.out_channels
+    assert not torch.equal(flipped.stem.weight, mine.stem.weight)
+    with pytest.raises(PruneError, match="no importance for 1 channel classes"):
+        shrink(net, cfg, x, graph=graph, scores=dict(list(l1.items())[1:]))
+    with pytest.raises(PruneError, match="pass the graph"):
+        shrink(net, cfg, x, scores=l1)
+
+
 def test_sosp_hessian_vector_product_matches_autograd():
     from prunekit.structured.importance import _hvp, default_loss
 

@@ -272,18 +272,23 @@ def _validate(model: nn.Module, example_inputs) -> None:
 def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
            loss_fn: Callable | None = None,
            between_steps: Callable[[nn.Module, int], nn.Module | None] | None = None,
-           measure_latency_: bool = True, graph: DependencyGraph | None = None
-           ) -> tuple[nn.Module, ShrinkReport]:
+           measure_latency_: bool = True, graph: DependencyGraph | None = None,
+           scores: dict[int, float] | None = None) -> tuple[nn.Module, ShrinkReport]:
     """Return (smaller model, report). The input model is never modified.
 
     calib: batches for taylor / sosp importance (tensors, (inputs, targets) or dicts);
     loss_fn(model, batch) -> loss overrides the default loss. between_steps(model, step) is
     called after every iterative step but the last, e.g. to fine-tune; it may return a new
     model. graph: the graph build_graph(model, example_inputs, config.ignore) already made
-    (e.g. to inspect the groups first), reused for the first step instead of tracing again."""
+    (e.g. to inspect the groups first), reused for the first step instead of tracing again.
+    scores: your own criterion, {class id: importance} for every class of that graph (higher
+    is kept); it replaces config.importance and needs graph= and iterative_steps=1."""
     prebuilt = graph
     if not isinstance(config, ChannelPrune):
         raise PruneError(f"config must be a ChannelPrune, got {type(config).__name__}")
+    custom = scores is not None
+    if custom:
+        _check_scores(scores, graph, config)
     warn: list[str] = []
     was_training = model.training
     base_params = count_params(model)
@@ -307,7 +312,8 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
         if not graph.groups:
             raise PruneError(f"{type(model).__name__} has no channel that can be removed "
                              f"(all are tied to the output, an ignored module or an opaque op)")
-        scores = score(current, graph, config.importance, calib, loss_fn, config.seed + step)
+        if scores is None or step > 1:
+            scores = score(current, graph, config.importance, calib, loss_fn, config.seed + step)
         if what is None:  # linear schedule in channels of the original model
             if step == 1:
                 original = {g.key: len(g.classes) for g in graph.groups}
@@ -328,10 +334,22 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
         flops_before=base_flops, flops_after=count_flops(current, example_inputs),
         latency_ms_before=lat0,
         latency_ms_after=measure_latency(current, example_inputs) if measure_latency_ else 0.0,
-        groups=group_log, warnings=warn, config=asdict(config))
+        groups=group_log, warnings=warn,
+        config={**asdict(config), **({"importance": "custom scores"} if custom else {})})
     for w in warn:
         warnings.warn(w, stacklevel=2)
     return current, report
+
+
+def _check_scores(scores, graph, config: ChannelPrune) -> None:
+    if graph is None or config.iterative_steps != 1:
+        raise PruneError("scores= are per class of one graph: pass the graph they score "
+                         "(graph=build_graph(model, example_inputs)) and iterative_steps=1")
+    missing = [c.id for g in graph.groups for c in g.classes if c.id not in scores]
+    if missing:
+        raise PruneError(f"scores= has no importance for {len(missing)} channel classes of "
+                         f"the graph (ids {missing[:5]}...): score every class of "
+                         f"graph.groups")
 
 
 def _group_log(graph: DependencyGraph, chosen) -> list[dict]:
