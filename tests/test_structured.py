@@ -111,6 +111,21 @@ def test_remove_slices_never_copies_a_cut_tensor_whole():
         torch.testing.assert_close(in_place(x), want(x))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cut_tied_weights_stay_one_parameter(inplace):
+    """GPT-2's embedding and LM head are one Parameter; cutting residual channels out of it
+    (include_reduced) leaves them one Parameter, in a copy and in place."""
+    from prunekit.models import create
+
+    model = create("tiny-gpt2")
+    x = {"input_ids": torch.randint(0, 128, (1, 10))}
+    stream = next(g for g in build_graph(model, x, verify="all").groups if g.reduced)
+    small = remove_slices(model, stream.classes[:3], inplace=inplace)
+    assert small.lm_head.weight is small.transformer.wte.weight
+    assert small.transformer.wte.weight.shape == (128, len(stream.classes) - 3)
+    assert small(**x).logits.shape == (1, 10, 128)
+
+
 class Pads(nn.Module):
     """A spatial pad before a conv, and a channel pad (2 zero channels each side) on both
     sides of a residual add: the padded channels are fixed, the ones between them are not."""

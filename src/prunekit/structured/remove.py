@@ -46,8 +46,7 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
             new = t.detach()
             for d, idx in dims.items():
                 keep = torch.tensor(sorted(set(range(t.shape[d])) - idx), dtype=torch.long)
-                new = new.index_select(d, keep.to(new.device))
-            new = new.clone()
+                new = new.index_select(d, keep.to(new.device))  # a new tensor
             # tied parameters share one id, so every owner gets the same new Parameter
             cut[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
                           if isinstance(t, nn.Parameter) else new)
