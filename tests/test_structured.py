@@ -209,24 +209,83 @@ def test_grouped_conv_removes_the_same_local_index_from_every_group():
     small(x)
 
 
-def test_l1_and_taylor_against_brute_force():
+def test_l1_against_brute_force():
     net = Net().eval()
     x = torch.randn(4, 3, 8, 8)
-    y = torch.randint(0, 5, (4,))
     graph = build_graph(net, x)
     params = dict(net.named_parameters())
     s = score(net, graph, "l1")
-    loss = nn.functional.cross_entropy(net(x), y)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
-    t = score(net, graph, "taylor", calib=[(x, y)])
     for g in graph.groups:
         for c in g.classes:
             l1 = sum(float(params[p].select(d, i).abs().sum()) for p, d, i in c.slices
                      if p in params and params[p].dim() >= 2)
             assert s[c.id] == pytest.approx(l1, rel=1e-5)
-            gw = sum(float((grads[p] * params[p]).select(d, i).sum()) for p, d, i in c.slices
-                     if p in params)
-            assert t[c.id] == pytest.approx(gw * gw, rel=1e-4, abs=1e-10)
+
+
+class Gated(nn.Module):
+    """conv -> BN -> ReLU -> conv -> pool -> linear -> ReLU -> linear, with a multiplicative
+    gate (all ones) on every channel and neuron that can be removed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3)
+        self.f1, self.f2 = nn.Linear(5, 7), nn.Linear(7, 3)
+        for k, n in (("c", 6), ("p", 5), ("f", 7)):
+            self.register_buffer(f"gate_{k}", torch.ones(n))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x))) * self.gate_c.view(1, -1, 1, 1)
+        h = self.c2(h).mean((2, 3)) * self.gate_p
+        return self.f2(torch.relu(self.f1(h)) * self.gate_f)
+
+
+def test_taylor_is_the_squared_gradient_of_a_gate_on_each_channel():
+    """Molchanov's gate form: for each channel, (dL/dz)^2 for a gate z on its output, summed
+    over micro-batches; checked against the gradients of explicit gates."""
+    torch.manual_seed(0)
+    net = Gated().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2)
+    x, y = torch.randn(8, 3, 9, 9), torch.randint(0, 3, (8,))
+    graph = build_graph(net, x[:1])
+    t = score(net, graph, "taylor", calib=[(x, y)], micro_batch=4)
+    want = {"c": torch.zeros(6), "p": torch.zeros(5), "f": torch.zeros(7)}
+    gates = [t.requires_grad_() for t in (net.gate_c, net.gate_p, net.gate_f)]
+    for s in (0, 4):
+        loss = nn.functional.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
+        grads = torch.autograd.grad(loss, gates)
+        for k, gr in zip(want, grads, strict=True):
+            want[k] += gr.pow(2)
+    producer = {"c": "c1.weight", "p": "c2.weight", "f": "f1.weight"}
+    checked = 0
+    for g in graph.groups:
+        for c in g.classes:
+            k = next(k for k, p in producer.items() if (p, 0) in {(q, d) for q, d, _ in
+                                                                  c.slices})
+            i = next(i for p, d, i in c.slices if p == producer[k] and d == 0)
+            assert t[c.id] == pytest.approx(float(want[k][i]), rel=1e-4, abs=1e-12)
+            checked += 1
+    assert checked == 6 + 5 + 7
+
+
+@pytest.mark.parametrize("name,reads,writes", [
+    ("tiny-gpt2", ("h.0.attn.c_proj.weight", 0), ("h.0.attn.c_attn.weight", 1)),  # Conv1D
+    ("tiny-bert", ("layer.0.attention.output.dense.weight", 1),
+     ("layer.0.attention.self.query.weight", 0)),
+])
+def test_taylor_reads_heads_at_the_output_projection(name, reads, writes):
+    """A head's gate is read where the output projection takes it in, whichever way the
+    weight is stored; the q/k/v rows that write it are not counted."""
+    from prunekit.models import create
+    from prunekit.structured.importance import reader_keys
+
+    model = create(name)
+    x = {"input_ids": torch.randint(0, 128, (1, 8))}
+    keys = reader_keys(model, build_graph(model, x))
+    assert any(p.endswith(reads[0]) and d == reads[1] for p, d in keys)
+    assert not any(p.endswith(writes[0]) and d == writes[1] for p, d in keys)
+    assert not any("wte" in p or "embeddings" in p for p, _ in keys)
 
 
 def test_shrink_takes_your_own_scores():

@@ -3,8 +3,11 @@
 l1 / l2: norm of the coupled weight slices (Li et al. 2017, summed over the group).
 bn_scale: |gamma| of the batch norms in the class (network slimming, Liu et al. 2017);
   classes with no batch norm fall back to l1.
-taylor: (sum over the class of gradient x weight)^2, summed over batches (Molchanov et al.
-  2019, group version).
+taylor: (sum of gradient x weight over the slices that read the channel)^2, summed over
+  micro-batches (Molchanov et al. 2019, gate form). That sum is exactly the derivative of the
+  loss with respect to a gate on the channel's output, the first-order loss change of
+  removing it; its producers (the filter, the norm) describe the same removal, so adding
+  them counts it again. Classes that nothing reads use the whole group.
 sosp: second-order, SOSP-H style (Nonnenmacher et al. 2022): |-g.theta_s + theta_s.(H theta)|,
   where H theta comes from one Hessian-vector product per batch (central finite difference of
   gradients), so each class sees its coupling with all other structures.
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PruneError
+from prunekit.layers import is_hf_conv1d
 from prunekit.structured.graph import DependencyGraph, run_model
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "sosp", "random")
@@ -36,14 +40,12 @@ def _per_dim(values: dict[str, torch.Tensor], keys, reduce: str = "sum"):
     return out
 
 
-def _class_scores(graph: DependencyGraph, vecs, weights_only: set[str] | None = None):
+def _class_scores(graph: DependencyGraph, vecs):
     scores = {}
     for g in graph.groups:
         for c in g.classes:
             s = 0.0
             for p, d, i in c.slices:
-                if weights_only is not None and p not in weights_only:
-                    continue
                 v = vecs.get((p, d))
                 if v is not None:
                     s += float(v[i])
@@ -53,6 +55,24 @@ def _class_scores(graph: DependencyGraph, vecs, weights_only: set[str] | None = 
 
 def _keys(graph: DependencyGraph):
     return {k for g in graph.groups for k in g.key}
+
+
+def reader_keys(model: nn.Module, graph: DependencyGraph) -> set[tuple[str, int]]:
+    """(parameter, dim) pairs that read a channel: the input dim of a weight (dim 1 of a
+    linear, convolution or attention projection; dim 0 of a transposed convolution or a
+    transformers Conv1D). Embeddings, norms and biases only produce."""
+    mods = dict(model.named_modules())
+    out = set()
+    for p, d in _keys(graph):
+        owner, _, attr = p.rpartition(".")
+        m = mods.get(owner)
+        t = getattr(m, attr, None)
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or isinstance(m, nn.Embedding):
+            continue
+        if d == (0 if isinstance(m, nn.modules.conv._ConvTransposeNd) or is_hf_conv1d(m)
+                 else 1):
+            out.add((p, d))
+    return out
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -85,7 +105,7 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
           loss_fn: Callable | None = None, seed: int = 0,
           micro_batch: int = 8) -> dict[int, float]:
-    """Score every class of `graph` (higher = more important). Taylor squares the group sum
+    """Score every class of `graph` (higher = more important). Taylor squares the gate sum
     per micro-batch of `micro_batch` examples (tensor, tuple or dict batches are split)."""
     if criterion not in CRITERIA:
         raise PruneError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
@@ -124,6 +144,10 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     loss_fn = loss_fn or default_loss
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
+    if criterion == "taylor":
+        readers = reader_keys(model, graph)
+        read = {c.id for g in graph.groups for c in g.classes
+                if any((p, d) in readers for p, d, _ in c.slices)}
     was = model.training
     model.eval()
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
@@ -132,9 +156,12 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
             grads = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(plist, grads)]
             if criterion == "taylor":
-                gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
-                s = _class_scores(graph, _per_dim(gw, keys))
-                for k, v in s.items():
+                gw = _per_dim({n: (g * p).detach() for n, p, g in zip(names, plist, grads)},
+                              keys)
+                whole = _class_scores(graph, gw)
+                gate = _class_scores(graph, {k: v for k, v in gw.items() if k in readers})
+                for k in totals:
+                    v = gate[k] if k in read else whole[k]
                     totals[k] += v * v
             else:
                 hv = _hvp(model, batch, loss_fn, plist)
