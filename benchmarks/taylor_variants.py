@@ -1,0 +1,150 @@
+"""Which form of first-order Taylor importance keeps the most accuracy (issue 4's "Taylor
+above L1" target), on the structured benchmark's case: pretrained ResNet-56 on CIFAR-10 with
+half of every block's inner channels removed, then the same short fine-tune.
+
+Forms, each scored over the same labelled calibration images:
+- taylor: prunekit's criterion, (sum of g*w over the slices that read the channel, here
+  the next convolution's input slice)^2 per micro-batch of 8: exactly the first-order loss
+  change of removing the channel (the "gate" form of Molchanov et al. 2019);
+- taylor-group-sum: the same over every slice of the coupled group (filter, batch norm and
+  input slice), prunekit's criterion before the gate form;
+- taylor-per-weight: sum over the group of (g*w)^2 per batch of 64 (their per-parameter form);
+- torch-pruning-taylor / torch-pruning-l1: Torch-Pruning's own criteria (|g*w| summed over
+  the whole calibration gradient; L1), as in the structured benchmark;
+- l1: prunekit's filter norm, the baseline to beat.
+Each pruned model is fine-tuned once per --ft-seeds seed (the swing between seeds shows
+what difference is noise). Results go to benchmarks/results/taylor_variants.json.
+
+The pretrained model fits its training images (loss about 0.001), so their gradients carry
+little signal. The "(held-out)" rows score the Taylor forms on --heldout test images that the
+model never saw instead, as a user with a validation split would; top-1 is then measured on
+the other test images only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit.data import cifar10_tensors
+from prunekit.evaluate import top1_accuracy
+from prunekit.io import atomic_write_text
+from prunekit.models import create
+from prunekit.progress import Progress
+from prunekit.structured import ChannelPrune, build_graph, score, shrink
+from prunekit.structured.importance import _micro_batches, default_loss
+from structured import balanced_subset, fine_tune, have_torch_pruning, tp_prune
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def taylor_form(model, graph, calib, micro: int, form: str) -> dict[int, float]:
+    """Class scores under one Taylor form ("group-sum" or "per-weight")."""
+    params = dict(model.named_parameters())
+    names = sorted({p for g in graph.groups for p, _ in g.key if p in params})
+    plist = [params[n] for n in names]
+    totals = {c.id: 0.0 for g in graph.groups for c in g.classes}
+    model.eval()
+    for batch in (m for b in calib for m in _micro_batches(b, micro)):
+        grads = dict(zip(names, torch.autograd.grad(default_loss(model, batch), plist),
+                         strict=True))
+        for g in graph.groups:
+            for c in g.classes:
+                terms = [(grads[p] * params[p].detach()).select(d, i) for p, d, i in c.slices
+                         if p in grads]
+                if form == "per-weight":
+                    totals[c.id] += float(sum(t.pow(2).sum() for t in terms))
+                else:
+                    totals[c.id] += float(sum(t.sum() for t in terms)) ** 2
+    return totals
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-images", type=int, default=5000)
+    p.add_argument("--test-images", type=int, default=8000)
+    p.add_argument("--heldout", type=int, default=1024,
+                   help="last test images used as held-out calibration (0: none)")
+    p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--ft-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "taylor_variants.json"))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = create("resnet56-cifar10", pretrained=True).eval()
+    example = torch.randn(1, 3, 32, 32)
+    xt, yt = cifar10_tensors("test")
+    if args.test_images + args.heldout > len(xt):
+        p.error(f"--test-images + --heldout must be at most {len(xt)}")
+    held = list(zip(xt[len(xt) - args.heldout:].split(64), yt[len(xt) - args.heldout:].split(64),
+                    strict=True))
+    xt, yt = xt[:args.test_images], yt[:args.test_images]
+    xtr, ytr = cifar10_tensors("train")
+    xtr, ytr = balanced_subset(xtr, ytr, max(args.train_images, args.calib), 0)
+    calib = list(zip(xtr[:args.calib].split(64), ytr[:args.calib].split(64), strict=True))
+    ftx, fty = xtr[:args.train_images], ytr[:args.train_images]
+    half = ChannelPrune(per_layer={"layer*.conv1": 0.5})
+    graph = build_graph(base, example)
+    forms = {
+        "l1": lambda: score(base, graph, "l1"),
+        "taylor": lambda: score(base, graph, "taylor", calib),
+        "taylor-group-sum": lambda: taylor_form(base, graph, calib, 8, "group-sum"),
+        "taylor-per-weight": lambda: taylor_form(base, graph, calib, 64, "per-weight"),
+    }
+    if have_torch_pruning():
+        forms["torch-pruning-l1"] = forms["torch-pruning-taylor"] = None
+    if args.heldout:
+        forms["taylor (held-out)"] = lambda: score(base, graph, "taylor", held)
+        forms["taylor-group-sum (held-out)"] = lambda: taylor_form(base, graph, held, 8,
+                                                                   "group-sum")
+        if have_torch_pruning():
+            forms["torch-pruning-taylor (held-out)"] = None
+    out = Path(args.out)
+    results = {"command": "python " + " ".join(sys.argv), "config": vars(args), "rows": {}}
+    if out.exists():  # resume: keep the rows of a run with the same settings
+        old = json.loads(out.read_text())
+        if old.get("config") == results["config"]:
+            results["rows"] = {k: v for k, v in old["rows"].items() if k in forms}
+    with Progress(enabled=not args.quiet) as bar:
+        task = bar.add("forms", total=len(forms))
+        for name, scorer in forms.items():
+            if name in results["rows"]:
+                bar.advance(task)
+                continue
+            t0 = time.time()
+            if scorer is None:
+                crit = name.split()[0].rsplit("-", 1)[1]
+                pruned = tp_prune(copy.deepcopy(base), crit, 0.5,
+                                  held if "held-out" in name else calib, example)
+            else:
+                pruned, _ = shrink(base, half, example, graph=graph, scores=scorer(),
+                                   measure_latency_=False)
+            row = {"prune_seconds": round(time.time() - t0, 1),
+                   "top1_pruned": top1_accuracy(pruned, xt, yt), "top1_finetuned": {}}
+            for seed in args.ft_seeds:
+                tuned = fine_tune(copy.deepcopy(pruned), ftx, fty, 1, 64, 0.01, seed, True)
+                row["top1_finetuned"][str(seed)] = top1_accuracy(tuned, xt, yt)
+            row["mean_finetuned"] = statistics.mean(row["top1_finetuned"].values())
+            results["rows"][name] = row
+            atomic_write_text(out, json.dumps(results, indent=2))
+            bar.advance(task)
+            if not args.quiet:
+                print(name, row, flush=True)
+    print(f"{'form':<34}{'pruned':>8}  fine-tuned per seed  mean")
+    for name, row in results["rows"].items():
+        seeds = " ".join(f"{v:6.2f}" for v in row["top1_finetuned"].values())
+        print(f"{name:<34}{row['top1_pruned']:8.2f}  {seeds:<20}{row['mean_finetuned']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
