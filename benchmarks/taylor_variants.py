@@ -15,10 +15,11 @@ Forms, each scored over the same labelled calibration images:
 Each pruned model is fine-tuned once per --ft-seeds seed (the swing between seeds shows
 what difference is noise). Results go to benchmarks/results/taylor_variants.json.
 
-The pretrained model fits its training images (loss about 0.001), so their gradients carry
-little signal. The "(held-out)" rows score the Taylor forms on --heldout test images that the
-model never saw instead, as a user with a validation split would; top-1 is then measured on
-the other test images only.
+The pretrained model fits its training images (the script prints and records the
+cross-entropy on both calibration sets), so their gradients carry little signal. The
+"(held-out)" rows score the Taylor forms on --heldout test images that the model never saw
+instead, as a user with a validation split would; top-1 is then measured on the other test
+images only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
@@ -114,6 +116,12 @@ def main(argv=None) -> int:
         old = json.loads(out.read_text())
         if old.get("config") == results["config"]:
             results["rows"] = {k: v for k, v in old["rows"].items() if k in forms}
+    with torch.no_grad():  # how much the gradients have to work with
+        for key, batches in (("loss_calibration", calib), ("loss_heldout", held)):
+            if batches:
+                results[key] = float(sum(nn.functional.cross_entropy(base(x), y, reduction="sum")
+                                         for x, y in batches) / sum(len(y) for _, y in batches))
+    atomic_write_text(out, json.dumps(results, indent=2))
     with Progress(enabled=not args.quiet) as bar:
         task = bar.add("forms", total=len(forms))
         for name, scorer in forms.items():
@@ -139,6 +147,9 @@ def main(argv=None) -> int:
             bar.advance(task)
             if not args.quiet:
                 print(name, row, flush=True)
+    print("cross-entropy of the pretrained model: "
+          + ", ".join(f"{k[5:]} {results[k]:.4f}" for k in ("loss_calibration", "loss_heldout")
+                      if k in results))
     print(f"{'form':<34}{'pruned':>8}  fine-tuned per seed  mean")
     for name, row in results["rows"].items():
         seeds = " ".join(f"{v:6.2f}" for v in row["top1_finetuned"].values())
