@@ -144,10 +144,10 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     loss_fn = loss_fn or default_loss
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
-    if criterion == "taylor":
+    if criterion == "taylor":  # each class's gate: the slices that read it, else the group
         readers = reader_keys(model, graph)
-        read = {c.id for g in graph.groups for c in g.classes
-                if any((p, d) in readers for p, d, _ in c.slices)}
+        counted = {c.id: [s for s in c.slices if s[:2] in readers] or c.slices
+                   for g in graph.groups for c in g.classes}
     was = model.training
     model.eval()
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
@@ -158,10 +158,8 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
             if criterion == "taylor":
                 gw = _per_dim({n: (g * p).detach() for n, p, g in zip(names, plist, grads)},
                               keys)
-                whole = _class_scores(graph, gw)
-                gate = _class_scores(graph, {k: v for k, v in gw.items() if k in readers})
-                for k in totals:
-                    v = gate[k] if k in read else whole[k]
+                for k, slices in counted.items():
+                    v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
                     totals[k] += v * v
             else:
                 hv = _hvp(model, batch, loss_fn, plist)
