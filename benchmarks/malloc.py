@@ -50,10 +50,8 @@ def models() -> dict:
     """The four calls, built the same way in every process."""
     from prunekit import Magnitude, prune
     from prunekit.budget.measured import unfit_layers
-    from prunekit.layers import find_layers
     from prunekit.models import create
-    from prunekit.runtime import sparse_module
-    from prunekit.runtime.convert import set_submodule
+    from prunekit.runtime import convert
     from prunekit.structured import ChannelPrune, shrink
 
     resnet = create("resnet56-cifar10", pretrained=True).eval()
@@ -67,8 +65,8 @@ def models() -> dict:
     sparse = copy.deepcopy(minilm)
     skip = unfit_layers(minilm, "1x16")
     prune(sparse, Magnitude(sparsity=0.95, pattern="1x16", exclude=skip), progress=False)
-    for name, layer in find_layers(sparse, exclude=skip).items():
-        set_submodule(sparse, name, sparse_module(layer, "block"))
+    convert(sparse, batch, ("block",), exclude=skip, inplace=True, progress=False,
+            choose="first")
     return {PAIRS[0][1]: lambda: resnet(x), PAIRS[0][2]: lambda: small(x),
             PAIRS[1][1]: lambda: minilm(**batch), PAIRS[1][2]: lambda: sparse(**batch)}
 

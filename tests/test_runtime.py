@@ -1,5 +1,6 @@
 """Sparse kernels, conversion by measurement, latency helper, and export round trips."""
 
+import importlib
 import platform
 
 import pytest
@@ -193,6 +194,31 @@ def test_converted_model_matches_masked_model(pattern, s):
     if pattern == "1x4":
         new, report = convert(model, x, kernels=("block",), repeats=2, progress=False)
         assert all("block" in lc.times_ms for lc in report.layers)  # it served every layer
+
+
+def test_convert_first_takes_the_given_kernel_without_timing(monkeypatch):
+    """choose="first": every layer a kernel serves takes the first such kernel in the given
+    order, nothing is timed, and the outputs still match; a dense layer stays dense."""
+    convert_mod = importlib.import_module("prunekit.runtime.convert")  # the module, not the verb
+    model = _Net().eval()
+    prune(model, Magnitude(sparsity=0.8, pattern="1x4", exclude=["conv"]), progress=False)
+    x = torch.randn(4, 3, 8, 8)
+
+    def no_timing(*a, **k):
+        raise AssertionError("choose='first' must not time anything")
+
+    monkeypatch.setattr(convert_mod, "time_calls", no_timing)
+    for kernels in (("block", "csr"), ("csr", "block")):
+        new, report = convert(model, x, kernels=kernels, progress=False, choose="first")
+        chosen = {lc.name: lc.kernel for lc in report.layers}
+        assert chosen == {"conv": "dense", "fc1": kernels[0], "fc2": kernels[0]}
+        assert isinstance(new.fc1, type(sparse_module(model.fc1, kernels[0])))
+        assert all(lc.times_ms == {} for lc in report.layers)
+        assert "nan" in str(report)  # nothing measured, nothing claimed
+        with torch.inference_mode():
+            torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(PruneError, match="choose must be"):
+        convert(model, x, choose="best")
 
 
 def test_convert_bad_kernel_and_untouched_original():

@@ -45,7 +45,7 @@ from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
 from prunekit.patterns import get_pattern
 from prunekit.progress import Progress
-from prunekit.runtime.convert import candidate_kernels, layer_inputs, set_submodule
+from prunekit.runtime.convert import candidate_kernels, convert, layer_inputs
 from prunekit.runtime.kernels import VERSION as KERNELS_VERSION
 from prunekit.runtime.latency import (
     CacheFlush,
@@ -161,8 +161,8 @@ def build_latency_table(model: nn.Module, batch, levels: Sequence[float] = DEFAU
     flush = CacheFlush() if timing == "cold" else None
     with num_threads(threads), Progress(enabled=progress) as bar:
         if timing == "model":
-            _measure_in_model(model, batch, layers, inputs, levels, pat, kernels, repeats, gen,
-                              state, path, bar)
+            _measure_in_model(model, batch, layers, levels, pat, kernels, repeats, gen, state,
+                              path, bar)
         else:
             task = bar.add("latency table", total=len(layers))
             for name, module in layers.items():
@@ -232,8 +232,8 @@ def _timed_forwards(variants: dict[str, nn.Module], names, batch, repeats: int) 
     return samples
 
 
-def _measure_in_model(model, batch, layers, inputs, levels, pattern, kernels, repeats, gen,
-                      state, path, bar) -> None:
+def _measure_in_model(model, batch, layers, levels, pattern, kernels, repeats, gen, state,
+                      path, bar) -> None:
     """timing="model": for each level, the whole model with every layer at that level, once
     per sparse kernel (layers it cannot serve stay dense there), timed interleaved with the
     dense model. A layer's time is its in-model dense time times its best ratio at the level.
@@ -252,14 +252,11 @@ def _measure_in_model(model, batch, layers, inputs, levels, pattern, kernels, re
             if kind == "dense":
                 continue
             variant = copy.deepcopy(model)
-            served[kind] = []
             for n in names:
-                probe = variant.get_submodule(n)
-                set_weight_matrix(probe, masks[n])
-                cands, _ = candidate_kernels(probe, inputs[n], (kind,))
-                if kind in cands:
-                    set_submodule(variant, n, cands[kind])
-                    served[kind].append(n)
+                set_weight_matrix(variant.get_submodule(n), masks[n])
+            _, report = convert(variant, batch, (kind,), include=names, inplace=True,
+                                progress=False, choose="first")
+            served[kind] = [lc.name for lc in report.layers if lc.kernel == kind]
             if served[kind]:
                 variants[kind] = variant
         t = _timed_forwards(variants, names, batch, repeats)

@@ -34,6 +34,9 @@ class LayerChoice:
 
     @property
     def speedup(self) -> float:
+        """Measured dense time over the chosen kernel's; NaN when nothing was timed."""
+        if self.kernel not in self.times_ms:
+            return float("nan")
         return self.times_ms["dense"] / self.times_ms[self.kernel]
 
 
@@ -57,7 +60,7 @@ class ConversionReport:
         lines = [f"{'layer':<36} {'sparsity':>8} {'kernel':>7} {'dense ms':>9} {'speedup':>8}"]
         for lc in self.layers:
             lines.append(f"{lc.name:<36} {lc.sparsity:>8.3f} {lc.kernel:>7} "
-                         f"{lc.times_ms['dense']:>9.4f} {lc.speedup:>7.2f}x"
+                         f"{lc.times_ms.get('dense', float('nan')):>9.4f} {lc.speedup:>7.2f}x"
                          + (f"  ({'; '.join(lc.notes)})" if lc.notes else ""))
         return "\n".join(lines)
 
@@ -124,14 +127,19 @@ def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]
 def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "block", "2:4"),
             include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
             threads: int | None = None, repeats: int = 9, inplace: bool = False,
-            progress: bool = True) -> tuple[nn.Module, ConversionReport]:
+            progress: bool = True, choose: str = "fastest") -> tuple[nn.Module, ConversionReport]:
     """Replace each prunable layer by its fastest kernel, measured on its input from `batch`.
 
+    choose="first" times nothing: each layer takes the first of `kernels` that serves it
+    (output still checked against the dense layer), or stays dense. That builds a model with
+    one given kernel wherever it fits, as latency tables and benchmarks need.
     Returns (converted model, report). The original model is untouched unless inplace=True.
     """
     bad = [k for k in kernels if k not in KERNELS]
     if bad:
         raise PruneError(f"unknown kernel {bad[0]!r}; choose from {', '.join(KERNELS)}")
+    if choose not in ("fastest", "first"):
+        raise PruneError(f"choose must be 'fastest' or 'first', got {choose!r}")
     model.eval()
     target = model if inplace else copy.deepcopy(model)
     layers = find_layers(target, include, exclude)
@@ -146,11 +154,15 @@ def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "
             w = weight_matrix(module)
             sparsity = float((w == 0).float().mean())
             cands, notes = candidate_kernels(module, x, kernels)
-            with torch.inference_mode():
-                times = time_calls({k: (lambda m=m, x=x: m(x)) for k, m in cands.items()},
-                                   repeats=repeats)
-            ms = {k: 1e3 * v["median"] for k, v in times.items()}
-            best = min(ms, key=ms.get)
+            if choose == "first":
+                ms = {}
+                best = next((k for k in kernels if k in cands), "dense")
+            else:
+                with torch.inference_mode():
+                    times = time_calls({k: (lambda m=m, x=x: m(x)) for k, m in cands.items()},
+                                       repeats=repeats)
+                ms = {k: 1e3 * v["median"] for k, v in times.items()}
+                best = min(ms, key=ms.get)
             if best != "dense":
                 set_submodule(target, name, cands[best])
             choices.append(LayerChoice(name, tuple(module.weight.shape), sparsity, best, ms,
