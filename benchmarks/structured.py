@@ -244,6 +244,8 @@ def run_resnet(args, results, save):
         save()
         models[key] = small
         print(f"{key}: {entry}", flush=True)
+    if args.repeats == 0:  # accuracy only (e.g. extra seeds run beside other work)
+        return
     if "prunekit-l1" in models:
         res["conv_ms_b64"] = conv_times({"dense": base, "prunekit-l1": models["prunekit-l1"]},
                                         64, args.repeats)
@@ -290,7 +292,7 @@ def run_minilm(args, results, save):
                          "intermediate": [m.out_features for n, m in small.named_modules()
                                           if n.endswith("intermediate.dense")]}
         save()
-    for batch, length in ((1, 32), (32, 128)):
+    for batch, length in ((1, 32), (32, 128)) if args.repeats else ():
         enc = dict(tok(sents[:batch], padding="max_length", max_length=length,
                        truncation=True, return_tensors="pt"))
 
@@ -414,7 +416,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1,
                    help="iterative pruning steps (both libraries), each but the last followed "
                         "by one pass over its 1/steps share of the fine-tune subset")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=30,
+                   help="timed calls per latency; 0 skips every timing")
     p.add_argument("--compile", action="store_true",
                    help="also time every ResNet-56 under torch.compile (as deployed)")
     p.add_argument("--seed", type=int, default=0)
