@@ -209,6 +209,29 @@ def test_prune_with_budget_errors_leave_model_alone():
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
+def test_prune_with_budget_interrupted_midway_restores_every_layer(monkeypatch):
+    """A failure after the first layer is pruned writes that layer back too."""
+    import prunekit.budget.alloc as alloc_mod
+
+    model = MLP()
+    model.train()
+    before = [p.clone() for p in model.parameters()]
+    real, done = alloc_mod._prune_module, []
+
+    def second_fails(name, *a):
+        if done:
+            raise KeyboardInterrupt
+        done.append(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(alloc_mod, "_prune_module", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        prune_with_budget(model, {"layers.0": 0.5, "layers.1": 0.5}, Magnitude(),
+                          progress=False)
+    assert done == ["layers.0"] and model.training
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
 def test_latency_table_is_cached_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
     model = MLP((64, 128, 64))

@@ -96,6 +96,28 @@ def test_registered_and_bad_input():
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
+def test_interrupted_second_step_gives_the_model_back_whole():
+    """Ctrl-C during step 2's gradients, after step 1 has pruned and updated weights: every
+    weight comes back as it was, and the model's train mode too."""
+    model, x, y, *_ = _digits()
+    model.train()
+    batches = list(zip(x[:32].split(8), y[:32].split(8)))
+    before = [p.clone() for p in model.parameters()]
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        if len(calls) > 4:  # step 1 took 4 gradients
+            raise KeyboardInterrupt
+        return _loss(m, b)
+
+    with pytest.raises(KeyboardInterrupt):
+        WoodFisher(sparsity=0.5, num_grads=4, steps=2).prune_global(model, loss_fn, batches,
+                                                                    progress=False)
+    assert len(calls) == 5 and model.training
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("sparsity", [0.7, 0.9])
 def test_woodfisher_beats_global_magnitude_on_digits(sparsity):
     model, x, y, xt, yt = _digits()

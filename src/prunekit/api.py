@@ -11,7 +11,14 @@ from torch import nn
 
 from prunekit.calibrate import LayerStats, Sequential, as_batches, collect_stats
 from prunekit.errors import PruneError
-from prunekit.layers import find_layers, groups_of, is_prunable, set_weight_matrix, weight_matrix
+from prunekit.layers import (
+    find_layers,
+    groups_of,
+    is_prunable,
+    restored_on_error,
+    set_weight_matrix,
+    weight_matrix,
+)
 from prunekit.methods.base import PruneConfig
 from prunekit.patterns import Pattern, Unstructured, get_pattern
 from prunekit.progress import Progress
@@ -175,11 +182,9 @@ def prune(model: nn.Module, config: PruneConfig, calib=None, *, progress: bool =
     if config.sequential and not batches:
         raise PruneError("sequential=True needs calibration data")
     report = PruneReport(config.method, pattern.name, sparsity, config.options())
-    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
+    with restored_on_error(model, layers):
+        model.eval()
         with Progress(enabled=progress) as bar:
             if config.sequential:
                 seq = Sequential(model, layers, batches, config.blocks)
@@ -193,13 +198,6 @@ def prune(model: nn.Module, config: PruneConfig, calib=None, *, progress: bool =
                     task = bar.add("calibrating", total=len(batches))
                     stats = collect_stats(model, layers, batches, lambda: bar.advance(task))
                 _prune_stage(report, layers, stats, config, pattern, sparsity, bar, "layers")
-    except BaseException:
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(originals[n])
-        raise
-    finally:
-        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 

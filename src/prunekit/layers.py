@@ -8,7 +8,8 @@ in = in_channels/groups * prod(kernel_size) in PyTorch's memory order.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -88,3 +89,20 @@ def find_layers(
             f"prunable layers are: {names}{' ...' if len(all_layers) > 8 else ''}"
         )
     return chosen
+
+
+@contextmanager
+def restored_on_error(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
+    """Run a pruning pass that loses nothing: if it raises (Ctrl-C included), every layer's
+    weight is written back as it was; the model's train/eval mode is restored either way."""
+    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    was_training = model.training
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.weight.copy_(originals[n])
+        raise
+    finally:
+        model.train(was_training)

@@ -12,7 +12,7 @@ from torch import nn
 from prunekit.api import PruneReport, _check_config, _prune_module, _validate_layers
 from prunekit.calibrate import as_batches, collect_stats
 from prunekit.errors import PruneError
-from prunekit.layers import find_layers, weight_matrix
+from prunekit.layers import find_layers, restored_on_error, weight_matrix
 from prunekit.methods.base import PruneConfig
 from prunekit.patterns import check_sparsity
 from prunekit.progress import Progress
@@ -127,11 +127,9 @@ def prune_with_budget(model: nn.Module, budget: Mapping[str, float], config: Pru
         raise PruneError(f"{config.method} needs calibration data: pass calib=...")
     report = PruneReport(config.method, pattern.name, total_sparsity(layers, budget),
                          config.options() | {"budget": dict(budget)})
-    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-    was_training = model.training
-    model.eval()
     start = time.perf_counter()
-    try:
+    with restored_on_error(model, layers):
+        model.eval()
         with Progress(enabled=progress) as bar:
             stats = {}
             if batches:
@@ -143,12 +141,5 @@ def prune_with_budget(model: nn.Module, budget: Mapping[str, float], config: Pru
                     report.layers.append(_prune_module(name, module, config, pattern,
                                                        budget[name], stats.get(name)))
                 bar.advance(task)
-    except BaseException:
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(originals[n])
-        raise
-    finally:
-        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report

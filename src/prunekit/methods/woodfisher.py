@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PruneError
-from prunekit.layers import find_layers
+from prunekit.layers import find_layers, restored_on_error
 from prunekit.methods.base import PruneConfig, register
 from prunekit.patterns import Unstructured
 from prunekit.progress import Progress
@@ -117,10 +117,8 @@ class WoodFisher(PruneConfig):
                              self.keep_last)
         _validate_layers(layers, pattern)
         report = PruneReport(self.method, pattern.name, sparsity, self.options())
-        originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-        was_training = model.training
         start = time.perf_counter()
-        try:
+        with restored_on_error(model, layers):
             with Progress(enabled=progress) as bar:
                 masks = {n: torch.zeros_like(m.weight, dtype=torch.bool)
                          for n, m in layers.items()}
@@ -128,13 +126,6 @@ class WoodFisher(PruneConfig):
                     target = sparsity * step / self.steps
                     grads = self._gradients(model, layers, loss_fn, batches, bar, masks)
                     self._prune_step(layers, grads, masks, target, bar)
-        except BaseException:
-            with torch.no_grad():
-                for n, m in layers.items():
-                    m.weight.copy_(originals[n])
-            raise
-        finally:
-            model.train(was_training)
         for n, m in layers.items():
             report.layers.append(LayerReport(n, tuple(m.weight.shape),
                                              float((m.weight == 0).float().mean()), None, 0.0))

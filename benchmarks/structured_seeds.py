@@ -1,0 +1,111 @@
+"""The structured benchmark's full-epoch runs, one per fine-tune seed, pooled: is the gap
+between prunekit and Torch-Pruning (same criterion, same shapes, same fine-tune) larger
+than what the seed alone moves?
+
+Reads every results file given (default: benchmarks/results/structured_full_epoch*.json,
+written by `structured.py --train-images 50000 --test-images 10000 --skip-minilm --seed S`),
+checks that they differ only in the seed, and prints per seed the top-1 after the fine-tune,
+then for each pair of entries the paired differences: their mean, a 95% confidence interval
+(Student t over seeds) and the two-sided paired t-test's p-value. Writes
+benchmarks/results/structured_seeds.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from scipy import stats
+
+from prunekit.io import atomic_write_text
+
+RESULTS = Path(__file__).parent / "results"
+ENTRIES = ("prunekit-l1", "torch-pruning-l1", "prunekit-taylor", "torch-pruning-taylor")
+PAIRS = (("prunekit-l1", "torch-pruning-l1"), ("prunekit-taylor", "torch-pruning-taylor"),
+         ("prunekit-taylor", "prunekit-l1"), ("torch-pruning-taylor", "torch-pruning-l1"))
+
+
+def load_runs(paths: list[Path]) -> dict[int, dict[str, float]]:
+    """{seed: {entry: top-1 after fine-tune}}; refuses files whose settings differ other
+    than by seed, or two files for one seed."""
+    runs, settings = {}, {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        config = dict(data.get("config", {}))
+        seed = config.pop("seed", None)
+        if seed is None or "resnet56" not in data:
+            raise SystemExit(f"{path}: not a structured.py ResNet-56 result (no seed)")
+        if settings and config != settings["config"]:
+            diff = sorted(k for k in config.keys() | settings["config"].keys()
+                          if config.get(k) != settings["config"].get(k))
+            raise SystemExit(f"{path}: settings differ from {settings['path']} in {diff}")
+        settings = settings or {"config": config, "path": path}
+        if seed in runs:
+            raise SystemExit(f"{path}: seed {seed} is already given by another file")
+        res = data["resnet56"]
+        missing = [e for e in ENTRIES if "top1_finetuned" not in res.get(e, {})]
+        if missing:
+            raise SystemExit(f"{path}: no fine-tuned top-1 for {missing}; finish that run")
+        runs[seed] = {e: res[e]["top1_finetuned"] for e in ENTRIES}
+    return dict(sorted(runs.items()))
+
+
+def paired(runs: dict[int, dict[str, float]], a: str, b: str) -> dict:
+    d = [r[a] - r[b] for r in runs.values()]
+    n = len(d)
+    mean = statistics.mean(d)
+    out = {"differences": d, "mean": mean}
+    if n > 1:
+        sd = statistics.stdev(d)
+        half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+        out |= {"ci95": [mean - half, mean + half],
+                "p_value": float(stats.ttest_rel([r[a] for r in runs.values()],
+                                                 [r[b] for r in runs.values()]).pvalue)
+                if sd > 0 else (1.0 if mean == 0 else 0.0)}
+    return out
+
+
+def report(runs, pairs) -> str:
+    lines = [f"{'entry':<22}" + "".join(f"{'seed ' + str(s):>9}" for s in runs)
+             + f"{'mean':>8}{'sd':>6}"]
+    for e in ENTRIES:
+        vals = [r[e] for r in runs.values()]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        lines.append(f"{e:<22}" + "".join(f"{v:9.2f}" for v in vals)
+                     + f"{statistics.mean(vals):8.2f}{sd:6.2f}")
+    lines.append("")
+    lines.append(f"{'paired difference':<46}{'mean':>7}  {'95% CI':<17}{'p':>6}")
+    for (a, b), p in pairs.items():
+        ci = f"[{p['ci95'][0]:+.2f}, {p['ci95'][1]:+.2f}]" if "ci95" in p else "-"
+        pv = f"{p['p_value']:6.3f}" if "p_value" in p else "     -"
+        lines.append(f"{a + ' - ' + b:<46}{p['mean']:+7.2f}  {ci:<17}{pv}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path,
+                   default=sorted(RESULTS.glob("structured_full_epoch*.json")))
+    p.add_argument("--out", type=Path, default=RESULTS / "structured_seeds.json")
+    args = p.parse_args(argv)
+    if not args.files:
+        p.error("no results files: run structured.py with --train-images 50000 first")
+    runs = load_runs(args.files)
+    pairs = {(a, b): paired(runs, a, b) for a, b in PAIRS}
+    text = report(runs, pairs)
+    command = "python " + " ".join(sys.argv)
+    atomic_write_text(args.out, json.dumps(
+        {"command": command, "files": [str(f) for f in args.files],
+         "top1_finetuned": {str(s): r for s, r in runs.items()},
+         "paired": {f"{a} - {b}": v for (a, b), v in pairs.items()}}, indent=2))
+    atomic_write_text(args.out.with_suffix(".md"), "# Structured benchmark over fine-tune "
+                      f"seeds\n\n`{command}`\n\n```\n{text}\n```\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
