@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe
+    the cores and small batched LAPACK calls slow down a hundredfold."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _allocator_left_alone(monkeypatch):
     """Commands under test leave the C allocator as it is: keep_freed_memory() lasts for the

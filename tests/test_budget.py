@@ -35,15 +35,7 @@ from prunekit.budget import (
 from prunekit.budget import latency_table as lt_mod
 from prunekit.layers import find_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe
-    the cores and small batched LAPACK calls slow down a hundredfold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute(errors, costs, budget):

@@ -21,15 +21,7 @@ from prunekit.runtime import (
 )
 from prunekit.runtime.kernels import block_size_of, make_kernel, semi_structured_unavailable
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe
-    the cores and small batched LAPACK calls slow down a hundredfold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse(out, inp, s, pattern=None):

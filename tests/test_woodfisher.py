@@ -14,15 +14,7 @@ from prunekit.methods.woodfisher import (
     obs_update,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared 2-core machine, two OpenMP threads per process oversubscribe
-    the cores and small batched LAPACK calls slow down a hundredfold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _explicit(g, lam):
