@@ -177,6 +177,40 @@ def tp_prune(model, criterion, ratio, calib, example, steps=1, between=None):
     return model.eval()
 
 
+def kept_filters(base: nn.Module, small: nn.Module) -> dict[str, list[int]]:
+    """For each block's conv1, the original filter each kept filter is (pruned, not yet
+    fine-tuned: kept filters are exact copies)."""
+    kept = {}
+    for name, conv in base.named_modules():
+        if name.startswith("layer") and name.endswith(".conv1"):
+            w = conv.weight.detach().flatten(1)
+            same = (small.get_submodule(name).weight.detach().flatten(1)[:, None] == w).all(2)
+            if not bool((same.sum(dim=1) == 1).all()):
+                raise ValueError(f"{name}: a kept filter is no copy of one original filter")
+            kept[name] = same.float().argmax(dim=1).tolist()
+    return kept
+
+
+def reproduces(base, example, fractions, kept, other) -> bool:
+    """Does prunekit's shrink, told to keep exactly the filters in `kept`, give a model
+    whose state dict equals `other`'s? Then a gap between the libraries comes from which
+    channels the criteria pick, not from how the model is cut."""
+    from prunekit.structured import build_graph
+
+    graph = build_graph(base, example)
+    scores = {}
+    for group in graph.groups:
+        for c in group.classes:
+            hits = [i in kept[p[:-len(".weight")]] for p, d, i in c.slices
+                    if d == 0 and p.endswith(".conv1.weight") and p[:-len(".weight")] in kept]
+            scores[c.id] = float(any(hits))
+    ours, _ = shrink(base, ChannelPrune(per_layer=fractions), example, graph=graph,
+                     scores=scores, measure_latency_=False)
+    a, b = ours.state_dict(), other.state_dict()
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+                                        for k in a)
+
+
 def have_torch_pruning() -> bool:
     try:
         import torch_pruning  # noqa: F401
@@ -211,6 +245,7 @@ def run_resnet(args, results, save):
         xs, ys = chunks[step - 1]
         return fine_tune(model, xs, ys, 1, args.batch, args.lr, args.seed + step, True)
 
+    kept = {}
     runs = [(lib, crit, "", {"layer*.conv1": args.channel_ratio})
             for lib in libs for crit in ("l1", "taylor")]
     if args.stream_ratio:
@@ -231,6 +266,12 @@ def run_resnet(args, results, save):
             small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example,
                              args.steps, between)
         prune_s = time.time() - t0
+        if args.steps == 1 and not suffix:  # one-shot cuts of the same layers: comparable
+            kept[key] = kept_filters(base, small)
+        if key in kept and lib == "torch-pruning":
+            check = res.setdefault("choice_checks", {}).setdefault(crit, {})
+            check["prunekit_cut_reproduces_torch_pruning"] = reproduces(
+                base, example, fractions, kept[key], small)
         if key in res and "top1_finetuned" in res[key]:
             models[key] = small  # for latency only; results cached
             continue
@@ -244,6 +285,12 @@ def run_resnet(args, results, save):
         save()
         models[key] = small
         print(f"{key}: {entry}", flush=True)
+    for crit, check in res.get("choice_checks", {}).items():
+        a, b = kept.get(f"prunekit-{crit}"), kept.get(f"torch-pruning-{crit}")
+        if a and b:
+            check["same_filters_kept"] = sum(len(set(a[n]) & set(b[n])) for n in a)
+            check["filters_kept"] = sum(len(v) for v in a.values())
+    save()
     if args.repeats == 0:  # accuracy only (e.g. extra seeds run beside other work)
         return
     if "prunekit-l1" in models:
@@ -384,6 +431,12 @@ def summary(results) -> str:
                          f"{fr:>8.3f}" + "".join(f"{sp:>13.2f}" for sp in sps)
                          + f"{0.85 / fr:>8.2f}")
         lines += target_lines(r)
+        for crit, c in r.get("choice_checks", {}).items():
+            if "same_filters_kept" in c:
+                lines.append(f"{crit}: the libraries keep {c['same_filters_kept']} of the same "
+                             f"{c['filters_kept']} filters; prunekit cutting Torch-Pruning's "
+                             "choice gives its model exactly: "
+                             f"{'yes' if c['prunekit_cut_reproduces_torch_pruning'] else 'NO'}")
         if "conv_ms_b64" in r:
             lines += conv_lines(r["conv_ms_b64"])
     m = results.get("minilm", {})
