@@ -1,13 +1,14 @@
-"""The structured benchmark's full-epoch runs, one per fine-tune seed, pooled: is the gap
-between prunekit and Torch-Pruning (same criterion, same shapes, same fine-tune) larger
-than what the seed alone moves?
+"""Runs of the structured benchmark that differ only in --seed, pooled: is the gap between
+prunekit and Torch-Pruning (same criterion, same shapes, same fine-tune), or between Taylor
+and L1, larger than what the seed alone moves?
 
-Reads every results file given (default: benchmarks/results/structured_full_epoch*.json,
-written by `structured.py --train-images 50000 --test-images 10000 --skip-minilm --seed S`),
-checks that they differ only in the seed, and prints per seed the top-1 after the fine-tune,
-then for each pair of entries the paired differences: their mean, a 95% confidence interval
-(Student t over seeds) and the two-sided paired t-test's p-value. Writes
-benchmarks/results/structured_seeds.{json,md}.
+Reads the results files given (default: the full-epoch runs,
+benchmarks/results/structured_full_epoch*.json, written by `structured.py --train-images
+50000 --test-images 10000 --skip-minilm --seed S`; others, such as the 10-step runs, go with
+their own --out), checks that they differ only in the seed, and prints per seed the top-1
+after the fine-tune, then for each pair of entries the paired differences: their mean, a 95%
+confidence interval (Student t over seeds) and the two-sided paired t-test's p-value. Writes
+--out (default benchmarks/results/structured_seeds.json) and the same name with .md.
 """
 
 from __future__ import annotations
