@@ -14,7 +14,9 @@
    the stream channels and 1 - (1 - channel_ratio) / (1 - R) of the inner ones: the same
    FLOPs, spread over the whole network.
    Reported: top-1 before and after the fine-tune, params, FLOPs, CPU latency at batch 1
-   and 64 (dense and pruned measured in turn in this process).
+   and 64 (dense and pruned measured in turn in this process). In one shot, also how many
+   filters both libraries keep, and whether prunekit cutting Torch-Pruning's choice gives
+   Torch-Pruning's model exactly (then any gap is the criteria's, not the cut's).
 2. MiniLM (all-MiniLM-L6-v2) with 25% of MLP neurons and 2 of 12 heads per layer removed:
    STS-B Spearman and CPU latency before and after.
 
