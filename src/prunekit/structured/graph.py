@@ -125,6 +125,9 @@ class ChannelClass:
 
     id: int
     slices: list[tuple[str, int, int]]  # (parameter name, dim, index)
+    # the slices that take the channel in: a weight's input dim, contracted by a convolution
+    # or matrix product (removing the channel is zeroing these; the rest produce it)
+    readers: list[tuple[str, int, int]] = field(default_factory=list)
 
     def size(self, param: str, dim: int) -> int:
         return sum(1 for p, d, _ in self.slices if p == param and d == dim)
@@ -193,6 +196,8 @@ class _Tracer(TorchDispatchMode):
         self.starts = torch.tensor([r[2] for r in self.ranges] + [n - 1])
         self.uf = _UnionFind(n)
         self.producer = torch.zeros(n, dtype=torch.bool)
+        self.reader = torch.zeros(n, dtype=torch.bool)
+        self.looked_up = torch.zeros(n, dtype=torch.bool)  # rows of an embedding table
         self.frozen = torch.zeros(n, dtype=torch.bool)
         self.reduced = torch.zeros(n, dtype=torch.bool)
         self.frozen[self.sentinel] = True
@@ -364,6 +369,10 @@ class _Tracer(TorchDispatchMode):
         v = labels[labels >= 0]
         self.producer[v] = True
 
+    def mark_reader(self, labels: torch.Tensor) -> None:
+        v = labels[labels >= 0]
+        self.reader[v] = True
+
     # ----- dispatch -----------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -430,6 +439,9 @@ class _Tracer(TorchDispatchMode):
         if name == "native_group_norm":
             return self.group_norm(args, outs)
         if name == "embedding":
+            table = self.factors(args[0])
+            if table is not None:
+                self.looked_up[table[1][table[1] >= 0]] = True
             ch = self.dimvec(args[0], 1)
             self.mark_producer(ch)
             self.set(outs[0], ch.view(*([1] * (outs[0].dim() - 1)), -1, 1)
@@ -617,6 +629,9 @@ class _Tracer(TorchDispatchMode):
         xin, wout, win = self.dimvec(x, 1), self.dimvec(w, 0), self.dimvec(w, 1)
         c_in, o = x.shape[1], w.shape[0]
         n_in, n_out = c_in // groups, o // groups
+        weight = self.factors(w)
+        if weight is not None:  # the weight's own input-dim variables, not their class roots
+            self.mark_reader(weight[1])
         if groups == 1:
             self.uf.union(xin, win)
         elif n_in == 1:  # depthwise: input k feeds outputs k*m .. k*m+m-1 only
@@ -643,6 +658,7 @@ class _Tracer(TorchDispatchMode):
         if vb is not None and self.factors(a) is None:  # activation x weight: the common case
             la = self.uf.find(self.get(a))
             self.uf.union(self.first_label(_const_dim(la, 0)), vb[0])
+            self.mark_reader(vb[0])
             cols = self.uf.find(vb[1])
             self.mark_producer(cols)
             res = cols.view(1, -1, 1).expand(*out.shape, 1)  # rows are tokens, not channels
@@ -967,16 +983,21 @@ def _collect(tr: _Tracer) -> DependencyGraph:
     idx, r = idx[order], r[order]
     which = torch.searchsorted(tr.starts, idx, right=True) - 1
     classes: dict[int, list[tuple[str, int, int]]] = {}
+    readers: dict[int, list[tuple[str, int, int]]] = {}
     for v, root, w in zip(idx.tolist(), r.tolist(), which.tolist()):
         i, d, start = tr.ranges[w]
         classes.setdefault(root, []).append((tr.names[i], d, v - start))
+        # an embedding tied to the LM head also produces the channel, and its gradient mixes
+        # both uses: only weights that do nothing but read count as readers
+        if tr.reader[v] and not tr.looked_up[v]:
+            readers.setdefault(root, []).append(classes[root][-1])
     by_key: dict[tuple, ChannelGroup] = {}
     for root, slices in classes.items():
         key = tuple(sorted({(p, d) for p, d, _ in slices}))
         g = by_key.get(key)
         if g is None:
             g = by_key[key] = ChannelGroup(key, [], reduced=bool(red[root]))
-        g.classes.append(ChannelClass(root, slices))
+        g.classes.append(ChannelClass(root, slices, readers.get(root, [])))
         g.reduced = g.reduced or bool(red[root])
     groups = [g for g in by_key.values() if len(g.classes) > 0]
     return DependencyGraph(groups, tr.names, tr.frozen_reasons, tr.n_ops)

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from prunekit.errors import PruneError
-from prunekit.layers import is_hf_conv1d
 from prunekit.structured.graph import DependencyGraph, run_model
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "sosp", "random")
@@ -55,24 +54,6 @@ def _class_scores(graph: DependencyGraph, vecs):
 
 def _keys(graph: DependencyGraph):
     return {k for g in graph.groups for k in g.key}
-
-
-def reader_keys(model: nn.Module, graph: DependencyGraph) -> set[tuple[str, int]]:
-    """(parameter, dim) pairs that read a channel: the input dim of a weight (dim 1 of a
-    linear, convolution or attention projection; dim 0 of a transposed convolution or a
-    transformers Conv1D). Embeddings, norms and biases only produce."""
-    mods = dict(model.named_modules())
-    out = set()
-    for p, d in _keys(graph):
-        owner, _, attr = p.rpartition(".")
-        m = mods.get(owner)
-        t = getattr(m, attr, None)
-        if not isinstance(t, torch.Tensor) or t.dim() < 2 or isinstance(m, nn.Embedding):
-            continue
-        if d == (0 if isinstance(m, nn.modules.conv._ConvTransposeNd) or is_hf_conv1d(m)
-                 else 1):
-            out.add((p, d))
-    return out
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -145,9 +126,7 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
     if criterion == "taylor":  # each class's gate: the slices that read it, else the group
-        readers = reader_keys(model, graph)
-        counted = {c.id: [s for s in c.slices if s[:2] in readers] or c.slices
-                   for g in graph.groups for c in g.classes}
+        counted = {c.id: c.readers or c.slices for g in graph.groups for c in g.classes}
     was = model.training
     model.eval()
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
