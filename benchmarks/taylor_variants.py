@@ -143,14 +143,13 @@ def main(argv=None) -> int:
         if old.get("config") == results["config"]:
             results["rows"] = {k: v for k, v in old["rows"].items() if k in forms}
     with torch.no_grad():  # how much the gradients have to work with
-        for key, batches in (("loss_calibration", calib), ("loss_heldout", held)):
+        for key, model, loss_fn, batches in (
+                ("loss_calibration", base, default_loss, calib),
+                ("loss_heldout", base, default_loss, held),
+                ("loss_calibration_bn_train", bn_train_copy(base), bn_train_loss, calib)):
             if batches:
-                results[key] = float(sum(nn.functional.cross_entropy(base(x), y, reduction="sum")
-                                         for x, y in batches) / sum(len(y) for _, y in batches))
-        bn_train = bn_train_copy(base)
-        results["loss_calibration_bn_train"] = float(
-            sum(bn_train_loss(bn_train, (x, y)) * len(y) for x, y in calib)
-            / sum(len(y) for _, y in calib))
+                results[key] = (sum(float(loss_fn(model, b)) * len(b[1]) for b in batches)
+                                / sum(len(b[1]) for b in batches))
     atomic_write_text(out, json.dumps(results, indent=2))
     with Progress(enabled=not args.quiet) as bar:
         task = bar.add("forms", total=len(forms))
