@@ -7,8 +7,9 @@ Forms, each scored over the same labelled calibration images:
   the next convolution's input slice)^2 per micro-batch of 8: exactly the first-order loss
   change of removing the channel (the "gate" form of Molchanov et al. 2019);
 - taylor-group-sum: the same over every slice of the coupled group (filter, batch norm and
-  input slice), prunekit's criterion before the gate form;
-- taylor-per-weight: sum over the group of (g*w)^2 per batch of 64 (their per-parameter form);
+  input slice), prunekit's criterion before the gate form (`taylor_scores(..., "group")`);
+- taylor-per-weight: prunekit's taylor_weight, the sum over the group of (g*w)^2, per batch of
+  64 (their per-parameter form);
 - torch-pruning-taylor / torch-pruning-l1: Torch-Pruning's own criteria (|g*w| summed over
   the whole calibration gradient; L1), as in the structured benchmark;
 - l1: prunekit's filter norm, the baseline to beat;
@@ -43,32 +44,11 @@ from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
-from prunekit.structured import ChannelPrune, build_graph, score, shrink
-from prunekit.structured.importance import _micro_batches, default_loss
+from prunekit.structured import ChannelPrune, build_graph, score, shrink, taylor_scores
+from prunekit.structured.importance import default_loss
 from structured import balanced_subset, fine_tune, have_torch_pruning, tp_prune
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def taylor_form(model, graph, calib, micro: int, form: str) -> dict[int, float]:
-    """Class scores under one Taylor form ("group-sum" or "per-weight")."""
-    params = dict(model.named_parameters())
-    names = sorted({p for g in graph.groups for p, _ in g.key if p in params})
-    plist = [params[n] for n in names]
-    totals = {c.id: 0.0 for g in graph.groups for c in g.classes}
-    model.eval()
-    for batch in (m for b in calib for m in _micro_batches(b, micro)):
-        grads = dict(zip(names, torch.autograd.grad(default_loss(model, batch), plist),
-                         strict=True))
-        for g in graph.groups:
-            for c in g.classes:
-                terms = [(grads[p] * params[p].detach()).select(d, i) for p, d, i in c.slices
-                         if p in grads]
-                if form == "per-weight":
-                    totals[c.id] += float(sum(t.pow(2).sum() for t in terms))
-                else:
-                    totals[c.id] += float(sum(t.sum() for t in terms)) ** 2
-    return totals
 
 
 def bn_train_copy(model: nn.Module) -> nn.Module:
@@ -121,8 +101,8 @@ def main(argv=None) -> int:
     forms = {
         "l1": lambda: score(base, graph, "l1"),
         "taylor": lambda: score(base, graph, "taylor", calib),
-        "taylor-group-sum": lambda: taylor_form(base, graph, calib, 8, "group-sum"),
-        "taylor-per-weight": lambda: taylor_form(base, graph, calib, 64, "per-weight"),
+        "taylor-group-sum": lambda: taylor_scores(base, graph, calib, "group"),
+        "taylor-per-weight": lambda: score(base, graph, "taylor_weight", calib, micro_batch=64),
     }
     for size in (64, 32):
         forms[f"taylor, BN in train mode, batch {size}"] = (
@@ -132,8 +112,8 @@ def main(argv=None) -> int:
         forms["torch-pruning-l1"] = forms["torch-pruning-taylor"] = None
     if args.heldout:
         forms["taylor (held-out)"] = lambda: score(base, graph, "taylor", held)
-        forms["taylor-group-sum (held-out)"] = lambda: taylor_form(base, graph, held, 8,
-                                                                   "group-sum")
+        forms["taylor-group-sum (held-out)"] = lambda: taylor_scores(base, graph, held,
+                                                                     "group")
         if have_torch_pruning():
             forms["torch-pruning-taylor (held-out)"] = None
     out = Path(args.out)

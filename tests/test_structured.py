@@ -19,6 +19,7 @@ from prunekit.structured import (
     save_shrunk,
     score,
     shrink,
+    taylor_scores,
 )
 from reference import masked_copy
 
@@ -267,6 +268,48 @@ def test_taylor_is_the_squared_gradient_of_a_gate_on_each_channel():
             assert t[c.id] == pytest.approx(float(want[k][i]), rel=1e-4, abs=1e-12)
             checked += 1
     assert checked == 6 + 5 + 7
+
+
+def test_taylor_weight_and_group_forms_sum_over_the_coupled_weights():
+    """taylor_weight sums (g x w)^2 over every weight coupled with a channel (its filter and
+    bias, its batch norm, and the next layer's input slice), per micro-batch; the "group"
+    form squares their plain sum. Checked against slices named by hand."""
+    torch.manual_seed(0)
+    net = Gated().eval()
+    x, y = torch.randn(8, 3, 9, 9), torch.randint(0, 3, (8,))
+    graph = build_graph(net, x[:1])
+    got_w = score(net, graph, "taylor_weight", calib=[(x, y)], micro_batch=4)
+    got_g = taylor_scores(net, graph, [(x, y)], "group", micro_batch=4)
+    coupled = {"c": ["c1.weight", "c1.bias", "bn.weight", "bn.bias", ("c2.weight", 1)],
+               "p": ["c2.weight", "c2.bias", ("f1.weight", 1)],
+               "f": ["f1.weight", "f1.bias", ("f2.weight", 1)]}
+    params = dict(net.named_parameters())
+    want_w = {k: torch.zeros(params[v[0]].shape[0]) for k, v in coupled.items()}
+    want_g = {k: torch.zeros_like(v) for k, v in want_w.items()}
+    for s in (0, 4):
+        loss = nn.functional.cross_entropy(net(x[s:s + 4]), y[s:s + 4])
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+        for k, names in coupled.items():
+            plain = torch.zeros_like(want_w[k])
+            for n in names:
+                n, d = n if isinstance(n, tuple) else (n, 0)
+                gw = (grads[n] * params[n]).detach().movedim(d, 0)
+                gw = gw.reshape(len(gw), -1)
+                want_w[k] += gw.pow(2).sum(1)
+                plain += gw.sum(1)
+            want_g[k] += plain.pow(2)
+    checked = 0
+    for g in graph.groups:
+        for c in g.classes:
+            k = next(k for k, v in coupled.items() if (v[0], 0) in {(p, d) for p, d, _ in
+                                                                    c.slices})
+            i = next(i for p, d, i in c.slices if p == coupled[k][0] and d == 0)
+            assert got_w[c.id] == pytest.approx(float(want_w[k][i]), rel=1e-4, abs=1e-12)
+            assert got_g[c.id] == pytest.approx(float(want_g[k][i]), rel=1e-4, abs=1e-12)
+            checked += 1
+    assert checked == 6 + 5 + 7
+    with pytest.raises(PruneError, match="Taylor form"):
+        taylor_scores(net, graph, [(x, y)], "gates")
 
 
 @pytest.mark.parametrize("name,reads,writes", [

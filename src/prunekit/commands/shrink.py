@@ -21,7 +21,7 @@ def register(sub) -> None:
     budget.add_argument("--params-ratio", type=float, help="parameters left, as a fraction")
     budget.add_argument("--latency-ratio", type=float, help="measured latency left")
     p.add_argument("--importance", default="l1",
-                   help="l1, l2, bn_scale, taylor, sosp or random")
+                   help="l1, l2, bn_scale, taylor, taylor_weight, sosp or random")
     p.add_argument("--round-to", type=int, default=1, help="keep multiples of 8 or 16")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--weights", help="safetensors weights to load first")
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--calib-samples", type=int, default=64,
-                   help="calibration samples for taylor / sosp")
+                   help="calibration samples for taylor, taylor_weight and sosp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the shrunk model here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -72,7 +72,7 @@ def cmd_shrink(args) -> int:
                          f"use prunekit.structured.shrink from Python")
     info = get_info(args.model)
     calib = None
-    if config.importance in ("taylor", "sosp"):
+    if config.importance in ("taylor", "taylor_weight", "sosp"):
         calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
     if not args.quiet:
         print(f"shrinking {args.model} ({config.importance})...", file=sys.stderr)

@@ -15,11 +15,12 @@ from prunekit.structured.api import (
     shrink,
 )
 from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph, build_graph
-from prunekit.structured.importance import CRITERIA, score
+from prunekit.structured.importance import CRITERIA, score, taylor_scores
 from prunekit.structured.remove import remove_slices
 
 __all__ = [
     "ChannelPrune", "ShrinkReport", "count_flops", "count_params", "load_shrunk",
     "measure_latency", "read_description", "save_shrunk", "shrink", "ChannelClass",
-    "ChannelGroup", "DependencyGraph", "build_graph", "CRITERIA", "score", "remove_slices",
+    "ChannelGroup", "DependencyGraph", "build_graph", "CRITERIA", "score", "taylor_scores",
+    "remove_slices",
 ]

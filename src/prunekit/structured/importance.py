@@ -8,6 +8,9 @@ taylor: (sum of gradient x weight over the slices that read the channel)^2, summ
   loss with respect to a gate on the channel's output, the first-order loss change of
   removing it; its producers (the filter, the norm) describe the same removal, so adding
   them counts it again. Classes that nothing reads use the whole group.
+taylor_weight: sum over every weight of the group of (gradient x weight)^2, per micro-batch
+  (Molchanov et al. 2019's per-parameter form, each weight's own first-order change squared,
+  summed over the coupled group).
 sosp: second-order, SOSP-H style (Nonnenmacher et al. 2022): |-g.theta_s + theta_s.(H theta)|,
   where H theta comes from one Hessian-vector product per batch (central finite difference of
   gradients), so each class sees its coupling with all other structures.
@@ -24,7 +27,9 @@ from torch import nn
 from prunekit.errors import PruneError
 from prunekit.structured.graph import DependencyGraph, run_model
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "sosp", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "taylor_weight", "sosp", "random")
+# which slices a Taylor form sums g x w over, and where it squares
+TAYLOR_FORMS = {"taylor": "gate", "taylor_weight": "weight"}
 
 
 def _per_dim(values: dict[str, torch.Tensor], keys, reduce: str = "sum"):
@@ -86,8 +91,8 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
           loss_fn: Callable | None = None, seed: int = 0,
           micro_batch: int = 8) -> dict[int, float]:
-    """Score every class of `graph` (higher = more important). Taylor squares the gate sum
-    per micro-batch of `micro_batch` examples (tensor, tuple or dict batches are split)."""
+    """Score every class of `graph` (higher = more important). The Taylor criteria square per
+    micro-batch of `micro_batch` examples (tensor, tuple or dict batches are split)."""
     if criterion not in CRITERIA:
         raise PruneError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
     params = dict(model.named_parameters())
@@ -114,44 +119,75 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
             l1 = score(model, graph, "l1")
             return {k: (s_bn[k] if k in has_bn else l1[k]) for k in s_bn}
         return s_bn
+    if criterion in TAYLOR_FORMS:
+        return taylor_scores(model, graph, calib, TAYLOR_FORMS[criterion], loss_fn, micro_batch)
+    totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
+    for batch, names, plist, grads in _gradients(model, graph, calib, criterion, loss_fn):
+        hv = _hvp(model, batch, loss_fn or default_loss, plist)
+        term = {n: (-g * p + p * h).detach() for n, p, g, h in zip(names, plist, grads, hv)}
+        for k, v in _class_scores(graph, _per_dim(term, keys)).items():
+            totals[k] += v
+    return {k: abs(v) for k, v in totals.items()}
+
+
+def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "gate",
+                  loss_fn: Callable | None = None, micro_batch: int = 8) -> dict[int, float]:
+    """First-order Taylor importance of every class, summed over micro-batches.
+
+    form "gate" (criterion taylor): (sum of g x w over the slices that read the channel)^2;
+    "weight" (taylor_weight): sum of (g x w)^2 over every weight of the coupled group;
+    "group": (sum of g x w over every slice of the group)^2, which counts a removal once per
+    side that describes it (producer, norm and reader); kept for comparing forms."""
+    if form not in ("gate", "weight", "group"):
+        raise PruneError(f"unknown Taylor form {form!r}; choose gate, weight or group")
+    batches = [m for b in _batch_list(calib, "taylor") for m in _micro_batches(b, micro_batch)]
+    keys = _keys(graph)
+    counted = {c.id: (c.readers or c.slices) if form == "gate" else c.slices
+               for g in graph.groups for c in g.classes}
+    totals: dict[int, float] = {k: 0.0 for k in counted}
+    for _, names, plist, grads in _gradients(model, graph, batches, "taylor", loss_fn):
+        gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
+        if form == "weight":
+            for k, v in _class_scores(graph, _per_dim({n: t.pow(2) for n, t in gw.items()},
+                                                      keys)).items():
+                totals[k] += v
+            continue
+        gw = _per_dim(gw, keys)
+        for k, slices in counted.items():
+            v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
+            totals[k] += v * v
+    return totals
+
+
+def _batch_list(calib, criterion: str) -> list:
     if calib is None:
         raise PruneError(f"importance={criterion!r} needs calibration batches (calib=...): "
                          f"it uses gradients of the loss")
     batches = [calib] if torch.is_tensor(calib) or isinstance(calib, dict) else list(calib)
     if not batches:
         raise PruneError("the calibration set is empty; give at least one batch")
-    if criterion == "taylor":  # (sum g w)^2 is a second moment: estimate it over small batches
-        batches = [m for b in batches for m in _micro_batches(b, micro_batch)]
+    return batches
+
+
+def _gradients(model: nn.Module, graph: DependencyGraph, calib, criterion: str,
+               loss_fn: Callable | None):
+    """Yield (batch, names, params, gradients) per batch for the parameters the graph's
+    groups slice, with the model in eval mode (its mode is restored afterwards)."""
+    batches = _batch_list(calib, criterion)
     loss_fn = loss_fn or default_loss
+    keys = _keys(graph)
+    params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
-    if criterion == "taylor":  # each class's gate: the slices that read it, else the group
-        counted = {c.id: c.readers or c.slices for g in graph.groups for c in g.classes}
     was = model.training
     model.eval()
-    totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
     try:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(plist, grads)]
-            if criterion == "taylor":
-                gw = _per_dim({n: (g * p).detach() for n, p, g in zip(names, plist, grads)},
-                              keys)
-                for k, slices in counted.items():
-                    v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
-                    totals[k] += v * v
-            else:
-                hv = _hvp(model, batch, loss_fn, plist)
-                term = {n: (-g * p + p * h).detach()
-                        for n, p, g, h in zip(names, plist, grads, hv)}
-                s = _class_scores(graph, _per_dim(term, keys))
-                for k, v in s.items():
-                    totals[k] += v
+            yield batch, names, plist, [torch.zeros_like(p) if g is None else g
+                                        for p, g in zip(plist, grads)]
     finally:
         model.train(was)
-    if criterion == "sosp":
-        totals = {k: abs(v) for k, v in totals.items()}
-    return totals
 
 
 def _micro_batches(batch, size: int) -> list:
