@@ -46,7 +46,9 @@ def test_eval_cli_on_pruned_weights(tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     assert main(["prune", "digits-cnn", "--pretrained", "--method", "magnitude", "--sparsity",
                  "0.5", "--out", str(out), "--quiet"]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "magnitude unstructured: 4 layers" in printed
+    assert printed.rstrip().endswith(f"wrote {out}")
     assert main(["eval", "digits-cnn", "--weights", str(out), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 50 < metrics["top1"] <= 100

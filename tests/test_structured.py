@@ -518,20 +518,23 @@ def test_iterative_global_ranking_removes_the_one_shot_count():
 
 
 def test_cli_shrink(tmp_path, capsys):
-    import argparse
+    """`prunekit shrink` as a user types it: a JSON report, or the report as text and the
+    file written; a gradient criterion gets calibration images of the model's dataset."""
+    from prunekit.cli import main
 
-    from prunekit.commands import shrink as cmd
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    cmd.register(sub)
     out = tmp_path / "r20.safetensors"
-    args = parser.parse_args(["shrink", "resnet20-cifar10", "--flops-ratio", "0.7", "--out",
-                              str(out), "--json", "--quiet"])
-    assert args.func(args) == 0
+    assert main(["shrink", "resnet20-cifar10", "--flops-ratio", "0.7", "--out", str(out),
+                 "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["flops_ratio"] <= 0.7
     assert read_description(out)["format"] == "prunekit-shrunk-1"
+    text = tmp_path / "taylor.safetensors"
+    assert main(["shrink", "resnet20-cifar10", "--flops-ratio", "0.8", "--importance",
+                 "taylor_weight", "--calib-samples", "16", "--out", str(text), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "FLOPs" in printed and printed.rstrip().endswith(f"wrote {text}")
+    saved = read_description(text)["extra"]["report"]
+    assert saved["config"]["importance"] == "taylor_weight" and saved["flops_ratio"] <= 0.8
 
 
 class HardCoded(nn.Module):

@@ -187,6 +187,31 @@ def run_batch(model: nn.Module, batch: Batch):
     return model(*batch)
 
 
+def first_calls(model: nn.Module, layers: Mapping[str, nn.Module], batch: Batch,
+                fn: Callable[[nn.Module, torch.Tensor], object], on: str = "input") -> dict:
+    """{layer name: fn(module, tensor)} for the first call of each layer when `batch` runs
+    through the model (inference mode), where tensor is the layer's input or its output."""
+    seen = {}
+
+    def hook(name):
+        def pre(module, args):
+            seen.setdefault(name, fn(module, args[0]))
+
+        def post(module, args, out):
+            seen.setdefault(name, fn(module, out))
+        return pre if on == "input" else post
+
+    handles = [m.register_forward_pre_hook(hook(n)) if on == "input"
+               else m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def as_batches(calib) -> list[Batch]:
     """Calibration data as a list of batches: a tensor is one batch, an iterable is many."""
     if calib is None:

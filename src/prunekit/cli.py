@@ -12,6 +12,7 @@ from prunekit.errors import PruneError
 #: Modules that each define register(subparsers) adding their subcommands.
 COMMANDS = [
     "prunekit.commands.prune",
+    "prunekit.commands.shrink",
     "prunekit.commands.models",
     "prunekit.commands.demo",
     "prunekit.commands.bench",

@@ -23,7 +23,7 @@ from torch import nn
 from prunekit.api import _check_config, _prune_module, _validate_layers
 from prunekit.budget.dp import Unreachable, solve
 from prunekit.budget.latency_table import LatencyTable
-from prunekit.calibrate import as_batches, collect_stats, run_batch
+from prunekit.calibrate import as_batches, collect_stats, first_calls, run_batch
 from prunekit.errors import PruneError
 from prunekit.evaluate import _output
 from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
@@ -105,22 +105,8 @@ class Target:
 
 def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> dict[str, float]:
     """Dense multiply-adds per layer on `batch` (weights x output positions)."""
-    outs = {}
-
-    def hook(name):
-        def f(module, args, out):
-            positions = out.numel() / weight_matrix(module).shape[0]
-            outs.setdefault(name, module.weight.numel() * positions)
-        return f
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.inference_mode():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
+    return first_calls(model, layers, batch, lambda m, out: m.weight.numel() * out.numel()
+                       / weight_matrix(m).shape[0], on="output")
 
 
 def cost_matrix(names: Sequence[str], levels: Sequence[float], target: Target,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 from prunekit.budget.latency_table import TIMINGS
 from prunekit.budget.measured import BUDGETS
+from prunekit.commands.common import print_result
 from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
@@ -129,13 +129,7 @@ def cmd_prune(args) -> int:
     report = prune(model, config, calib, progress=not args.quiet)
     if args.out:
         save_weights(model, args.out, metadata={"prunekit_report": report.to_dict()})
-    if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
-        print()
-    else:
-        print(report)
-        if args.out:
-            print(f"wrote {args.out}")
+    print_result(args, report.to_dict(), str(report))
     return 0
 
 
@@ -160,18 +154,12 @@ def _prune_for_speedup(args, model, config, calib) -> int:
               "batch_size": args.speedup_batch, "timing": args.timing, **result.to_dict()}
     if args.out:
         save_weights(model, args.out, metadata={"prunekit_report": report})
-    if args.json:
-        json.dump(report, sys.stdout, indent=2, default=str)
-        print()
-    else:
-        print(f"{config.method} ({config.pattern}, {args.budget} budget): measured speedup "
-              f"{result.measured:.2f}x at batch {args.speedup_batch} (target "
-              f"{args.speedup:g}x; table predicted {result.predicted_speedup:.2f}x) after "
-              f"{len(result.rounds)} round(s)")
-        for name, s in result.budget.items():
-            print(f"  {name:<40} sparsity {s:.2f}")
-        if result.skipped:
-            print(f"  left dense (the pattern cannot tile them): {', '.join(result.skipped)}")
-        if args.out:
-            print(f"wrote {args.out}")
+    lines = [f"{config.method} ({config.pattern}, {args.budget} budget): measured speedup "
+             f"{result.measured:.2f}x at batch {args.speedup_batch} (target "
+             f"{args.speedup:g}x; table predicted {result.predicted_speedup:.2f}x) after "
+             f"{len(result.rounds)} round(s)"]
+    lines += [f"  {name:<40} sparsity {s:.2f}" for name, s in result.budget.items()]
+    if result.skipped:
+        lines.append(f"  left dense (the pattern cannot tile them): {', '.join(result.skipped)}")
+    print_result(args, report, "\n".join(lines))
     return 0

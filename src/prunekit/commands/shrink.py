@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
+from prunekit.commands.common import print_result
 from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 
@@ -79,11 +79,5 @@ def cmd_shrink(args) -> int:
     small, report = shrink(model, config, _example_inputs(info, model), calib=calib)
     if args.out:
         save_shrunk(small, args.out, extra={"model": args.model, "report": report.to_dict()})
-    if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
-        print()
-    else:
-        print(report)
-        if args.out:
-            print(f"wrote {args.out}")
+    print_result(args, report.to_dict(), str(report))
     return 0

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunekit.calibrate import run_batch
+from prunekit.calibrate import first_calls
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
 from prunekit.progress import Progress
@@ -67,21 +67,7 @@ class ConversionReport:
 
 def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict:
     """The input tensor each layer sees when `batch` runs through the model."""
-    seen = {}
-
-    def hook(name):
-        def f(module, args):
-            seen.setdefault(name, args[0].detach())
-        return f
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.inference_mode():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return first_calls(model, layers, batch, lambda m, x: x.detach())
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
