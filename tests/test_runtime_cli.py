@@ -1,6 +1,5 @@
-"""`prunekit latency` and `prunekit export` through their argparse registration."""
+"""`prunekit latency` and `prunekit export` as the `prunekit` command parses them."""
 
-import argparse
 import json
 import platform
 
@@ -8,28 +7,18 @@ import pytest
 import torch
 
 from prunekit import Magnitude, PruneError, prune
-from prunekit.commands import export as export_cmd
+from prunekit.cli import build_parser
 from prunekit.commands import latency as latency_cmd
 from prunekit.io import save_weights
 from prunekit.models import create
 from prunekit.runtime import load_compressed
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: two per process oversubscribe a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    latency_cmd.register(sub)
-    export_cmd.register(sub)
-    args = parser.parse_args(argv)
+    """The command as `prunekit` parses it (errors raised, not turned into exit codes)."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
