@@ -78,14 +78,17 @@ def test_demo_without_shared_data_runs_what_it_can(tmp_path, monkeypatch, capsys
     assert digits["obs"]["after"] >= digits["magnitude"]["after"] - 1
 
 
-def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
+def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys, one_thread):
     """--speedup: the real latency table sizes the budget; the measurement is replaced by a
     deterministic stand-in (1 + the pruned layers' mean sparsity) so that the loop's choice
     can be checked: no timing is asserted."""
     import prunekit.budget.measured as measured
     from prunekit.layers import find_layers
 
+    threads = []
+
     def fake(dense, pruned, batch, kernels, repeats, info=None):
+        threads.append(torch.get_num_threads())
         layers = find_layers(pruned, exclude=("fc2",))
         return 1 + sum(float((m.weight == 0).float().mean()) for m in layers.values()) / len(
             layers)
@@ -95,8 +98,11 @@ def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys):
     out = tmp_path / "fast.safetensors"
     assert main(["prune", "digits-cnn", "--pretrained", "--pattern", "1x16", "--speedup", "1.5",
                  "--budget", "uniform", "--calib-samples", "64", "--speedup-batch", "32",
-                 "--timing", "model", "--out", str(out), "--json", "--quiet"]) == 0
+                 "--timing", "model", "--threads", "2", "--out", str(out), "--json",
+                 "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert threads and set(threads) == {2}  # measured at --threads, restored after
+    assert torch.get_num_threads() == 1
     assert report["measured"] >= 1.5 and report["skipped"] == ["fc2"]  # 10 rows: no 1x16
     # the table was timed inside the model: it holds the per-level passes
     tables = list((tmp_path / "cache" / "latency").glob("*.json"))

@@ -7,7 +7,7 @@ import json
 
 from prunekit.budget.latency_table import TIMINGS
 from prunekit.budget.measured import BUDGETS
-from prunekit.commands.common import print_result
+from prunekit.commands.common import add_threads_option, print_result, with_threads
 from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
@@ -47,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_malloc_option(p)
-    p.set_defaults(func=cmd_prune)
+    add_threads_option(p)
+    p.set_defaults(func=with_threads(cmd_prune))
 
 
 def _option_value(field: dataclasses.Field, text: str):

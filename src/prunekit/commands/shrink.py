@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from prunekit.commands.common import print_result
+from prunekit.commands.common import add_threads_option, print_result, with_threads
 from prunekit.commands.latency import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 
@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_malloc_option(p)
-    p.set_defaults(func=cmd_shrink)
+    add_threads_option(p)
+    p.set_defaults(func=with_threads(cmd_shrink))
 
 
 def _example_inputs(info, model):
