@@ -182,3 +182,19 @@ def test_prune_dispatches_gradient_methods():
         return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
     report = prune(net, cfg, batches, progress=False, loss_fn=loss_fn)
     assert report.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_subpackages_reachable_from_import_prunekit():
+    """`import prunekit` alone gives prunekit.train.RigL, prunekit.runtime.convert and the
+    other subpackages the README names (a fresh interpreter: no test has imported them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prunekit; assert 'prunekit.train' not in sys.modules; "
+            "prunekit.train.RigL, prunekit.runtime.convert, prunekit.budget.spdy_search, "
+            "prunekit.models.create, prunekit.bench, prunekit.data, prunekit.evaluate\n"
+            "try:\n    prunekit.nope\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "has no attribute 'nope'" in out.stdout

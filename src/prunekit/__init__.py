@@ -8,6 +8,18 @@ from prunekit.structured import ChannelPrune, ShrinkReport, shrink
 
 __version__ = "0.1.0"
 
+# imported on first use, so that `import prunekit` stays light and `prunekit.train.RigL`
+# works without importing prunekit.train first
+_SUBPACKAGES = ("bench", "budget", "data", "evaluate", "models", "runtime", "train")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"prunekit.{name}")
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
 __all__ = [
     "LayerReport", "PruneReport", "prune", "prune_layer", "sparsity_report", "PruneError",
     "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
