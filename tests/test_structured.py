@@ -312,6 +312,31 @@ def test_taylor_weight_and_group_forms_sum_over_the_coupled_weights():
         taylor_scores(net, graph, [(x, y)], "gates")
 
 
+def test_scoring_gives_back_train_mode_and_weights_when_it_fails():
+    """A loss that fails part-way (here in SOSP's Hessian-vector product, after the first
+    gradient) leaves the model in its own mode with its own weights, even while the
+    traceback is still held."""
+    torch.manual_seed(0)
+    net = Gated().train()
+    x, y = torch.randn(4, 3, 9, 9), torch.randint(0, 3, (4,))
+    graph = build_graph(net, x[:1])
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+
+    def loss(model, batch):
+        calls.append(model.training)
+        if len(calls) == 2:
+            raise RuntimeError("loss failed")
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    with pytest.raises(RuntimeError, match="loss failed") as failure:
+        score(net, graph, "sosp", calib=[(x, y)], loss_fn=loss)
+    assert failure.traceback and calls == [False, False]  # scored in eval mode
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 @pytest.mark.parametrize("name,reads,writes", [
     ("tiny-gpt2", ("h.0.attn.c_proj.weight", 0), ("h.0.attn.c_attn.weight", 1)),  # Conv1D
     ("tiny-bert", ("layer.0.attention.output.dense.weight", 1),

@@ -20,6 +20,7 @@ random: a seeded baseline.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 
 import torch
 from torch import nn
@@ -122,11 +123,12 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     if criterion in TAYLOR_FORMS:
         return taylor_scores(model, graph, calib, TAYLOR_FORMS[criterion], loss_fn, micro_batch)
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
-    for batch, names, plist, grads in _gradients(model, graph, calib, criterion, loss_fn):
-        hv = _hvp(model, batch, loss_fn or default_loss, plist)
-        term = {n: (-g * p + p * h).detach() for n, p, g, h in zip(names, plist, grads, hv)}
-        for k, v in _class_scores(graph, _per_dim(term, keys)).items():
-            totals[k] += v
+    with closing(_gradients(model, graph, calib, criterion, loss_fn)) as steps:
+        for batch, names, plist, grads in steps:
+            hv = _hvp(model, batch, loss_fn or default_loss, plist)
+            term = {n: (-g * p + p * h).detach() for n, p, g, h in zip(names, plist, grads, hv)}
+            for k, v in _class_scores(graph, _per_dim(term, keys)).items():
+                totals[k] += v
     return {k: abs(v) for k, v in totals.items()}
 
 
@@ -140,22 +142,24 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "
     side that describes it (producer, norm and reader); kept for comparing forms."""
     if form not in ("gate", "weight", "group"):
         raise PruneError(f"unknown Taylor form {form!r}; choose gate, weight or group")
-    batches = [m for b in _batch_list(calib, "taylor") for m in _micro_batches(b, micro_batch)]
+    name = {"gate": "taylor", "weight": "taylor_weight"}.get(form, "taylor")
+    batches = [m for b in _batch_list(calib, name) for m in _micro_batches(b, micro_batch)]
     keys = _keys(graph)
     counted = {c.id: (c.readers or c.slices) if form == "gate" else c.slices
                for g in graph.groups for c in g.classes}
     totals: dict[int, float] = {k: 0.0 for k in counted}
-    for _, names, plist, grads in _gradients(model, graph, batches, "taylor", loss_fn):
-        gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
-        if form == "weight":
-            for k, v in _class_scores(graph, _per_dim({n: t.pow(2) for n, t in gw.items()},
-                                                      keys)).items():
-                totals[k] += v
-            continue
-        gw = _per_dim(gw, keys)
-        for k, slices in counted.items():
-            v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
-            totals[k] += v * v
+    with closing(_gradients(model, graph, batches, name, loss_fn)) as steps:
+        for _, names, plist, grads in steps:
+            gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
+            if form == "weight":
+                squares = _per_dim({n: t.pow(2) for n, t in gw.items()}, keys)
+                for k, v in _class_scores(graph, squares).items():
+                    totals[k] += v
+                continue
+            gw = _per_dim(gw, keys)
+            for k, slices in counted.items():
+                v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
+                totals[k] += v * v
     return totals
 
 
@@ -172,7 +176,8 @@ def _batch_list(calib, criterion: str) -> list:
 def _gradients(model: nn.Module, graph: DependencyGraph, calib, criterion: str,
                loss_fn: Callable | None):
     """Yield (batch, names, params, gradients) per batch for the parameters the graph's
-    groups slice, with the model in eval mode (its mode is restored afterwards)."""
+    groups slice, with the model in eval mode (its mode is restored when the generator is
+    closed: use it under contextlib.closing, so that an error in the caller restores it)."""
     batches = _batch_list(calib, criterion)
     loss_fn = loss_fn or default_loss
     keys = _keys(graph)
