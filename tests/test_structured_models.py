@@ -138,6 +138,8 @@ def test_torchvision_equivalence(name):
     model = torchvision.models.get_model(name, weights=None, **BUILD.get(name, {})).eval()
     s = SIZE.get(name, 64)
     criterion = CRITERIA[TV_MODELS.index(name) % len(CRITERIA)]
+    if criterion == "sosp" and name in HEAVY:  # three gradient passes: 14 GB on vit_h_14
+        criterion = "taylor"
     check_equivalence(model, torch.randn(BATCH.get(name, 1), 3, s, s), criterion)
 
 
