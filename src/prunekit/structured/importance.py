@@ -20,7 +20,6 @@ random: a seeded baseline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import closing
 
 import torch
 from torch import nn
@@ -123,12 +122,15 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
     if criterion in TAYLOR_FORMS:
         return taylor_scores(model, graph, calib, TAYLOR_FORMS[criterion], loss_fn, micro_batch)
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
-    with closing(_gradients(model, graph, calib, criterion, loss_fn)) as steps:
-        for batch, names, plist, grads in steps:
-            hv = _hvp(model, batch, loss_fn or default_loss, plist)
-            term = {n: (-g * p + p * h).detach() for n, p, g, h in zip(names, plist, grads, hv)}
-            for k, v in _class_scores(graph, _per_dim(term, keys)).items():
-                totals[k] += v
+    loss_fn = loss_fn or default_loss
+
+    def add_sosp(batch, names, plist, grads):
+        hv = _hvp(model, batch, loss_fn, plist)
+        term = {n: (-g * p + p * h).detach() for n, p, g, h in zip(names, plist, grads, hv)}
+        for k, v in _class_scores(graph, _per_dim(term, keys)).items():
+            totals[k] += v
+
+    _each_gradient(model, graph, _batch_list(calib, criterion), loss_fn, add_sosp)
     return {k: abs(v) for k, v in totals.items()}
 
 
@@ -148,18 +150,20 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "
     counted = {c.id: (c.readers or c.slices) if form == "gate" else c.slices
                for g in graph.groups for c in g.classes}
     totals: dict[int, float] = {k: 0.0 for k in counted}
-    with closing(_gradients(model, graph, batches, name, loss_fn)) as steps:
-        for _, names, plist, grads in steps:
-            gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
-            if form == "weight":
-                squares = _per_dim({n: t.pow(2) for n, t in gw.items()}, keys)
-                for k, v in _class_scores(graph, squares).items():
-                    totals[k] += v
-                continue
-            gw = _per_dim(gw, keys)
-            for k, slices in counted.items():
-                v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
-                totals[k] += v * v
+
+    def add_taylor(batch, names, plist, grads):
+        gw = {n: (g * p).detach() for n, p, g in zip(names, plist, grads)}
+        if form == "weight":
+            squares = _per_dim({n: t.pow(2) for n, t in gw.items()}, keys)
+            for k, v in _class_scores(graph, squares).items():
+                totals[k] += v
+            return
+        gw = _per_dim(gw, keys)
+        for k, slices in counted.items():
+            v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
+            totals[k] += v * v
+
+    _each_gradient(model, graph, batches, loss_fn or default_loss, add_taylor)
     return totals
 
 
@@ -173,13 +177,11 @@ def _batch_list(calib, criterion: str) -> list:
     return batches
 
 
-def _gradients(model: nn.Module, graph: DependencyGraph, calib, criterion: str,
-               loss_fn: Callable | None):
-    """Yield (batch, names, params, gradients) per batch for the parameters the graph's
-    groups slice, with the model in eval mode (its mode is restored when the generator is
-    closed: use it under contextlib.closing, so that an error in the caller restores it)."""
-    batches = _batch_list(calib, criterion)
-    loss_fn = loss_fn or default_loss
+def _each_gradient(model: nn.Module, graph: DependencyGraph, batches: list,
+                   loss_fn: Callable, use: Callable) -> None:
+    """use(batch, names, params, gradients) for each batch, with the gradients of the loss
+    for the parameters the graph's groups slice, in eval mode; the model's mode is restored
+    afterwards, also when the loss or `use` raises."""
     keys = _keys(graph)
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
@@ -189,8 +191,8 @@ def _gradients(model: nn.Module, graph: DependencyGraph, calib, criterion: str,
     try:
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
-            yield batch, names, plist, [torch.zeros_like(p) if g is None else g
-                                        for p, g in zip(plist, grads)]
+            use(batch, names, plist, [torch.zeros_like(p) if g is None else g
+                                      for p, g in zip(plist, grads)])
     finally:
         model.train(was)
 
