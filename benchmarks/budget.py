@@ -53,7 +53,7 @@ from prunekit.budget import (
     unfit_layers,
 )
 from prunekit.budget.latency_table import TIMINGS
-from prunekit.commands.latency import add_malloc_option, allocator_conflict, apply_malloc_option
+from prunekit.commands.common import add_malloc_option, allocator_conflict, apply_malloc_option
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prunekit.commands.latency import add_malloc_option, allocator_conflict, apply_malloc_option
+from prunekit.commands.common import add_malloc_option, allocator_conflict, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.patterns import Block1xN
 from prunekit.runtime.kernels import BlockWeight, CSRWeight, SparseLinear, sparse_module

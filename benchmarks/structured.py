@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.commands.latency import add_malloc_option, apply_malloc_option
+from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text

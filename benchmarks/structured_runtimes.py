@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.commands.latency import add_malloc_option, apply_malloc_option
+from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.runtime import machine_info, time_calls

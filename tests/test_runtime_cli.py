@@ -8,7 +8,7 @@ import torch
 
 from prunekit import Magnitude, PruneError, prune
 from prunekit.cli import build_parser
-from prunekit.commands import latency as latency_cmd
+from prunekit.commands.common import allocator_conflict
 from prunekit.io import save_weights
 from prunekit.models import create
 from prunekit.runtime import load_compressed
@@ -69,9 +69,9 @@ def test_latency_keeps_freed_memory_unless_asked(flag, mode):
 
 def test_allocator_conflict_names_the_file_and_both_modes():
     # this process keeps the system allocator (conftest)
-    assert latency_cmd.allocator_conflict({"malloc": "system"}, "r.json") is None
-    assert latency_cmd.allocator_conflict({}, "r.json") is None  # files from before the mode
-    why = latency_cmd.allocator_conflict({"malloc": "kept"}, "r.json")
+    assert allocator_conflict({"malloc": "system"}, "r.json") is None
+    assert allocator_conflict({}, "r.json") is None  # files from before the mode
+    why = allocator_conflict({"malloc": "kept"}, "r.json")
     assert "r.json" in why and "kept allocator" in why and "system one" in why
 
 

@@ -1,4 +1,5 @@
-"""Options and output shared by the commands that write a model and report on it."""
+"""Options and output shared by the commands (and the timing benchmarks): threads, the
+allocator mode, and printing a report."""
 
 from __future__ import annotations
 
@@ -33,3 +34,31 @@ def with_threads(cmd):
         with num_threads(args.threads):
             return cmd(args)
     return run
+
+
+def add_malloc_option(p) -> None:
+    """--system-malloc, for every command that times a model."""
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time with the C library's default allocator, which maps and zeroes "
+                        "large tensors afresh on every call; by default freed memory is kept "
+                        "in the process, as jemalloc or tcmalloc would (steadier timings)")
+
+
+def apply_malloc_option(args) -> None:
+    from prunekit.runtime import keep_freed_memory  # looked up at call time (tests stub it)
+
+    if not args.system_malloc:
+        keep_freed_memory()
+
+
+def allocator_conflict(saved_machine: dict | None, path) -> str | None:
+    """Why rows saved in `path` (timed on `saved_machine`) must not be joined by rows timed
+    under this process's allocator mode, or None when they may."""
+    from prunekit.runtime import machine_info
+
+    mode = machine_info()["malloc"]
+    if (saved_machine or {}).get("malloc", "system") == mode:
+        return None
+    return (f"{path} holds rows timed under the {'system' if mode == 'kept' else 'kept'} "
+            f"allocator and this run would time under the {mode} one: match it "
+            f"(--system-malloc) or write to a new --out")

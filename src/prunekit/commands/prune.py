@@ -7,8 +7,13 @@ import json
 
 from prunekit.budget.latency_table import TIMINGS
 from prunekit.budget.measured import BUDGETS
-from prunekit.commands.common import add_threads_option, print_result, with_threads
-from prunekit.commands.latency import add_malloc_option, apply_malloc_option
+from prunekit.commands.common import (
+    add_malloc_option,
+    add_threads_option,
+    apply_malloc_option,
+    print_result,
+    with_threads,
+)
 from prunekit.errors import PruneError
 from prunekit.methods import METHODS, get_method
 

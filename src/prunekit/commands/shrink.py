@@ -6,8 +6,13 @@ import sys
 
 import torch
 
-from prunekit.commands.common import add_threads_option, print_result, with_threads
-from prunekit.commands.latency import add_malloc_option, apply_malloc_option
+from prunekit.commands.common import (
+    add_malloc_option,
+    add_threads_option,
+    apply_malloc_option,
+    print_result,
+    with_threads,
+)
 from prunekit.errors import PruneError
 
 
