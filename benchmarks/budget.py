@@ -160,8 +160,8 @@ def part1(model_key, args, results, save):
 
 def part2(args, results, save):
     from prunekit.data import cifar10_tensors
-    from prunekit.methods.woodfisher import WoodFisher
     from prunekit.models import create
+    from prunekit.oneshot.methods.woodfisher import WoodFisher
 
     name = NAMES["resnet20"]
     x, y = cifar10_tensors("train", limit=args.wf_grads * args.wf_batch)

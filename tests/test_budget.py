@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import prunekit
 from prunekit import Magnitude, PruneError, SparseGPT, prune
 from prunekit.budget import (
     Target,
@@ -25,7 +26,6 @@ from prunekit.budget import (
     global_by_score,
     meet_measured_speedup,
     prune_for_speedup,
-    prune_with_budget,
     solve,
     spdy_search,
     total_sparsity,
@@ -36,6 +36,11 @@ from prunekit.budget import latency_table as lt_mod
 from prunekit.layers import find_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def prune_budget(model, budget, config, calib=None, **kw):
+    """prune(..., budget=...) in the argument order of the old prune_with_budget."""
+    return prunekit.prune(model, config, calib, budget=budget, **kw)
 
 
 def brute(errors, costs, budget):
@@ -145,7 +150,7 @@ def test_global_by_score_never_empties_a_layer():
     threshold = rest.kthvalue(cut).values
     for n in ("layers.0", "layers.2"):
         assert budget[n] * 1024 == int((layers[n].weight.abs() <= threshold).sum())
-    prune_with_budget(model, global_by_score(layers, 0.7), Magnitude(), progress=False)
+    prune_budget(model, global_by_score(layers, 0.7), Magnitude(), progress=False)
     with pytest.raises(PruneError, match="max_sparsity"):
         global_by_score(layers, 0.95, max_sparsity=0.9)
 
@@ -174,7 +179,7 @@ def test_prune_with_budget_matches_prune_per_layer():
     budget = {"layers.0": 0.5, "layers.1": 0.8, "layers.2": 0.0}
     a = MLP()
     a.load_state_dict(model.state_dict())
-    rep = prune_with_budget(a, budget, SparseGPT(), x, progress=False)
+    rep = prune_budget(a, budget, SparseGPT(), x, progress=False)
     assert [lr.name for lr in rep.layers] == ["layers.0", "layers.1"]
     for name, s in budget.items():
         w = a.get_submodule(name).weight
@@ -183,7 +188,7 @@ def test_prune_with_budget_matches_prune_per_layer():
     b, c = MLP(), MLP()
     b.load_state_dict(model.state_dict())
     c.load_state_dict(model.state_dict())
-    prune_with_budget(b, uniform(find_layers(b), 0.7), SparseGPT(), x, progress=False)
+    prune_budget(b, uniform(find_layers(b), 0.7), SparseGPT(), x, progress=False)
     prune(c, SparseGPT(sparsity=0.7), x, progress=False)
     for p, q in zip(b.parameters(), c.parameters()):
         assert torch.equal(p, q)
@@ -193,22 +198,22 @@ def test_prune_with_budget_errors_leave_model_alone():
     model = MLP()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(PruneError, match="not a prunable layer"):
-        prune_with_budget(model, {"nope": 0.5}, Magnitude(), progress=False)
-    with pytest.raises(PruneError, match="sparsity of layers.0"):
-        prune_with_budget(model, {"layers.0": 1.5}, Magnitude(), progress=False)
+        prune_budget(model, {"nope": 0.5}, Magnitude(), progress=False)
+    with pytest.raises(PruneError, match="budget for layers.0"):
+        prune_budget(model, {"layers.0": 1.5}, Magnitude(), progress=False)
     with pytest.raises(PruneError, match="calibration"):
-        prune_with_budget(model, {"layers.0": 0.5}, SparseGPT(), progress=False)
+        prune_budget(model, {"layers.0": 0.5}, SparseGPT(), progress=False)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
 def test_prune_with_budget_interrupted_midway_restores_every_layer(monkeypatch):
     """A failure after the first layer is pruned writes that layer back too."""
-    import prunekit.budget.alloc as alloc_mod
+    import prunekit.oneshot.engine as engine
 
     model = MLP()
     model.train()
     before = [p.clone() for p in model.parameters()]
-    real, done = alloc_mod._prune_module, []
+    real, done = engine.transform_module, []
 
     def second_fails(name, *a):
         if done:
@@ -216,9 +221,9 @@ def test_prune_with_budget_interrupted_midway_restores_every_layer(monkeypatch):
         done.append(name)
         return real(name, *a)
 
-    monkeypatch.setattr(alloc_mod, "_prune_module", second_fails)
+    monkeypatch.setattr(engine, "transform_module", second_fails)
     with pytest.raises(KeyboardInterrupt):
-        prune_with_budget(model, {"layers.0": 0.5, "layers.1": 0.5}, Magnitude(),
+        prune_budget(model, {"layers.0": 0.5, "layers.1": 0.5}, Magnitude(),
                           progress=False)
     assert done == ["layers.0"] and model.training
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
@@ -608,7 +613,7 @@ def test_prune_for_speedup_reaches_the_measured_target(kind):
 
 def test_prune_for_speedup_rejects_bad_arguments():
     model, calib, db = _tiny_setup()
-    with pytest.raises(PruneError, match="budget must be one of"):
+    with pytest.raises(PruneError, match="unknown budget"):
         prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, "fastest")
     with pytest.raises(PruneError, match="no prunable layer"):
         prune_for_speedup(model, SparseGPT(), calib, calib[0], 1.5, include=("nothing*",))

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from prunekit import PruneError
-from prunekit.calibrate import Sequential, collect_stats, input_rows
 from prunekit.layers import find_layers, weight_matrix
+from prunekit.oneshot.calibrate import Blockwise, collect_stats, input_rows
 
 CONVS = [
     nn.Conv2d(4, 6, 3, padding=1),
@@ -70,7 +70,7 @@ def test_sequential_sees_pruned_inputs_and_one_block_at_a_time():
     net = Net()
     batches = [torch.randn(4, 5, 8) for _ in range(3)]
     layers = find_layers(net)
-    seq = Sequential(net, layers, batches)
+    seq = Blockwise(net, layers, batches)
     stages = []
     for stage, stage_layers, stats in seq.stages():
         reference = collect_stats(net, stage_layers, batches)
@@ -93,7 +93,7 @@ def test_sequential_sees_pruned_inputs_and_one_block_at_a_time():
 def test_sequential_refuses_blocks_that_are_not_chained():
     net = Net()
     with pytest.raises(PruneError, match="not chained"):
-        list(Sequential(net, find_layers(net), [torch.randn(2, 8)],
+        list(Blockwise(net, find_layers(net), [torch.randn(2, 8)],
                         blocks=["blocks.0", "blocks.2"]).stages())
 
 
@@ -136,7 +136,7 @@ def test_padding_tokens_do_not_count():
     for name in layers:
         assert a[name].rows == 14
         torch.testing.assert_close(a[name].hessian, b[name].hessian, rtol=1e-4, atol=1e-4)
-    seq = {n: st for _, _, stats in Sequential(bert, layers, padded).stages()
+    seq = {n: st for _, _, stats in Blockwise(bert, layers, padded).stages()
            for n, st in stats.items()}
     for name in layers:
         torch.testing.assert_close(seq[name].hessian, a[name].hessian, rtol=1e-4, atol=1e-4)

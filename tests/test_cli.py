@@ -25,7 +25,7 @@ def test_prune_cli_writes_weights_and_json(tmp_path, capsys):
 def test_cli_errors_write_nothing(tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert main(["prune", "digits-cnn", "--method", "obs", "-o", "bogus=1", "--out", str(out)]) == 2
-    assert "unknown option 'bogus=1'" in capsys.readouterr().err
+    assert "unknown option 'bogus'" in capsys.readouterr().err
     assert main(["prune", "digits-cnn", "--method", "sparsegpt", "--pattern", "1:3",
                  "--out", str(out), "--quiet"]) == 2
     assert "needs the input size to be a multiple of 3" in capsys.readouterr().err

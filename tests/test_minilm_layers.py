@@ -5,8 +5,8 @@ import torch
 
 import prunekit
 from prunekit import models
-from prunekit.calibrate import collect_stats
 from prunekit.layers import find_layers, weight_matrix
+from prunekit.oneshot.calibrate import collect_stats
 
 SQUARE = ("bert.encoder.layer.1.attention.self.query",
           "bert.encoder.layer.4.attention.output.dense")

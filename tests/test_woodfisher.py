@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from prunekit import Magnitude, PruneError, prune
-from prunekit.methods import METHODS
-from prunekit.methods.woodfisher import (
+from prunekit.oneshot import METHODS
+from prunekit.oneshot.methods.woodfisher import (
     WoodFisher,
     fisher_inverse,
     fisher_inverse_diag,
@@ -81,8 +81,8 @@ def test_registered_and_bad_input():
     with pytest.raises(PruneError, match="scalar"):
         WoodFisher(sparsity=0.5, num_grads=4).prune_global(
             model, lambda m, b: m(b[0]), batches, progress=False)
-    with pytest.raises(PruneError, match="prune_global"):
-        prune(model, WoodFisher(sparsity=0.5), progress=False)
+    with pytest.raises(PruneError, match="loss_fn"):
+        prune(model, WoodFisher(sparsity=0.5), batches, progress=False)
     with pytest.raises(PruneError, match="does not support pattern 2:4"):
         WoodFisher(sparsity=0.5, pattern="2:4").prune_global(model, _loss, batches)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))

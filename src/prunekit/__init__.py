@@ -1,8 +1,21 @@
 """prunekit: make neural networks smaller and faster by pruning, and measure what it buys."""
 
-from prunekit.api import LayerReport, PruneReport, prune, prune_layer, sparsity_report
 from prunekit.errors import PruneError
-from prunekit.methods import OBS, Magnitude, PruneConfig, Random, SparseGPT, Wanda, WoodFisher
+from prunekit.oneshot import (
+    METHODS,
+    OBS,
+    LayerReport,
+    Magnitude,
+    PruneConfig,
+    Random,
+    Report,
+    SparseGPT,
+    Wanda,
+    WoodFisher,
+    prune,
+    prune_layer,
+    sparsity_report,
+)
 from prunekit.patterns import NM, Block1xN, Pattern, Unstructured, get_pattern
 from prunekit.structured import ChannelPrune, ShrinkReport, shrink
 
@@ -20,8 +33,11 @@ def __getattr__(name: str):
         return importlib.import_module(f"prunekit.{name}")
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
 
+PruneReport = Report  # the name before the engine's reports covered every family
+
 __all__ = [
-    "LayerReport", "PruneReport", "prune", "prune_layer", "sparsity_report", "PruneError",
+    "METHODS", "Report", "LayerReport", "PruneReport", "prune", "prune_layer",
+    "sparsity_report", "PruneError",
     "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
     "Block1xN",
     "Pattern", "Unstructured", "get_pattern", "ChannelPrune", "ShrinkReport", "shrink",

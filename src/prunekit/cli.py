@@ -1,32 +1,22 @@
-"""The `prunekit` command. Each area adds its own subcommands through a `register(sub)`
-function in its module, listed in COMMANDS."""
+"""The `prunekit` command (also `python -m prunekit`). Every module in prunekit/commands
+registers its subcommands in COMMANDS (`@COMMANDS.register("name")` on a function that adds
+them to the parser); a new command is one file there."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from prunekit.commands import COMMANDS
 from prunekit.errors import PruneError
-
-#: Modules that each define register(subparsers) adding their subcommands.
-COMMANDS = [
-    "prunekit.commands.prune",
-    "prunekit.commands.shrink",
-    "prunekit.commands.models",
-    "prunekit.commands.demo",
-    "prunekit.commands.bench",
-    "prunekit.commands.latency",
-    "prunekit.commands.export",
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prunekit", description="Prune neural networks and measure what it buys.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+    for entry in COMMANDS.entries():
+        entry.obj(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from prunekit.calibrate import run_batch
+from prunekit.batches import output_tensor, run_batch
 from prunekit.errors import PruneError
 from prunekit.progress import Progress
 
@@ -33,7 +33,7 @@ def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     with Progress(enabled=progress) as bar:
         task = bar.add("top-1", total=len(images))
         for i in range(0, len(images), batch_size):
-            logits = _output(model(images[i:i + batch_size]))
+            logits = output_tensor(model(images[i:i + batch_size]))
             correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
             bar.advance(task, len(logits))
     return 100.0 * correct / len(images)
@@ -53,7 +53,8 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 1
             idx = order[i:i + batch_size]
             enc = tokenizer([sentences[j] for j in idx], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt")
-            e = _output(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+            e = output_tensor(model(input_ids=enc["input_ids"],
+                                    attention_mask=enc["attention_mask"]))
             if out.numel() == 0:
                 out = torch.empty(len(sentences), e.shape[-1])
             out[idx] = e.float()
@@ -117,7 +118,7 @@ def perplexity(model: nn.Module, tokenizer_or_ids, text: str | None = None,
                     break
                 group.append(w)
             batch = torch.stack([ids[b:e] for b, e, _ in group])
-            logits = _output(model(input_ids=batch))[:, :-1].float()
+            logits = output_tensor(model(input_ids=batch))[:, :-1].float()
             losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
             for row, (_, _, new) in zip(losses, group):
                 nll += float(row[len(row) - new:].sum())
@@ -125,18 +126,6 @@ def perplexity(model: nn.Module, tokenizer_or_ids, text: str | None = None,
             i += len(group)
             bar.advance(task, len(group))
     return math.exp(nll / count)
-
-
-def _output(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise PruneError(f"cannot read a tensor from model output of type {type(out).__name__}")
 
 
 @torch.no_grad()
@@ -152,8 +141,8 @@ def fidelity(dense: nn.Module, pruned: nn.Module, batches) -> dict:
     num = den = cos = 0.0
     n = 0
     for batch in batches:
-        y = _output(run_batch(dense, batch)).float()
-        y2 = _output(run_batch(pruned, batch)).float()
+        y = output_tensor(run_batch(dense, batch)).float()
+        y2 = output_tensor(run_batch(pruned, batch)).float()
         if y.shape != y2.shape:
             raise PruneError(f"dense and pruned outputs differ in shape: {tuple(y.shape)} vs "
                              f"{tuple(y2.shape)}")

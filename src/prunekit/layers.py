@@ -8,7 +8,7 @@ in = in_channels/groups * prod(kernel_size) in PyTorch's memory order.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -92,17 +92,24 @@ def find_layers(
 
 
 @contextmanager
-def restored_on_error(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[None]:
-    """Run a pruning pass that loses nothing: if it raises (Ctrl-C included), every layer's
-    weight is written back as it was; the model's train/eval mode is restored either way."""
+def restored_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[list]:
+    """Run a transform that loses nothing: if it raises (Ctrl-C included), every layer's
+    weight is written back as it was and the undo functions the caller appended to the
+    yielded list run (last first: a replaced module put back, an added buffer removed).
+    Every module's own train/eval mode is restored either way (a BatchNorm frozen in eval
+    inside a training model stays frozen)."""
     originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    undo: list = []
     try:
-        yield
+        yield undo
     except BaseException:
+        for step in reversed(undo):
+            step()
         with torch.no_grad():
             for n, m in layers.items():
                 m.weight.copy_(originals[n])
         raise
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunekit.errors import PruneError
-from prunekit.methods import METHODS
+from prunekit.oneshot import METHODS
 from prunekit.patterns import get_pattern
 
 #: Datasets a model can be benchmarked on (each registry model names its own).

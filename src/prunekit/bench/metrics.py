@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from prunekit.calibrate import run_batch
+from prunekit.batches import run_batch
 from prunekit.layers import find_layers, is_prunable
 
 

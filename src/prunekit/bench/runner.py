@@ -27,7 +27,7 @@ STAGES = ("load", "dense quality", "prune", "recover", "pruned quality", "speed"
 
 def make_config(spec: RunSpec, sparsity: float | None):
     """The method config for a run: the file's options one to one, plus pattern and sparsity."""
-    from prunekit.methods import get_method
+    from prunekit.oneshot import get_method
 
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.options.items()}
     kwargs = dict(options, pattern=spec.pattern)
@@ -114,8 +114,8 @@ def finetune(model: nn.Module, spec: RunSpec, masks: dict[str, torch.Tensor]) ->
 
 def execute_run(config: dict, progress: bool = False) -> dict:
     """Run one configuration and return its metrics (see the module docstring)."""
-    from prunekit.api import prune
     from prunekit.models import calibration_batches, create, get_info
+    from prunekit.oneshot.prune import prune
 
     spec = RunSpec.from_config(config)
     threads = torch.get_num_threads()

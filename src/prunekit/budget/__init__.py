@@ -2,7 +2,16 @@
 latency table, one-shot sensitivity database, DP, local search), and a loop that turns a
 predicted speedup into a measured one."""
 
-from prunekit.budget.alloc import erk, global_by_score, prune_with_budget, total_sparsity, uniform
+from prunekit.budget.alloc import (
+    BUDGETS,
+    erk,
+    erk_densities,
+    global_by_score,
+    global_keep_masks,
+    threshold_counts,
+    total_sparsity,
+    uniform,
+)
 from prunekit.budget.dp import Unreachable, solve
 from prunekit.budget.latency_table import DEFAULT_LEVELS, LatencyTable, build_latency_table
 from prunekit.budget.measured import (
@@ -25,7 +34,8 @@ from prunekit.budget.spdy import (
 )
 
 __all__ = [
-    "erk", "global_by_score", "prune_with_budget", "total_sparsity", "uniform", "Unreachable",
+    "BUDGETS", "erk", "erk_densities", "global_by_score", "global_keep_masks",
+    "threshold_counts", "total_sparsity", "uniform", "Unreachable",
     "solve", "DEFAULT_LEVELS", "LatencyTable", "build_latency_table", "Allocation", "Database",
     "Target", "build_database", "cost_matrix", "for_speedup", "layer_macs", "spdy_search",
     "MeasuredSpeedup", "SpeedupResult", "converted_speedup", "meet_measured_speedup",

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.calibrate import run_batch
+from prunekit.batches import run_batch
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers, set_weight_matrix, weight_matrix

@@ -23,13 +23,14 @@ from typing import Any
 
 from torch import nn
 
-from prunekit.budget.alloc import erk, global_by_score, prune_with_budget, uniform
+from prunekit.budget.alloc import BUDGETS
 from prunekit.budget.dp import Unreachable
 from prunekit.budget.latency_table import DEFAULT_LEVELS, LatencyTable, build_latency_table
 from prunekit.budget.spdy import Database, Target, build_database, for_speedup, spdy_search
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
-from prunekit.methods.base import PruneConfig
+from prunekit.oneshot.methods.base import PruneConfig
+from prunekit.oneshot.prune import prune
 from prunekit.patterns import get_pattern
 from prunekit.runtime import convert, measure_latency
 
@@ -126,7 +127,6 @@ def _next_target(t: float, measured: float, aim: float, target: float,
     return 1 + (t - 1) * (aim - 1) / (measured - 1)
 
 
-BUDGETS = ("uniform", "global", "erk", "spdy")
 
 
 @dataclass
@@ -205,8 +205,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
     with the best measured speedup when no round reaches the target; the model is then left
     as it was.
     """
-    if budget not in BUDGETS:
-        raise PruneError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    search = BUDGETS.entry(budget).meta["search"]
     if speedup < 1:
         raise PruneError(f"a speedup target is a factor >= 1, got {speedup}")
     dense = copy.deepcopy(model).eval()
@@ -220,7 +219,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
         table = build_latency_table(dense, batch, levels, pattern=config.pattern,
                                     kernels=kernels, include=include, exclude=exclude,
                                     repeats=repeats, progress=progress, timing=timing)
-    if budget == "spdy" and database is None:
+    if search and database is None:
         database = build_database(dense, config, calib, table.levels, include, exclude,
                                   progress=progress)
     coefficients: list[dict] = []
@@ -236,7 +235,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
 
     def build(t: float) -> dict:
         candidate = copy.deepcopy(dense)
-        if budget == "spdy":
+        if search:
             init = coefficients[-1] if coefficients else None
             alloc = spdy_search(candidate, database, calib, Target("speedup", t), table,
                                 steps=steps if init is None else steps // 4, init=init,
@@ -244,11 +243,9 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
             coefficients.append(alloc.coefficients)
             return {"model": candidate, "budget": alloc.budget, "loss": alloc.loss,
                     "timings": []}
-        family = {"uniform": lambda s: uniform(layers, s),
-                  "global": lambda s: global_by_score(layers, s),
-                  "erk": lambda s: erk(layers, s)}[budget]
-        _, chosen = for_speedup(table, t, family)
-        prune_with_budget(candidate, chosen, config, calib, progress=False)
+        spread = BUDGETS.get(budget)
+        _, chosen = for_speedup(table, t, lambda s: spread(layers, s))
+        prune(candidate, config, calib, budget=chosen, progress=False)
         return {"model": candidate, "budget": chosen, "loss": None, "timings": []}
 
     def log(line: str) -> None:

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.api import _check_config, _prune_module, _validate_layers
+from prunekit.batches import as_batches, first_calls, output_tensor, run_batch
+from prunekit.budget.alloc import BUDGETS
 from prunekit.budget.dp import Unreachable, solve
 from prunekit.budget.latency_table import LatencyTable
-from prunekit.calibrate import as_batches, collect_stats, first_calls, run_batch
 from prunekit.errors import PruneError
-from prunekit.evaluate import _output
 from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
-from prunekit.methods.base import PruneConfig
+from prunekit.oneshot.engine import layer_levels
+from prunekit.oneshot.methods.base import PruneConfig
 from prunekit.progress import Progress
 
 
@@ -47,41 +47,9 @@ def build_database(model: nn.Module, config: PruneConfig, calib, levels: Sequenc
                    include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                    progress: bool = True) -> Database:
     """Prune every chosen layer at every level from the dense model's statistics (the model
-    is restored afterwards). Level errors are ||(W - W')X||^2 / ||WX||^2."""
+    is unchanged). Level errors are ||(W - W')X||^2 / ||WX||^2."""
     levels = [float(x) for x in levels]
-    if config.scope == "global" or config.sequential:
-        raise PruneError("the database needs a per-layer method (scope='layer', "
-                         "sequential=False)")
-    pattern, _ = _check_config(config)
-    layers = find_layers(model, include, exclude)
-    _validate_layers(layers, pattern)
-    batches = as_batches(calib)
-    if not batches:
-        raise PruneError("the sensitivity database needs calibration data: pass calib=...")
-    model.eval()
-    weights, errors = {}, {}
-    with Progress(enabled=progress) as bar:
-        task = bar.add("calibrating", total=len(batches))
-        stats = collect_stats(model, layers, batches, lambda: bar.advance(task))
-        task = bar.add(f"database ({config.method})", total=len(layers))
-        for name, module in layers.items():
-            dense = module.weight.detach().clone()
-            weights[name], errors[name] = [], []
-            try:
-                for s in levels:
-                    if s == 0:
-                        weights[name].append(weight_matrix(module).detach().clone())
-                        errors[name].append(0.0)
-                        continue
-                    rep = _prune_module(name, module, config, pattern, s, stats.get(name))
-                    weights[name].append(weight_matrix(module).detach().clone())
-                    errors[name].append(float(rep.rel_error))
-                    with torch.no_grad():
-                        module.weight.copy_(dense)
-            finally:
-                with torch.no_grad():
-                    module.weight.copy_(dense)
-            bar.advance(task)
+    weights, errors = layer_levels(model, config, calib, levels, include, exclude, progress)
     return Database(levels, weights, errors)
 
 
@@ -162,7 +130,7 @@ def output_error(model: nn.Module, batches, reference: list[torch.Tensor]) -> fl
     num = den = 0.0
     with torch.inference_mode():
         for b, ref in zip(batches, reference):
-            y = _output(run_batch(model, b)).float()
+            y = output_tensor(run_batch(model, b)).float()
             num += float((y - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
     return num / max(den, 1e-30)
@@ -174,6 +142,7 @@ def assemble(layers: Mapping[str, nn.Module], db: Database, choice: Mapping[str,
         set_weight_matrix(layers[name], db.weights[name][k])
 
 
+@BUDGETS.register("spdy", search=True)
 def spdy_search(model: nn.Module, db: Database, calib, target: Target,
                 table: LatencyTable | None = None, steps: int = 100, seed: int = 0,
                 resolution: int = 2000, loss: Callable[[nn.Module], float] | None = None,
@@ -203,7 +172,7 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
     if loss is None:
         batches = as_batches(calib)
         with torch.inference_mode():
-            ref = [_output(run_batch(model, b)).float() for b in batches]
+            ref = [output_tensor(run_batch(model, b)).float() for b in batches]
 
         def loss(m):
             return output_error(m, batches, ref)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from prunekit.commands import COMMANDS
 
+
+@COMMANDS.register("bench")
 def register(sub) -> None:
     from prunekit.bench.store import DEFAULT_DB
 

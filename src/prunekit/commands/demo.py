@@ -16,9 +16,11 @@ import time
 
 import torch
 
+from prunekit.commands import COMMANDS
 from prunekit.errors import PruneError
 
 
+@COMMANDS.register("demo")
 def register(sub) -> None:
     p = sub.add_parser("demo", help="prune pretrained MiniLM and ResNet-20 with every method")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,7 +39,7 @@ def _say(msg: str) -> None:
 
 def _run_rows(name, dense, configs, calib, quality, quiet, after=None):
     """Prune a fresh copy of `dense` with each config; one table row per config."""
-    from prunekit.api import prune
+    from prunekit.oneshot.prune import prune
 
     before = quality(dense)
     rows = []
@@ -63,12 +65,9 @@ def _minilm(args):
     from prunekit.models import calibration_batches, create
 
     dense = create("minilm", pretrained=True).eval()
-    configs = [cls(**kw) for kw in ({"sparsity": 0.5, "pattern": "unstructured"},
-                                    {"pattern": "2:4"})
-               for cls in (Magnitude, Wanda, SparseGPT)]
-    for c in configs:
-        if c.method == "wanda" and c.pattern == "unstructured":
-            c.pattern = "unstructured:row"
+    configs = [Magnitude(sparsity=0.5), Wanda(sparsity=0.5, pattern="unstructured:row"),
+               SparseGPT(sparsity=0.5)]
+    configs += [cls(pattern="2:4") for cls in (Magnitude, Wanda, SparseGPT)]
     try:
         from prunekit.data import load_stsb
         pairs = load_stsb("test")

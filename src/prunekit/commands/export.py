@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+from prunekit.commands import COMMANDS
 from prunekit.errors import PruneError
 
 
+@COMMANDS.register("export")
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a (pruned) model as dense or compressed "
                                       "safetensors, or ONNX verified with onnxruntime")

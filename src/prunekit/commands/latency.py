@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+from prunekit.commands import COMMANDS
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
 
 
+@COMMANDS.register("latency")
 def register(sub) -> None:
     p = sub.add_parser("latency", help="measure a model's inference latency (median of runs)")
     p.add_argument("model", help="registry name (see `prunekit models`) or module:function")

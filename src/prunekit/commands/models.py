@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+from prunekit.commands import COMMANDS
 
+
+@COMMANDS.register("models")
 def register(sub) -> None:
     p = sub.add_parser("models", help="list the models in the registry")
     p.add_argument("--json", action="store_true", help="print as JSON")

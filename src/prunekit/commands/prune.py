@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from prunekit.budget.alloc import BUDGETS
 from prunekit.budget.latency_table import TIMINGS
-from prunekit.budget.measured import BUDGETS
+from prunekit.commands import COMMANDS
 from prunekit.commands.common import (
     add_malloc_option,
     add_threads_option,
@@ -14,10 +15,12 @@ from prunekit.commands.common import (
     print_result,
     with_threads,
 )
+from prunekit.config import field_names
 from prunekit.errors import PruneError
-from prunekit.methods import METHODS, get_method
+from prunekit.oneshot import METHODS, get_method
 
 
+@COMMANDS.register("prune")
 def register(sub) -> None:
     p = sub.add_parser("methods", help="list the one-shot pruning methods and their options")
     p.add_argument("--json", action="store_true", help="print as JSON")
@@ -25,7 +28,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("prune", help="prune a model one-shot and save its weights")
     p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
-    p.add_argument("--method", default="sparsegpt", help="method name (see `prunekit methods`)")
+    p.add_argument("--method", default="sparsegpt",
+                   help="one of: " + ", ".join(METHODS.where(family="prune")))
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to remove")
     p.add_argument("--pattern", default=None, help="unstructured, unstructured:row, N:M, 1xN")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
@@ -39,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--speedup", type=float, default=None,
                    help="prune for this measured speedup on this machine instead of a "
                         "sparsity: per-layer budget, convert to sparse kernels, measure, repeat")
-    p.add_argument("--budget", default="spdy", choices=BUDGETS,
+    p.add_argument("--budget", default="spdy", choices=BUDGETS.names(),
                    help="how --speedup spreads sparsity over the layers (default spdy)")
     p.add_argument("--speedup-batch", type=int, default=64,
                    help="batch size the --speedup is measured at")
@@ -56,67 +60,59 @@ def register(sub) -> None:
     p.set_defaults(func=with_threads(cmd_prune))
 
 
-def _option_value(field: dataclasses.Field, text: str):
-    kind = str(field.type)
-    if "tuple" in kind:
-        return tuple(t for t in text.split(",") if t)
-    if "bool" in kind:
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise PruneError(f"option {field.name} takes true or false, got {text!r}")
-    if "int" in kind and "float" not in kind:
-        return int(text)
-    if "float" in kind:
-        return float(text)
-    return text
-
-
 def make_config(method: str, sparsity=None, pattern=None, options=()):
-    """A method config from CLI-style arguments; unknown options name the valid ones."""
+    """A method config from command-line text; unknown options name the valid ones."""
+    from prunekit.config import build
+
     cls = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    if sparsity is not None:
-        kwargs["sparsity"] = sparsity
-    if pattern is not None:
-        kwargs["pattern"] = pattern
+    values = {}
     for item in options:
         key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise PruneError(f"unknown option {item!r} for {method}; options are: "
-                             f"{', '.join(fields)}")
-        try:
-            kwargs[key] = _option_value(fields[key], value.strip())
-        except ValueError as e:
-            raise PruneError(f"option {key}: {e}") from e
-    return cls(**kwargs)
+        if not sep:
+            raise PruneError(f"option {item!r} is not KEY=VALUE; options of {method} are: "
+                             f"{', '.join(field_names(cls))}")
+        values[key.strip()] = value.strip()
+    if sparsity is not None:
+        values["sparsity"] = sparsity
+    if pattern is not None:
+        values["pattern"] = pattern
+    return build(cls, values, text=True, where=method)
+
+
+def method_rows() -> list[dict]:
+    """One row per registered method: family, what it needs, patterns, options, example."""
+    rows = []
+    for e in METHODS.entries():
+        cls = e.obj
+        opts = {f.name: f.default for f in dataclasses.fields(cls)
+                if f.init and f.default is not dataclasses.MISSING}
+        rows.append({"method": e.name, "family": e.meta.get("family", "prune"),
+                     "needs_data": e.meta.get("needs", "none") != "none",
+                     "needs": e.meta.get("needs", "none"),
+                     "patterns": list(e.meta.get("patterns", ())), "options": opts,
+                     "example": e.meta.get("example"), "summary": e.summary})
+    return sorted(rows, key=lambda r: (r["family"], r["method"]))
 
 
 def cmd_methods(args) -> int:
-    rows = []
-    for name, cls in sorted(METHODS.items()):
-        opts = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
-        pats = [p.__name__ for p in cls.patterns]
-        rows.append({"method": name, "needs_data": cls.needs != "none", "patterns": pats,
-                     "options": {k: v for k, v in opts.items()
-                                 if v is not dataclasses.MISSING}})
+    rows = method_rows()
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for r in rows:
-        data = "calibration data" if r["needs_data"] else "weights only"
-        print(f"{r['method']:<12} {data:<17} patterns: {', '.join(r['patterns'])}")
+        data = {"none": "weights only", "hessian": "calibration data",
+                "gradients": "gradients"}.get(r["needs"], r["needs"])
+        pats = f"  patterns: {', '.join(r['patterns'])}" if r["patterns"] else ""
+        print(f"{r['method']:<12} {r['family']:<9} {data:<17}{pats}")
+        print(f"{'':<12} {r['summary']}")
         print(f"{'':<12} options: " + ", ".join(f"{k}={v!r}" for k, v in r["options"].items()))
     return 0
 
 
 def cmd_prune(args) -> int:
-    from prunekit.api import prune
     from prunekit.io import save_weights
     from prunekit.models import calibration_batches, get_info, load_model
+    from prunekit.oneshot.prune import prune
 
     if args.speedup is not None and args.sparsity is not None:
         raise PruneError("give --sparsity or --speedup, not both: --speedup chooses each "

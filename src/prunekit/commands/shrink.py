@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from prunekit.commands import COMMANDS
 from prunekit.commands.common import (
     add_malloc_option,
     add_threads_option,
@@ -16,6 +17,7 @@ from prunekit.commands.common import (
 from prunekit.errors import PruneError
 
 
+@COMMANDS.register("shrink")
 def register(sub) -> None:
     p = sub.add_parser("shrink", help="remove whole channels, heads and neurons; save the "
                                       "smaller model (safetensors + its new shapes)")

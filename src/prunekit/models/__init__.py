@@ -18,6 +18,7 @@ from torch import nn
 
 from prunekit.errors import PruneError
 from prunekit.io import load_weights
+from prunekit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,13 @@ class ModelInfo:
     factory: Callable[..., nn.Module] = field(repr=False, compare=False)
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+#: The models prunekit can build by name (torchvision ones are reached as 'tv:<name>').
+MODELS = Registry("model")
 
 
 def _add(name, task, dataset, description, pretrained, factory):
-    _REGISTRY[name] = ModelInfo(name, task, dataset, description, pretrained, factory)
+    MODELS.add(name, ModelInfo(name, task, dataset, description, pretrained, factory),
+               task=task, dataset=dataset, pretrained=pretrained, summary=description)
 
 
 def _resnet(depth):
@@ -115,7 +118,7 @@ def _torchvision_info(name: str) -> ModelInfo:
 
 def list_models() -> list[ModelInfo]:
     """The registered models (torchvision ones are reached as 'tv:<name>')."""
-    return list(_REGISTRY.values())
+    return [e.obj for e in MODELS.entries()]
 
 
 def get_info(name: str | ModelInfo) -> ModelInfo:
@@ -124,11 +127,9 @@ def get_info(name: str | ModelInfo) -> ModelInfo:
         return name
     if name.startswith("tv:"):
         return _torchvision_info(name)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise PruneError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}, tv:<name>, "
-                         f"or module:function") from None
+    if name not in MODELS:
+        raise PruneError(f"{MODELS.unknown(name)}; or tv:<name>, or module:function")
+    return MODELS.get(name)
 
 
 def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunekit.calibrate import first_calls
+from prunekit.batches import first_calls
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
 from prunekit.progress import Progress

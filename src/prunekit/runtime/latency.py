@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunekit.calibrate import run_batch
+from prunekit.batches import run_batch
 from prunekit.errors import PruneError
 
 

@@ -13,7 +13,6 @@ parametrization whose backward is the identity, so pruned weights keep training 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -90,23 +89,10 @@ def layer_densities(layers: dict[str, nn.Module], density: float, distribution: 
         return {n: density for n in layers}
     if distribution not in ("erk", "er"):
         raise PruneError(f"distribution must be 'uniform', 'erk' or 'er', got {distribution!r}")
-    sizes = {n: m.weight.numel() for n, m in layers.items()}
-    raw = {}
-    for n, m in layers.items():
-        shape = list(m.weight.shape)
-        if distribution == "er":
-            shape = shape[:2]
-        raw[n] = (sum(shape) / math.prod(shape)) ** power
-    dense: set[str] = set()
-    while True:
-        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
-        weight = sum(raw[n] * sizes[n] for n in layers if n not in dense)
-        eps = budget / weight
-        over = [n for n in layers if n not in dense and eps * raw[n] > 1.0]
-        if not over:
-            break
-        dense.add(max(over, key=lambda n: raw[n]))
-    return {n: 1.0 if n in dense else eps * raw[n] for n in layers}
+    from prunekit.budget.alloc import erk_densities
+
+    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    return erk_densities(shapes, density, power, kernel=distribution == "erk")
 
 
 class _STEMask(torch.autograd.Function):
@@ -285,19 +271,17 @@ class MaskHolder:
         """
         if isinstance(self.pattern, NM):
             return {n: sparsity for n in scores}
-        flat = []
+        from prunekit.budget.alloc import threshold_counts
+
+        units = {}
         for n, s in scores.items():
             unit = self.matrix(n, s)
             if isinstance(self.pattern, Block1xN):
                 unit = self.pattern.block_scores(unit)
-            flat.append(unit.reshape(-1).float())
-        allscores = torch.cat(flat)
-        k = int(round(sparsity * allscores.numel()))
-        pruned = torch.zeros(allscores.numel(), dtype=torch.bool)
-        if k:
-            pruned[torch.topk(allscores, k, largest=False, sorted=False).indices] = True
-        counts = [int(c.sum()) for c in pruned.split([f.numel() for f in flat])]
-        return {n: c / f.numel() for n, c, f in zip(scores, counts, flat)}
+            units[n] = unit.reshape(-1).float()
+        total = sum(u.numel() for u in units.values())
+        counts = threshold_counts(units, int(round(sparsity * total)))
+        return {n: counts[n] / units[n].numel() for n in scores}
 
     def select_all(self, scores: dict[str, torch.Tensor], sparsity: float | dict[str, float],
                    scope: str = "layer") -> None:

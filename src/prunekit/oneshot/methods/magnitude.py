@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from prunekit.errors import PruneError
-from prunekit.methods.base import PruneConfig, register
+from prunekit.oneshot.methods.base import PruneConfig, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Magnitude(PruneConfig):
     """|W| as the score. scope='layer' compares within each layer (per row with pattern
     'unstructured:row'); scope='global' compares all chosen layers together (unstructured)."""
 
-    scope: str = "layer"
+    scope: Literal["layer", "global"] = "layer"
 
-    method = "magnitude"
-
-    def __post_init__(self):
-        if self.scope not in ("layer", "global"):
-            raise PruneError(
-                f"Magnitude(scope=...) must be 'layer' or 'global', got {self.scope!r}")
+    name = "magnitude"
 
     def score(self, w, hessian, layer):
         return w.abs()

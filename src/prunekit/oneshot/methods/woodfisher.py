@@ -14,22 +14,16 @@ sparsity is reached gradually, with fresh gradients of the partly pruned model e
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from prunekit.config import positive
 from prunekit.errors import PruneError
-from prunekit.layers import find_layers, restored_on_error
-from prunekit.methods.base import PruneConfig, register
+from prunekit.oneshot.methods.base import PruneConfig, register
 from prunekit.patterns import Unstructured
-from prunekit.progress import Progress
-
-if TYPE_CHECKING:
-    from prunekit.api import PruneReport
 
 
 def fisher_inverse_diag(g: torch.Tensor, lam: float) -> torch.Tensor:
@@ -62,10 +56,10 @@ def obs_update(w: torch.Tensor, finv: torch.Tensor, pruned: torch.Tensor) -> tor
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class WoodFisher(PruneConfig):
     """Global empirical-Fisher OBS. Needs gradients: call
-    `WoodFisher(sparsity=...).prune_global(model, loss_fn, batches)`.
+    `prunekit.prune(model, WoodFisher(sparsity=...), batches, loss_fn=...)`.
 
     num_grads: m, the gradients (one per batch) forming the Fisher. block_size: weights per
     Fisher block. dampening: lambda as a fraction of the Fisher's mean diagonal. steps: prune
@@ -79,60 +73,49 @@ class WoodFisher(PruneConfig):
     dampening: float = 0.1
     steps: int = 16
     chunk: int = 256
-    scope: str = field(default="global", init=False)
 
-    method = "woodfisher"
+    name = "woodfisher"
     needs = "gradients"
     patterns = (Unstructured,)
+    scope = "global"
+    example = "WoodFisher(sparsity=0.7, num_grads=64)"
+
+    def check(self):
+        super().check()
+        positive(self, "num_grads", "block_size", "steps", "chunk", "dampening")
 
     def score(self, w, hessian, layer):
         raise PruneError("WoodFisher scores come from gradients of a loss, not from a layer's "
-                         "inputs: call WoodFisher(...).prune_global(model, loss_fn, batches)")
-
-    def prune_matrix(self, w, hessian, pattern, sparsity, layer):
-        return self.score(w, hessian, layer)
-
-    def _check(self):
-        for name in ("num_grads", "block_size", "steps", "chunk"):
-            if getattr(self, name) < 1:
-                raise PruneError(f"WoodFisher {name} must be >= 1, got {getattr(self, name)}")
-        if not self.dampening > 0:
-            raise PruneError(f"WoodFisher dampening must be > 0, got {self.dampening}")
+                         "inputs: call prunekit.prune(model, WoodFisher(...), batches, "
+                         "loss_fn=...)")
 
     def prune_global(self, model: nn.Module, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-                     batches: Iterable, progress: bool = True) -> PruneReport:
-        """Prune `model` in place. loss_fn(model, batch) returns a scalar loss; each of the
-        first num_grads batches gives one gradient. On error the model is left as it was."""
-        from prunekit.api import LayerReport, PruneReport, _check_config, _validate_layers
+                     batches: Iterable, progress: bool = True):
+        """prunekit.prune(model, self, batches, loss_fn=loss_fn), kept for older callers."""
+        from prunekit.oneshot.engine import run
 
-        self._check()
-        pattern, sparsity = _check_config(self)
-        if not callable(loss_fn):
-            raise PruneError("WoodFisher needs loss_fn(model, batch) -> scalar loss")
+        return run(model, self, list(batches), loss_fn=loss_fn, progress=progress)
+
+    def run_global(self, model, layers, batches, loss_fn, bar) -> None:
+        """Prune every layer in place from num_grads gradients (the engine's transaction
+        restores the weights on error); the parameters' own .grad are given back."""
         batches = list(batches)[: self.num_grads]
         if len(batches) < self.num_grads:
             raise PruneError(f"WoodFisher num_grads={self.num_grads} needs that many batches, "
                              f"got {len(batches)}; pass more batches or lower num_grads")
-        layers = find_layers(model, self.include, self.exclude, self.keep_first,
-                             self.keep_last)
-        _validate_layers(layers, pattern)
-        report = PruneReport(self.method, pattern.name, sparsity, self.options())
-        start = time.perf_counter()
-        with restored_on_error(model, layers):
-            with Progress(enabled=progress) as bar:
-                masks = {n: torch.zeros_like(m.weight, dtype=torch.bool)
-                         for n, m in layers.items()}
-                for step in range(1, self.steps + 1):
-                    target = sparsity * step / self.steps
-                    grads = self._gradients(model, layers, loss_fn, batches, bar, masks)
-                    self._prune_step(layers, grads, masks, target, bar)
-        for n, m in layers.items():
-            report.layers.append(LayerReport(n, tuple(m.weight.shape),
-                                             float((m.weight == 0).float().mean()), None, 0.0))
-        report.seconds = time.perf_counter() - start
-        return report
+        saved = {p: p.grad for p in model.parameters()}
+        try:
+            pruned = {n: torch.zeros_like(m.weight, dtype=torch.bool)
+                      for n, m in layers.items()}
+            for step in range(1, self.steps + 1):
+                target = self.target_sparsity * step / self.steps
+                grads = self._gradients(model, layers, loss_fn, batches, bar, pruned)
+                self._prune_step(layers, grads, pruned, target, bar)
+        finally:
+            for p, g in saved.items():
+                p.grad = g
 
-    def _gradients(self, model, layers, loss_fn, batches, bar, masks):
+    def _gradients(self, model, layers, loss_fn, batches, bar, pruned):
         """(m, padded total) gradient matrix, zero on pruned weights, model in eval mode."""
         model.eval()
         params = [m.weight for m in layers.values()]
@@ -150,7 +133,7 @@ class WoodFisher(PruneConfig):
             parts = []
             for (name, mod), g in zip(layers.items(), gs):
                 g = torch.zeros_like(mod.weight) if g is None else g.detach()
-                parts.append(self._pad(g.masked_fill(masks[name], 0.0)))
+                parts.append(self._pad(g.masked_fill(pruned[name], 0.0)))
             rows.append(torch.cat(parts).double())
             bar.advance(task)
         model.zero_grad(set_to_none=True)
@@ -161,11 +144,12 @@ class WoodFisher(PruneConfig):
         pad = (-flat.numel()) % self.block_size
         return torch.cat([flat, flat.new_full((pad,), value)]) if pad else flat
 
-    def _prune_step(self, layers, grads, masks, target, bar):
+    def _prune_step(self, layers, grads, pruned_before, target, bar):
         b = self.block_size
         w = torch.cat([self._pad(m.weight.detach()).double() for m in layers.values()])
-        pruned = torch.cat([self._pad(masks[n], True) for n in layers]).bool()
-        real = torch.cat([self._pad(torch.ones_like(masks[n]), False) for n in layers]).bool()
+        pruned = torch.cat([self._pad(pruned_before[n], True) for n in layers]).bool()
+        real = torch.cat([self._pad(torch.ones_like(pruned_before[n]), False)
+                          for n in layers]).bool()
         nb = w.numel() // b
         g = grads.view(grads.shape[0], nb, b).transpose(0, 1)  # (blocks, m, B)
         lam = self.dampening * float(grads.pow(2).mean()) + 1e-12
@@ -193,7 +177,7 @@ class WoodFisher(PruneConfig):
             for name, m in layers.items():
                 n = m.weight.numel()
                 m.weight.copy_(flat[offset:offset + n].view_as(m.weight).to(m.weight.dtype))
-                masks[name] = new_pruned[offset:offset + n].view_as(m.weight).clone()
+                pruned_before[name] = new_pruned[offset:offset + n].view_as(m.weight).clone()
                 offset += n + (-n) % b
         if not all(torch.isfinite(m.weight).all() for m in layers.values()):
             raise PruneError("WoodFisher produced NaN or Inf; raise dampening")

@@ -6,18 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.methods.base import PruneConfig, register
+from prunekit.oneshot.methods.base import PruneConfig, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Wanda(PruneConfig):
     """Weight magnitude times input feature norm. The paper compares per output row, so the
     default pattern is 'unstructured:row'; N:M and 1xN work too."""
 
     pattern: str = "unstructured:row"
 
-    method = "wanda"
+    name = "wanda"
     needs = "hessian"
 
     def score(self, w, hessian, layer):

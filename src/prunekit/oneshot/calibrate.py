@@ -6,7 +6,7 @@ input unfolded into patches, so that W_2d @ patch is the layer's output. Wanda's
 feature norms are sqrt(diag(H)).
 
 Two ways to run: `collect_stats` runs the whole model once with hooks on the chosen layers;
-`Sequential` walks a model block by block (SparseGPT's scheme): block k+1 sees the outputs of
+`Blockwise` walks a model block by block (SparseGPT's scheme): block k+1 sees the outputs of
 block k after it was pruned, and only one block's statistics live at a time.
 """
 
@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.batches import Batch, run_batch, token_mask
 from prunekit.errors import PruneError
 from prunekit.layers import groups_of, is_hf_conv1d
-
-Batch = torch.Tensor | tuple | list | Mapping
 
 
 @dataclass
@@ -99,15 +98,6 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows.reshape(rows.shape[0], g, -1).transpose(0, 1)
 
 
-def token_mask(batch: Batch) -> torch.Tensor | None:
-    """The (batch, tokens) bool mask of real tokens of a transformers-style batch, if any."""
-    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        mask = batch["attention_mask"]
-        if mask.dim() == 2:
-            return mask.bool()
-    return None
-
-
 class StatsCollector:
     """Hooks on a set of layers that accumulate LayerStats from every forward pass.
 
@@ -157,77 +147,6 @@ class StatsCollector:
 
     def __exit__(self, *exc):
         self.remove()
-
-
-def _check_batch(batch: Batch, index: int) -> None:
-    tensors = []
-    if isinstance(batch, torch.Tensor):
-        tensors = [batch]
-    elif isinstance(batch, Mapping):
-        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
-    elif isinstance(batch, (tuple, list)):
-        tensors = [v for v in batch if isinstance(v, torch.Tensor)]
-    else:
-        raise PruneError(
-            f"calibration batch {index} is a {type(batch).__name__}; give tensors, tuples of "
-            f"tensors (positional arguments) or dicts (keyword arguments)"
-        )
-    if not tensors or any(t.numel() == 0 for t in tensors):
-        raise PruneError(f"calibration batch {index} is empty")
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise PruneError(f"calibration batch {index} holds NaN or Inf")
-
-
-def run_batch(model: nn.Module, batch: Batch):
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(*batch)
-
-
-def first_calls(model: nn.Module, layers: Mapping[str, nn.Module], batch: Batch,
-                fn: Callable[[nn.Module, torch.Tensor], object], on: str = "input") -> dict:
-    """{layer name: fn(module, tensor)} for the first call of each layer when `batch` runs
-    through the model (inference mode), where tensor is the layer's input or its output."""
-    seen = {}
-
-    def hook(name):
-        def pre(module, args):
-            seen.setdefault(name, fn(module, args[0]))
-
-        def post(module, args, out):
-            seen.setdefault(name, fn(module, out))
-        return pre if on == "input" else post
-
-    handles = [m.register_forward_pre_hook(hook(n)) if on == "input"
-               else m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.inference_mode():
-            run_batch(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def as_batches(calib) -> list[Batch]:
-    """Calibration data as a list of batches: a tensor is one batch, an iterable is many."""
-    if calib is None:
-        return []
-    if isinstance(calib, (torch.Tensor, Mapping)):
-        batches = [calib]
-    elif isinstance(calib, Iterable):
-        batches = list(calib)
-    else:
-        raise PruneError(f"calibration data must be a tensor or an iterable of batches, "
-                         f"got {type(calib).__name__}")
-    if not batches:
-        raise PruneError("the calibration set is empty; give at least one batch")
-    for i, b in enumerate(batches):
-        _check_batch(b, i)
-    return batches
 
 
 def _forward(model: nn.Module, batches: Sequence[Batch], progress: Callable[[], None] | None,
@@ -322,7 +241,7 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor, block: str)
                      f"block's output; sequential calibration cannot chain it")
 
 
-class Sequential:
+class Blockwise:
     """Block-by-block calibration: yields each stage's layers with their statistics.
 
     Stages are: layers that run before the first block, each block, then layers after the

@@ -15,32 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.linalg
 import torch
 
-from prunekit.errors import PruneError
-from prunekit.methods.base import PruneConfig, cholesky_lower, damped_hessian, register
+from prunekit.config import positive
+from prunekit.oneshot.hessian import damped_hessian, inverse_cholesky_upper
+from prunekit.oneshot.methods.base import PruneConfig, register
 from prunekit.patterns import NM, Block1xN, Unstructured
 
 
-def inverse_cholesky_upper(h: torch.Tensor, layer: str, dampening: float) -> torch.Tensor:
-    """Upper triangular U with U^T U = h^-1.
-
-    With P the reversal permutation and P h P = L L^T, h^-1 = (P L^-T P)(P L^-1 P), and
-    P L^-1 P is upper triangular. One Cholesky plus one triangular inverse.
-    """
-    flipped = torch.flip(h, dims=(0, 1)).contiguous()
-    chol = cholesky_lower(flipped, layer, dampening)
-    lapack = scipy.linalg.lapack
-    trtri = lapack.strtri if chol.dtype == torch.float32 else lapack.dtrtri
-    inv, info = trtri(np.asfortranarray(chol.numpy()), lower=1)
-    if info != 0:
-        raise PruneError(f"{layer}: triangular inverse failed (info={info}); raise dampening")
-    return torch.flip(torch.from_numpy(np.ascontiguousarray(inv)), dims=(0, 1)).contiguous()
-
-
-def _block_counts(total_cols: int, rows: int, sparsity: float, i1: int, i2: int) -> int:
+def _block_counts(rows: int, sparsity: float, i1: int, i2: int) -> int:
     """Entries to prune in columns [i1, i2) so that the layer total is exactly round(s*n)."""
     return int(round(sparsity * rows * i2)) - int(round(sparsity * rows * i1))
 
@@ -72,15 +55,15 @@ def sparsegpt_matrix(w: torch.Tensor, u: torch.Tensor, pattern, sparsity: float,
             scores = blk.square() / d1.square().unsqueeze(1)
             if isinstance(pattern, Block1xN):
                 bs = scores.reshape(i2 - i1, rows // pattern.n, pattern.n).sum(dim=2)
-                k = _block_counts(cols, rows // pattern.n, sparsity, i1, i2)
+                k = _block_counts(rows // pattern.n, sparsity, i1, i2)
                 pblk.copy_(_prune_from(bs, k).repeat_interleave(pattern.n, dim=1))
             elif pattern.per == "row":
-                k = _block_counts(cols, 1, sparsity, i1, i2)
+                k = _block_counts(1, sparsity, i1, i2)
                 if k:
                     idx = torch.topk(scores, k, dim=0, largest=False, sorted=False).indices
                     pblk.scatter_(0, idx, True)
             else:
-                pblk.copy_(_prune_from(scores, _block_counts(cols, rows, sparsity, i1, i2)))
+                pblk.copy_(_prune_from(scores, _block_counts(rows, sparsity, i1, i2)))
         errs = torch.empty_like(blk)
         for j1 in range(0, i2 - i1, inner):
             j2 = min(j1 + inner, i2 - i1)
@@ -102,20 +85,25 @@ def sparsegpt_matrix(w: torch.Tensor, u: torch.Tensor, pattern, sparsity: float,
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class SparseGPT(PruneConfig):
     """Hessian-based reconstruction with lazy block updates (unstructured, N:M, 1xN)."""
 
     blocksize: int = 128
     dampening: float = 0.01
 
-    method = "sparsegpt"
+    name = "sparsegpt"
     needs = "hessian"
     patterns = (Unstructured, NM, Block1xN)
+    promises = ("beats_magnitude",)
+    example = "SparseGPT(sparsity=0.5, pattern='2:4')"
+
+    def check(self):
+        super().check()
+        positive(self, "blocksize")
+        positive(self, "dampening", strict=False)
 
     def prune_matrix(self, w, hessian, pattern, sparsity, layer):
-        if self.blocksize < 1:
-            raise PruneError(f"SparseGPT blocksize must be >= 1, got {self.blocksize}")
         w = w.clone()
         h = damped_hessian(hessian, w, self.dampening, layer)
         u = inverse_cholesky_upper(h.float(), layer, self.dampening)

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.methods.base import PruneConfig, cholesky_lower, damped_hessian, register
+from prunekit.config import positive
+from prunekit.errors import PruneError
+from prunekit.oneshot.hessian import cholesky_lower, damped_hessian
+from prunekit.oneshot.methods.base import PruneConfig, register
 from prunekit.patterns import NM, Unstructured
 
 
@@ -96,7 +99,7 @@ def _global_counts(losses: torch.Tensor, total: int) -> torch.Tensor:
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class OBS(PruneConfig):
     """Exact greedy OBS per row with exact inverse-Hessian downdates (unstructured and N:M).
 
@@ -108,9 +111,19 @@ class OBS(PruneConfig):
     row_cap: float = 1.5
     batch: int = 32
 
-    method = "obs"
+    name = "obs"
     needs = "hessian"
     patterns = (Unstructured, NM)
+    promises = ("beats_magnitude",)
+    example = "OBS(sparsity=0.5)"
+
+    def check(self):
+        super().check()
+        positive(self, "batch")
+        positive(self, "dampening", strict=False)
+        if not self.row_cap >= 1:
+            raise PruneError(f"OBS.row_cap must be >= 1 (rows may prune up to row_cap times "
+                             f"the target), got {self.row_cap!r}")
 
     def prune_matrix(self, w, hessian, pattern, sparsity, layer):
         dtype = torch.float64

@@ -7,17 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.methods.base import PruneConfig, register
+from prunekit.oneshot.methods.base import PruneConfig, register
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Random(PruneConfig):
     """Uniformly random scores, reproducible from `seed` and the layer's name."""
 
     seed: int = 0
 
-    method = "random"
+    name = "random"
 
     def score(self, w, hessian, layer):
         gen = torch.Generator().manual_seed(zlib.crc32(layer.encode()) ^ int(self.seed))

@@ -1,0 +1,1 @@
+"""One-shot pruning methods, one file each; the METHODS registry imports every module here."""
