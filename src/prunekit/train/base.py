@@ -1,34 +1,99 @@
-"""What every training-time schedule shares: a mask holder, a step counter, logging, state.
+"""What every training-time schedule shares: the registry, a mask holder, a step counter,
+logging, state, and constructor arguments checked before any work.
 
 A schedule plugs into any loop with two lines: build it after the optimizer, and call
 `.step()` right after `optimizer.step()` (once per optimizer step).
+
+A new schedule is one file in prunekit/train with one decorator:
+
+    @SCHEDULES.register("mine", summary="...", needs=(), patterns=ANY_PATTERN,
+                        example={"density": 0.5, "t_end": 6})
+    class Mine(Schedule): ...
+
+Metadata: `needs`, the constructor arguments beyond (model, optimizer) that must come from
+the user's data ("data": batches of (inputs, targets) and a loss_fn); `patterns`, the pattern
+families it takes as `pattern=` (ANY_PATTERN, or () for a schedule that chooses its own
+unit); `example`, keyword arguments for a run of a few steps on a small model, which the
+generated tests (tests/test_train_registry.py) use to check every schedule.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
-from collections.abc import Sequence
+import typing
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prunekit.config import coerce
 from prunekit.errors import PruneError
 from prunekit.io import read_weights, save_weights
 from prunekit.patterns import Pattern
+from prunekit.registry import Registry
 from prunekit.train.masks import MaskHolder
 
 _MASK_PREFIX = "__prunekit_mask__."
 
+#: every training-time schedule, filled by the decorator in each schedule's own file
+SCHEDULES = Registry("schedule", packages=("prunekit.train",))
+
+#: the pattern families of prunekit.patterns, for schedules that take any of them
+ANY_PATTERN = ("unstructured", "unstructured:row", "N:M", "1xN")
+
+
+def checked_arguments(init):
+    """Wrap a schedule's __init__ so that every annotated argument is checked against its
+    annotation (prunekit.config.coerce, as configs are) before the body runs: a wrong type
+    ("0.3" for a float, "no" for a bool, a float step) raises PruneError naming the schedule
+    and the parameter, not a TypeError from inside torch halfway through the work. Missing
+    and unknown arguments are PruneErrors too. Ranges stay with each schedule. A constructor
+    that fails releases the hooks its mask holder had put on the model and optimizer."""
+    sig = inspect.signature(init)
+    hints: dict = {}
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        who = type(self).__name__
+        if not hints:
+            hints.update(typing.get_type_hints(init))
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise PruneError(f"{who}: {e}") from None
+        for name, value in list(bound.arguments.items()):
+            kind = sig.parameters[name].kind
+            if name in hints and kind not in (inspect.Parameter.VAR_KEYWORD,
+                                              inspect.Parameter.VAR_POSITIONAL):
+                bound.arguments[name] = coerce(hints[name], value, f"{who}.{name}")
+        try:
+            return init(*bound.args, **bound.kwargs)
+        except BaseException:
+            holder = self.__dict__.get("holder")
+            if holder is not None:
+                holder.release()
+            raise
+
+    return wrapper
+
 
 class Schedule:
-    """Base class: subclasses implement `_event(step)` and `next_event()`."""
+    """Base class: subclasses implement `_event(step)` and `next_event()`. Every subclass's
+    constructor arguments are checked against its annotations (checked_arguments)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 pattern: str | Pattern = "unstructured", include: Sequence[str] = ("*",),
-                 exclude: Sequence[str] = (), keep_first: bool = False, keep_last: bool = False,
-                 soft: bool = False):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = checked_arguments(cls.__dict__["__init__"])
+
+    @checked_arguments
+    def __init__(self, model: nn.Module, optimizer,
+                 pattern: str | Pattern = "unstructured", include: tuple[str, ...] = ("*",),
+                 exclude: tuple[str, ...] = (), keep_first: bool = False,
+                 keep_last: bool = False, soft: bool = False):
         if optimizer is None:
             raise PruneError(f"{type(self).__name__} needs the optimizer that trains the model")
         self.model = model
@@ -84,6 +149,17 @@ class Schedule:
         self.step_count = int(state["step"])
         self._load_extra_state(state)
         self.holder.load_state_dict(state["masks"])
+
+
+class FixedMask(Schedule):
+    """A schedule whose mask is chosen once, when it is built, and kept for all of training
+    (Static, SNIP): no events."""
+
+    def _event(self, step: int) -> None:
+        pass
+
+    def next_event(self) -> dict | None:
+        return None
 
 
 def save_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -> Path:

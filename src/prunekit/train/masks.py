@@ -13,6 +13,8 @@ parametrization whose backward is the identity, so pruned weights keep training 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -51,15 +53,101 @@ def check_positive_int(value, what: str) -> int:
     return value
 
 
+def check_positive(value, what: str) -> float:
+    """A finite number > 0 (learning rates, temperatures)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 < float(value) < float("inf")):
+        raise PruneError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """A random seed torch.Generator accepts: an integer in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise PruneError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
+def final_density(pattern: Pattern, density: float | None, who: str) -> float:
+    """The kept fraction a schedule ends at: `density` itself, or the one an N:M pattern
+    fixes when density is None; both given must agree. `who` names the schedule."""
+    implied = pattern.implied_sparsity
+    if density is None:
+        if implied is None:
+            raise PruneError(f"{who} needs a density (the kept fraction at the end) in (0, 1] "
+                             f"under pattern {pattern}")
+        return 1.0 - implied
+    density = check_density(density, f"{who} density")
+    if implied is not None and abs(1.0 - density - implied) > 1e-9:
+        raise PruneError(f"{who}: pattern {pattern} fixes density at {1 - implied:g}; got "
+                         f"density={density!r} (leave it unset)")
+    return density
+
+
 def to_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor in the weight's layout as the (out, in) view that patterns work on."""
-    return t.t() if is_hf_conv1d(module) else t.reshape(t.shape[0], -1)
+    """A tensor in the weight's layout (a weight, mask, score or gradient) as the contiguous
+    (out, in) matrix that patterns work on: a view for Linear and convolutions, a copy for
+    GPT-2's Conv1D, whose (in, out) weight would transpose to a strided matrix that pattern
+    code cannot flatten (RuntimeError: view size is not compatible). Only ever read: masks
+    and scores go back through from_matrix."""
+    if is_hf_conv1d(module):
+        return t.t().contiguous()
+    return t.reshape(t.shape[0], -1)
 
 
 def from_matrix(module: nn.Module, m: torch.Tensor) -> torch.Tensor:
     """Inverse of to_matrix."""
     shape = module.weight.shape
     return m.t() if is_hf_conv1d(module) else m.reshape(shape)
+
+
+def matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the layer's weight as to_matrix gives it, without copying anything."""
+    shape = tuple(module.weight.shape)
+    if is_hf_conv1d(module):
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Refuse a layer whose weight a training schedule cannot mask, naming it and the fix:
+    masks on a computed weight (weight_norm and other parametrizations) would not stick, a
+    frozen or non-floating weight cannot train, a meta or empty one holds nothing."""
+    w = module.weight
+    parametrized = parametrize.is_parametrized(module, "weight") or not isinstance(
+        module._parameters.get("weight"), nn.Parameter)
+    if parametrized:
+        raise PruneError(f"layer {name}: its weight is computed (weight_norm or another "
+                         f"parametrization), so a mask on it would not stick; remove the "
+                         f"parametrization first (torch.nn.utils.parametrize."
+                         f"remove_parametrizations) or exclude the layer")
+    if w.device.type == "meta":
+        raise PruneError(f"layer {name}: its weight is on the meta device (no values); load "
+                         f"the model's weights before building a schedule")
+    if not w.is_floating_point():
+        raise PruneError(f"layer {name}: weight dtype {w.dtype} is not floating point; "
+                         f"exclude the layer")
+    if not w.numel():
+        raise PruneError(f"layer {name}: its weight is empty (shape {tuple(w.shape)}); "
+                         f"exclude the layer")
+    if not w.requires_grad:
+        raise PruneError(f"layer {name}: its weight is frozen (requires_grad=False), so it "
+                         f"does not train; exclude the layer or unfreeze it")
+
+
+def tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Chosen layers whose weight is also another module's parameter (tied embeddings), with
+    the other names: a mask on such a weight prunes every copy."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    out = {}
+    for n, m in layers.items():
+        own = f"{n}.weight" if n else "weight"
+        others = [q for q in owners.get(id(m.weight), []) if q != own]
+        if others:
+            out[n] = others
+    return out
 
 
 def pattern_select(pattern: Pattern, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -135,7 +223,13 @@ class MaskHolder:
         self.pattern = get_pattern(pattern)
         self.layers = find_layers(model, include, exclude, keep_first, keep_last)
         for name, m in self.layers.items():
-            self.pattern.validate_shape(tuple(to_matrix(m, m.weight).shape), name)
+            check_layer(name, m)
+            self.pattern.validate_shape(matrix_shape(m), name)
+        #: layer -> other parameter names sharing its weight; their copies are pruned too
+        self.tied = tied_layers(model, self.layers)
+        for name, others in self.tied.items():
+            warnings.warn(f"layer {name}'s weight is tied to {', '.join(others)}: its mask "
+                          f"prunes every copy; exclude {name} to keep them dense", stacklevel=2)
         self.weights = {n: m.weight for n, m in self.layers.items()}
         self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
         self.optimizer = optimizer
@@ -193,10 +287,24 @@ class MaskHolder:
             h.remove()
         self._hooks.clear()
 
+    def release(self) -> None:
+        """Undo what building the holder did to the model and optimizer (hooks, soft-mode
+        parametrizations with the weights as they were): a schedule whose construction
+        fails leaves nothing behind."""
+        self.remove()
+        if self.soft:
+            for m in self.layers.values():
+                if parametrize.is_parametrized(m, "weight"):
+                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            self.soft = False
+
     # -- masks ----------------------------------------------------------------------------
 
     def matrix(self, name: str, t: torch.Tensor) -> torch.Tensor:
         return to_matrix(self.layers[name], t)
+
+    def matrix_shape(self, name: str) -> tuple[int, int]:
+        return matrix_shape(self.layers[name])
 
     def unmatrix(self, name: str, m: torch.Tensor) -> torch.Tensor:
         return from_matrix(self.layers[name], m)
@@ -257,6 +365,32 @@ class MaskHolder:
             self.pattern.check(self.matrix(name, mask))
 
     # -- selection helpers shared by the schedules -----------------------------------------
+
+    def densities(self, density: float, distribution: str = "uniform") -> dict[str, float]:
+        """Per-layer densities averaging `density` (layer_densities); under N:M every layer
+        has the pattern's own density, whatever the distribution."""
+        if self.pattern.implied_sparsity is not None:
+            distribution = "uniform"
+        return layer_densities(self.layers, density, distribution)
+
+    @torch.no_grad()
+    def random_masks(self, densities: dict[str, float], seed: int) -> None:
+        """Install uniformly random masks (pattern obeyed) on the layers in `densities`, at
+        their densities, drawn from one generator seeded with `seed`; zero what they prune."""
+        generator = torch.Generator().manual_seed(check_seed(seed))
+        for name, density in densities.items():
+            w = self.weights[name]
+            scores = torch.rand(w.shape, generator=generator).to(w.device)
+            self.set_mask(name, self.select(name, scores, 1.0 - density))
+        self.apply()
+
+    @torch.no_grad()
+    def kept_magnitudes(self) -> dict[str, torch.Tensor]:
+        """|w| of every kept weight and -1 at pruned ones: ranked on these scores, pruned
+        weights fall below every kept one, so magnitude pruning only ever shrinks the
+        support."""
+        return {n: torch.where(self.masks[n], w.detach().abs(), -1.0)
+                for n, w in self.weights.items()}
 
     def select(self, name: str, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Keep-mask (weight layout) of one layer keeping its highest scores under the pattern."""

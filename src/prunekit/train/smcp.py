@@ -16,11 +16,13 @@ input channels to the producing layer's output channels; that coupling is not mo
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from torch import nn
 
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
+from prunekit.train.base import SCHEDULES, Schedule
 from prunekit.train.masks import check_density, check_positive_int, check_span
 
 
@@ -33,6 +35,9 @@ def in_channels(module: nn.Module, cols: int) -> int:
     return cols  # GPT-2 Conv1D: one column per input feature
 
 
+@SCHEDULES.register("smcp", summary="soft-masked input channels under a cost target, "
+                    "hardened at the end (Humble et al. 2022)", needs=(), patterns=(),
+                    example={"cost_target": 0.5, "t_end": 6, "delta_t": 2})
 class SMCP(Schedule):
     """prunekit.train.SMCP(model, optimizer, cost_target=0.5, delta_t=100, t_end=...).
 
@@ -41,8 +46,9 @@ class SMCP(Schedule):
     """
 
     def __init__(self, model, optimizer, cost_target: float = 0.5, *, t_end: int,
-                 t_start: int = 0, delta_t: int = 100, cost: str = "params",
-                 example_input=None, ema: float = 0.9, **layers):
+                 t_start: int = 0, delta_t: int = 100,
+                 cost: Literal["params", "flops"] = "params", example_input: Any = None,
+                 ema: float = 0.9, **layers):
         if "pattern" in layers:
             raise PruneError("SMCP prunes whole input channels; it takes no pattern")
         self.cost_target = check_density(cost_target, "SMCP cost_target")
@@ -50,8 +56,6 @@ class SMCP(Schedule):
         self.delta_t = check_positive_int(delta_t, "SMCP delta_t")
         if not 0.0 <= ema < 1.0:
             raise PruneError(f"SMCP ema must be in [0, 1), got {ema!r}")
-        if cost not in ("params", "flops"):
-            raise PruneError(f"SMCP cost must be 'params' or 'flops', got {cost!r}")
         if cost == "flops" and example_input is None:
             raise PruneError("SMCP cost='flops' needs example_input (one input batch) to "
                              "measure each layer's output size")
@@ -60,7 +64,7 @@ class SMCP(Schedule):
         h = self.holder
         self.channels, self.kernel = {}, {}
         for n, m in h.layers.items():
-            rows, cols = h.matrix(n, h.weights[n]).shape
+            cols = h.matrix_shape(n)[1]
             self.channels[n] = in_channels(m, cols)
             self.kernel[n] = cols // self.channels[n]
         self.unit_cost = self._unit_costs(cost, example_input)
@@ -71,14 +75,14 @@ class SMCP(Schedule):
 
     def _unit_costs(self, cost: str, example_input) -> dict[str, float]:
         h = self.holder
-        per = {n: h.matrix(n, h.weights[n]).shape[0] * self.kernel[n] for n in h.layers}
+        per = {n: h.matrix_shape(n)[0] * self.kernel[n] for n in h.layers}
         if cost == "params":
             return {n: float(v) for n, v in per.items()}
         positions = {}
 
         def hook(name):
             def fn(mod, inp, out):
-                rows = h.matrix(name, mod.weight).shape[0]
+                rows = h.matrix_shape(name)[0]
                 positions[name] = out.numel() // (out.shape[0] * rows)
             return fn
 
@@ -136,7 +140,7 @@ class SMCP(Schedule):
         h = self.holder
         for n, cm in channel_masks.items():
             self.channel_masks[n] = cm
-            rows = h.matrix(n, h.masks[n]).shape[0]
+            rows = h.matrix_shape(n)[0]
             m2 = cm.repeat_interleave(self.kernel[n]).to(h.masks[n].device)
             h.set_mask(n, m2.expand(rows, -1))
 
