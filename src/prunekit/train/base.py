@@ -151,6 +151,35 @@ class Schedule:
         self.holder.load_state_dict(state["masks"])
 
 
+def optimizer_state(prefix: str, state_dict: dict) -> dict:
+    """An optimizer's state_dict as flat schedule state, which save_sparse can write: each
+    tensor under `<prefix>.state.<param>.<key>`, everything else (param groups, non-tensor
+    state) as plain values under `<prefix>.rest`."""
+    out, rest = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for i, st in state_dict["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                out[f"{prefix}.state.{i}.{k}"] = v.detach().clone()
+            else:
+                rest["state"].setdefault(str(i), {})[k] = v
+    out[f"{prefix}.rest"] = rest
+    return out
+
+
+def load_optimizer_state(prefix: str, state: dict) -> dict | None:
+    """The optimizer state_dict that optimizer_state flattened into `state` (None if absent)."""
+    rest = state.get(f"{prefix}.rest")
+    if rest is None:
+        return None
+    st: dict = {int(i): dict(d) for i, d in rest["state"].items()}
+    head = f"{prefix}.state."
+    for k, v in state.items():
+        if k.startswith(head):
+            i, key = k[len(head):].split(".", 1)
+            st.setdefault(int(i), {})[key] = v
+    return {"state": st, "param_groups": rest["param_groups"]}
+
+
 class FixedMask(Schedule):
     """A schedule whose mask is chosen once, when it is built, and kept for all of training
     (Static, SNIP): no events."""

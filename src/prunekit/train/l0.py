@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from prunekit.errors import PruneError
 from prunekit.patterns import Unstructured
-from prunekit.train.base import SCHEDULES, Schedule
+from prunekit.train.base import SCHEDULES, Schedule, load_optimizer_state, optimizer_state
 from prunekit.train.masks import check_density, check_positive, check_span
 
 
@@ -169,6 +169,7 @@ class L0(Schedule):
         if not self.finalized:
             out.update({f"log_alpha.{n}": g.log_alpha.detach().clone()
                         for n, g in self.gates.items()})
+            out.update(optimizer_state("gate_optimizer", self.gate_optimizer.state_dict()))
         return out
 
     def _load_extra_state(self, state):
@@ -179,3 +180,6 @@ class L0(Schedule):
         with torch.no_grad():
             for n, g in self.gates.items():
                 g.log_alpha.copy_(state[f"log_alpha.{n}"])
+        gate_state = load_optimizer_state("gate_optimizer", state)
+        if gate_state is not None:
+            self.gate_optimizer.load_state_dict(gate_state)

@@ -20,7 +20,13 @@ from typing import Literal
 import torch
 
 from prunekit.errors import PruneError
-from prunekit.train.base import ANY_PATTERN, SCHEDULES, Schedule
+from prunekit.train.base import (
+    ANY_PATTERN,
+    SCHEDULES,
+    Schedule,
+    load_optimizer_state,
+    optimizer_state,
+)
 from prunekit.train.masks import check_positive_int, final_density
 
 
@@ -100,11 +106,15 @@ class LotteryTicket(Schedule):
         out = {}
         if self.snapshot is not None:
             out.update({f"snapshot.{k}": v for k, v in self.snapshot.items()})
+        if self.optimizer_snapshot is not None:
+            out.update(optimizer_state("optimizer_snapshot", self.optimizer_snapshot))
         return out
 
     def _load_extra_state(self, state):
         snap = {k[len("snapshot."):]: v for k, v in state.items() if k.startswith("snapshot.")}
         self.snapshot = snap or None
-        if self.rewind_step > 0 and self.step_count >= self.rewind_step:
-            # The optimizer snapshot is not saved: later rewinds restore the weights only.
-            self.optimizer_snapshot, self.rewind_optimizer = None, False
+        self.optimizer_snapshot = load_optimizer_state("optimizer_snapshot", state)
+        if (self.optimizer_snapshot is None and self.rewind_step > 0
+                and self.step_count >= self.rewind_step):
+            # saved without it (older files): later rewinds restore the weights only
+            self.rewind_optimizer = False

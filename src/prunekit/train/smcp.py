@@ -21,7 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prunekit.batches import run_batch
 from prunekit.errors import PruneError
+from prunekit.runtime.latency import eval_mode
 from prunekit.train.base import SCHEDULES, Schedule
 from prunekit.train.masks import check_density, check_positive_int, check_span
 
@@ -87,9 +89,15 @@ class SMCP(Schedule):
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in h.layers.items()]
-        try:
-            with torch.no_grad():
-                self.model(example_input)
+        try:  # eval mode: measuring sizes must not move BatchNorm statistics
+            with torch.no_grad(), eval_mode(self.model):
+                run_batch(self.model, example_input)
+        except PruneError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise PruneError(f"SMCP could not run example_input through the model to measure "
+                             f"its layers' output sizes ({type(e).__name__}: {e}); give one "
+                             f"batch the model takes") from e
         finally:
             for hd in handles:
                 hd.remove()
