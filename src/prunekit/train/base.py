@@ -84,6 +84,9 @@ class Schedule:
     """Base class: subclasses implement `_event(step)` and `next_event()`. Every subclass's
     constructor arguments are checked against its annotations (checked_arguments)."""
 
+    #: masks act in the forward only (MaskHolder soft mode) until the schedule hardens them
+    soft_masks: bool = False
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
@@ -93,13 +96,13 @@ class Schedule:
     def __init__(self, model: nn.Module, optimizer,
                  pattern: str | Pattern = "unstructured", include: tuple[str, ...] = ("*",),
                  exclude: tuple[str, ...] = (), keep_first: bool = False,
-                 keep_last: bool = False, soft: bool = False):
+                 keep_last: bool = False):
         if optimizer is None:
             raise PruneError(f"{type(self).__name__} needs the optimizer that trains the model")
         self.model = model
         self.optimizer = optimizer
         self.holder = MaskHolder(model, optimizer, pattern, include, exclude, keep_first,
-                                 keep_last, soft=soft)
+                                 keep_last, soft=self.soft_masks)
         self.step_count = 0
 
     @property

@@ -50,13 +50,13 @@ class GaP(Schedule):
                  t_end: int, partitions: int = 4,
                  distribution: Literal["uniform", "erk", "er"] = "uniform", seed: int = 0,
                  **layers):
-        self.delta_t = check_positive_int(delta_t, "GaP delta_t")
-        check_span(0, t_end, "GaP")
+        self.delta_t = check_positive_int(delta_t, "GaP.delta_t")
+        check_span(0, t_end, "GaP", ("start", "t_end"))
         if t_end < delta_t:
             raise PruneError(f"GaP: t_end {t_end} is before the first switch at delta_t "
                              f"{delta_t}")
-        check_positive_int(partitions, "GaP partitions")
-        check_seed(seed, "GaP seed")
+        check_positive_int(partitions, "GaP.partitions")
+        check_seed(seed, "GaP.seed")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "GaP")
         self.t_end = t_end

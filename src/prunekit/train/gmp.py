@@ -46,17 +46,17 @@ class GMP(Schedule):
                  scope: Literal["layer", "global"] = "layer",
                  distribution: Literal["uniform", "erk", "er"] = "uniform", **layers):
         check_span(start, end, "GMP")
-        self.frequency = check_positive_int(frequency, "GMP frequency")
+        self.frequency = check_positive_int(frequency, "GMP.frequency")
         if (end - start) % frequency:
             raise PruneError(f"GMP: end - start = {end - start} is not a multiple of frequency "
                              f"{frequency}; choose end = start + n * frequency")
         if scope == "global" and distribution != "uniform":
             raise PruneError("GMP: a layer distribution applies to scope='layer' only")
-        self.initial_density = check_density(initial_density, "GMP initial_density")
+        self.initial_density = check_density(initial_density, "GMP.initial_density")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "GMP")
         if self.initial_density < self.density:
-            raise PruneError(f"GMP initial_density {initial_density} is below the final "
+            raise PruneError(f"GMP.initial_density {initial_density} is below the final "
                              f"density {self.density}; GMP only removes weights")
         self.start, self.end, self.scope = start, end, scope
         self.final_densities = self.holder.densities(self.density, distribution)

@@ -57,7 +57,8 @@ class HardConcreteGate(nn.Module):
 
 @SCHEDULES.register("l0", summary="hard-concrete gates per weight, the density held by a "
                     "Lagrange multiplier (Louizos et al. 2018)", needs=(),
-                    patterns=("unstructured",), example={"density": 0.5, "t_end": 6})
+                    patterns=("unstructured",),
+                    example={"density": 0.5, "t_end": 6, "init_density": 0.5, "gate_lr": 0.5})
 class L0(Schedule):
     """prunekit.train.L0(model, optimizer, density=0.1, t_end=...).
 
@@ -73,16 +74,16 @@ class L0(Schedule):
                  beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1, **layers):
         pattern = layers.pop("pattern", "unstructured")
         if pattern not in ("unstructured", Unstructured()):
-            raise PruneError(f"L0 gates one weight each; pattern {pattern!r} is not supported "
-                             f"(use 'unstructured')")
-        self.density = check_density(density, "L0 density")
-        check_span(0, t_end, "L0")
-        init = check_density(init_density, "L0 init_density")
+            raise PruneError(f"L0.pattern: L0 gates one weight each; pattern {pattern!r} is "
+                             f"not supported (use 'unstructured')")
+        self.density = check_density(density, "L0.density")
+        check_span(0, t_end, "L0", ("start", "t_end"))
+        init = check_density(init_density, "L0.init_density")
         if not (gamma < 0.0 < 1.0 < zeta and beta > 0):
             raise PruneError(f"L0 needs gamma < 0, zeta > 1 and beta > 0; got gamma={gamma}, "
                              f"zeta={zeta}, beta={beta}")
-        check_positive(gate_lr, "L0 gate_lr")
-        check_positive(dual_lr, "L0 dual_lr")
+        check_positive(gate_lr, "L0.gate_lr")
+        check_positive(dual_lr, "L0.dual_lr")
         super().__init__(model, optimizer, **layers)
         self.t_end, self.init_density = t_end, max(init, self.density)
         s0 = min(max((init - gamma) / (zeta - gamma), 1e-4), 1 - 1e-4)

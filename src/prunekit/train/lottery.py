@@ -45,10 +45,10 @@ class LotteryTicket(Schedule):
                  rounds: int = 10, rewind_step: int = 0,
                  scope: Literal["layer", "global"] = "global", rewind_optimizer: bool = True,
                  on_rewind: Callable | None = None, **layers):
-        self.rounds = check_positive_int(rounds, "LotteryTicket rounds")
-        self.round_steps = check_positive_int(round_steps, "LotteryTicket round_steps")
+        self.rounds = check_positive_int(rounds, "LotteryTicket.rounds")
+        self.round_steps = check_positive_int(round_steps, "LotteryTicket.round_steps")
         if not 0 <= rewind_step < round_steps:
-            raise PruneError(f"LotteryTicket rewind_step must be an integer in [0, round_steps="
+            raise PruneError(f"LotteryTicket.rewind_step must be an integer in [0, round_steps="
                              f"{round_steps}), got {rewind_step!r}")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "LotteryTicket")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,16 +36,18 @@ def check_density(density, what: str = "density") -> float:
     return float(density)
 
 
-def check_span(start: int, end: int, what: str = "schedule") -> None:
-    """A schedule's step range: integers with 0 <= start < end."""
-    for name, v in (("start", start), ("end", end)):
+def check_span(start: int, end: int, what: str = "schedule",
+               names: tuple[str, str] = ("start", "end")) -> None:
+    """A schedule's step range: integers with 0 <= start < end; `names` are the two
+    parameters as the schedule calls them."""
+    for name, v in zip(names, (start, end)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise PruneError(f"{what}: {name} step must be an integer, got {v!r}")
+            raise PruneError(f"{what}.{name} must be an integer step, got {v!r}")
     if start < 0:
-        raise PruneError(f"{what}: start step must be >= 0, got {start}")
+        raise PruneError(f"{what}.{names[0]} must be >= 0, got {start}")
     if end <= start:
-        raise PruneError(f"{what}: end step {end} is not after start step {start}; "
-                         f"give an end later than the start")
+        raise PruneError(f"{what}: end step {end} is not after start step {start}; give "
+                         f"{names[1]} > {names[0]}")
 
 
 def check_positive_int(value, what: str) -> int:
@@ -74,39 +77,50 @@ def final_density(pattern: Pattern, density: float | None, who: str) -> float:
     implied = pattern.implied_sparsity
     if density is None:
         if implied is None:
-            raise PruneError(f"{who} needs a density (the kept fraction at the end) in (0, 1] "
-                             f"under pattern {pattern}")
+            raise PruneError(f"{who}.density (the kept fraction at the end) is needed, in "
+                             f"(0, 1], under pattern {pattern}")
         return 1.0 - implied
-    density = check_density(density, f"{who} density")
+    density = check_density(density, f"{who}.density")
     if implied is not None and abs(1.0 - density - implied) > 1e-9:
         raise PruneError(f"{who}: pattern {pattern} fixes density at {1 - implied:g}; got "
                          f"density={density!r} (leave it unset)")
     return density
 
 
-def to_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor in the weight's layout (a weight, mask, score or gradient) as the contiguous
-    (out, in) matrix that patterns work on: a view for Linear and convolutions, a copy for
-    GPT-2's Conv1D, whose (in, out) weight would transpose to a strided matrix that pattern
-    code cannot flatten (RuntimeError: view size is not compatible). Only ever read: masks
-    and scores go back through from_matrix."""
-    if is_hf_conv1d(module):
-        return t.t().contiguous()
-    return t.reshape(t.shape[0], -1)
+@dataclass(frozen=True)
+class MatrixView:
+    """How a layer's weight layout maps to the (out, in) matrix that patterns work on.
 
+    Taken once, when a holder is built: SMCP and L0 later put a parametrization on the layer,
+    which renames its class (ParametrizedConv1D) so that GPT-2's Conv1D is no longer
+    recognised by name, and a transposed weight would be read as (in, out)."""
 
-def from_matrix(module: nn.Module, m: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_matrix."""
-    shape = module.weight.shape
-    return m.t() if is_hf_conv1d(module) else m.reshape(shape)
+    shape: tuple[int, ...]
+    transposed: bool  # GPT-2 Conv1D: the weight is stored (in, out)
 
+    @classmethod
+    def of(cls, module: nn.Module) -> MatrixView:
+        return cls(tuple(module.weight.shape), is_hf_conv1d(module))
 
-def matrix_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of the layer's weight as to_matrix gives it, without copying anything."""
-    shape = tuple(module.weight.shape)
-    if is_hf_conv1d(module):
-        return shape[1], shape[0]
-    return shape[0], math.prod(shape[1:])
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        if self.transposed:
+            return self.shape[1], self.shape[0]
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the weight's layout (a weight, mask, score or gradient) as the
+        contiguous (out, in) matrix: a view for Linear and convolutions, a copy for GPT-2's
+        Conv1D, whose transpose is strided and cannot be flattened by pattern code
+        (RuntimeError: view size is not compatible). Only ever read: masks and scores go
+        back through from_matrix."""
+        if self.transposed:
+            return t.t().contiguous()
+        return t.reshape(t.shape[0], -1)
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_matrix."""
+        return m.t() if self.transposed else m.reshape(self.shape)
 
 
 def check_layer(name: str, module: nn.Module) -> None:
@@ -224,7 +238,9 @@ class MaskHolder:
         self.layers = find_layers(model, include, exclude, keep_first, keep_last)
         for name, m in self.layers.items():
             check_layer(name, m)
-            self.pattern.validate_shape(matrix_shape(m), name)
+        self.views = {n: MatrixView.of(m) for n, m in self.layers.items()}
+        for name, view in self.views.items():
+            self.pattern.validate_shape(view.matrix_shape, name)
         #: layer -> other parameter names sharing its weight; their copies are pruned too
         self.tied = tied_layers(model, self.layers)
         for name, others in self.tied.items():
@@ -301,13 +317,13 @@ class MaskHolder:
     # -- masks ----------------------------------------------------------------------------
 
     def matrix(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return to_matrix(self.layers[name], t)
+        return self.views[name].to_matrix(t)
 
     def matrix_shape(self, name: str) -> tuple[int, int]:
-        return matrix_shape(self.layers[name])
+        return self.views[name].matrix_shape
 
     def unmatrix(self, name: str, m: torch.Tensor) -> torch.Tensor:
-        return from_matrix(self.layers[name], m)
+        return self.views[name].from_matrix(m)
 
     @torch.no_grad()
     def apply(self) -> None:

@@ -89,12 +89,12 @@ class RigL(Schedule):
                  delta_t: int = 100, alpha: float = 0.3,
                  distribution: Literal["uniform", "erk", "er"] = "erk", seed: int = 0,
                  **layers):
-        check_span(0, t_end, "RigL")
-        self.delta_t = check_positive_int(delta_t, "RigL delta_t")
+        check_span(0, t_end, "RigL", ("start", "t_end"))
+        self.delta_t = check_positive_int(delta_t, "RigL.delta_t")
         if not 0.0 < alpha < 1.0:
-            raise PruneError(f"RigL alpha (initial update fraction) must be in (0, 1), "
+            raise PruneError(f"RigL.alpha (initial update fraction) must be in (0, 1), "
                              f"got {alpha!r}")
-        check_seed(seed, "RigL seed")
+        check_seed(seed, "RigL.seed")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "RigL")
         self.t_end, self.alpha = t_end, float(alpha)

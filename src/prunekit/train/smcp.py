@@ -47,21 +47,24 @@ class SMCP(Schedule):
     "flops" (needs example_input, one batch for a forward pass). ema: importance averaging.
     """
 
+    soft_masks = True
+
     def __init__(self, model, optimizer, cost_target: float = 0.5, *, t_end: int,
                  t_start: int = 0, delta_t: int = 100,
                  cost: Literal["params", "flops"] = "params", example_input: Any = None,
                  ema: float = 0.9, **layers):
         if "pattern" in layers:
-            raise PruneError("SMCP prunes whole input channels; it takes no pattern")
-        self.cost_target = check_density(cost_target, "SMCP cost_target")
-        check_span(t_start, t_end, "SMCP")
-        self.delta_t = check_positive_int(delta_t, "SMCP delta_t")
+            raise PruneError("SMCP.pattern: SMCP prunes whole input channels; it takes no "
+                             "pattern")
+        self.cost_target = check_density(cost_target, "SMCP.cost_target")
+        check_span(t_start, t_end, "SMCP", ("t_start", "t_end"))
+        self.delta_t = check_positive_int(delta_t, "SMCP.delta_t")
         if not 0.0 <= ema < 1.0:
-            raise PruneError(f"SMCP ema must be in [0, 1), got {ema!r}")
+            raise PruneError(f"SMCP.ema must be in [0, 1), got {ema!r}")
         if cost == "flops" and example_input is None:
             raise PruneError("SMCP cost='flops' needs example_input (one input batch) to "
                              "measure each layer's output size")
-        super().__init__(model, optimizer, soft=True, **layers)
+        super().__init__(model, optimizer, **layers)
         self.t_start, self.t_end, self.ema = t_start, t_end, float(ema)
         h = self.holder
         self.channels, self.kernel = {}, {}

@@ -29,11 +29,11 @@ def snip_scores(model, weights: dict[str, torch.Tensor], data: Iterable, loss_fn
         if seen == num_batches:
             break
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise PruneError("SNIP data must yield (inputs, targets) pairs")
+            raise PruneError("SNIP.data must yield (inputs, targets) pairs")
         x, y = batch
         loss = loss_fn(model(x), y)
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
-            raise PruneError(f"SNIP loss_fn must return a scalar loss that depends on the "
+            raise PruneError(f"SNIP.loss_fn must return a scalar loss that depends on the "
                              f"weights, got {type(loss).__name__}"
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
         g = torch.autograd.grad(loss.reshape(()) * (1.0 / num_batches), list(weights.values()))
@@ -59,7 +59,7 @@ class SNIP(FixedMask):
     def __init__(self, model, optimizer, density: float | None = None, *, data: Iterable,
                  loss_fn: Callable = F.cross_entropy, num_batches: int = 1,
                  scope: Literal["layer", "global"] = "global", **layers):
-        check_positive_int(num_batches, "SNIP num_batches")
+        check_positive_int(num_batches, "SNIP.num_batches")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "SNIP")
         self.scores = snip_scores(model, self.holder.weights, data, loss_fn, num_batches)

@@ -20,7 +20,7 @@ class Static(FixedMask):
     def __init__(self, model, optimizer, density: float | None = None, *,
                  distribution: Literal["uniform", "erk", "er"] = "uniform", seed: int = 0,
                  **layers):
-        check_seed(seed, "Static seed")
+        check_seed(seed, "Static.seed")
         super().__init__(model, optimizer, **layers)
         self.density = final_density(self.holder.pattern, density, "Static")
         self.densities = self.holder.densities(self.density, distribution)
