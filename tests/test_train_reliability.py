@@ -236,3 +236,32 @@ def test_smcp_counts_gpt2_input_channels_on_the_transposed_weight(tiny_gpt2):
     assert sched.channels["transformer.h.0.attn.c_attn"] == 64
     assert sched.channels["transformer.h.0.mlp.c_proj"] == 256
     assert sched.holder.matrix_shape("transformer.h.0.attn.c_attn") == (192, 64)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda t: t.update({"3.weight": torch.full_like(t["3.weight"], float("nan"))}), "NaN"),
+    (lambda t: t.update({"3.weight": t["3.weight"].long()}), "dtype"),
+    (lambda t: t.update({"__prunekit_mask__.3": t["__prunekit_mask__.3"] * 7}), "0 and 1"),
+])
+def test_load_sparse_refuses_a_corrupt_file_before_changing_anything(tmp_path, corrupt, match):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from prunekit.train import load_sparse, save_sparse
+
+    model = small_net()
+    sched = Static(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5)
+    path = save_sparse(tmp_path / "ck.safetensors", model, sched)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    corrupt(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    model2 = small_net()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    sched2 = Static(model2, opt2, density=0.5, seed=1)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    masks = {k: m.clone() for k, m in sched2.masks.items()}
+    with pytest.raises(PruneError, match=match):
+        load_sparse(path, model2, sched2)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(sched2.masks[k], m) for k, m in masks.items())

@@ -79,12 +79,6 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict:
     return first_calls(model, layers, batch, lambda m, x: x.detach())
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]):
     """({kernel: module} that serve the layer with matching output, [notes])."""
     out, notes = {"dense": module}, []
@@ -169,7 +163,7 @@ def convert(model: nn.Module, batch, kernels: Sequence[str] | None = None,
                 best = min(ms, key=ms.get)
             if best != "dense":
                 cands[best].train(module.training)
-                set_submodule(target, name, cands[best])
+                target.set_submodule(name, cands[best])
             choices.append(LayerChoice(name, tuple(module.weight.shape), sparsity, best, ms,
                                        notes))
             bar.advance(task)

@@ -213,6 +213,19 @@ def save_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -
     return save_weights(tensors, path, metadata=meta)
 
 
+def check_loaded(path, tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Refuse, before anything is loaded, tensors that would load silently wrong: NaN or Inf
+    in floating ones, or a floating tensor where the model holds integers and vice versa
+    (load_state_dict would cast it)."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise PruneError(f"{path}: tensor {k} holds NaN or Inf; the file is corrupt or the "
+                             f"run diverged")
+        if k in own and own[k].is_floating_point() != v.is_floating_point():
+            raise PruneError(f"{path}: tensor {k} has dtype {v.dtype}, the model's has "
+                             f"{own[k].dtype}; load it into the model it was saved from")
+
+
 def load_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -> None:
     """Restore what save_sparse wrote into `model` and `schedule` (same layer choice)."""
     from safetensors import safe_open
@@ -233,6 +246,11 @@ def load_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -
         else:
             weights[k] = v
     state["masks"] = masks
+    check_loaded(path, weights, model.state_dict())
+    bad = [k for k, v in tensors.items() if k.startswith(_MASK_PREFIX) and bool((v > 1).any())]
+    if bad:
+        raise PruneError(f"{path}: mask {bad[0][len(_MASK_PREFIX):]} holds values other than "
+                         f"0 and 1; the file is corrupt")
     schedule.load_state_dict(state)  # first: it may change the model's keys (soft masks, gates)
     own = model.state_dict()
     bad = [k for k in weights if k not in own or own[k].shape != weights[k].shape]
