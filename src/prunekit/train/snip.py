@@ -36,7 +36,7 @@ def snip_scores(model, weights: dict[str, torch.Tensor], data: Iterable, loss_fn
             raise PruneError(f"SNIP.loss_fn must return a scalar loss that depends on the "
                              f"weights, got {type(loss).__name__}"
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-        g = torch.autograd.grad(loss.reshape(()) * (1.0 / num_batches), list(weights.values()))
+        g = torch.autograd.grad(loss.reshape(()) / float(num_batches), list(weights.values()))
         for n, gi in zip(weights, g):
             grads[n] += gi
         seen += 1
