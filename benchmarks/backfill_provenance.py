@@ -282,7 +282,7 @@ def main(argv=None) -> int:
                          and (f.name.startswith(stem + "_") or f.name == f"{stem}.sqlite"
                               or f.name == "sweep_tables.txt"))
         db = sidecar.with_name(f"{stem}.sqlite")
-        with sqlite3.connect(db) as con:
+        with sqlite3.connect(f"file:{db}?immutable=1", uri=True) as con:
             envs = [json.loads(r[0])["env"] for r in
                     con.execute("select result from runs where result is not null")]
         table_text = (sidecar.parent / "sweep_tables.txt").read_text()

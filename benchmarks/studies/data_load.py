@@ -5,24 +5,24 @@ Each measurement is one new Python process timing only `prunekit.data.load_cifar
 plus its checksum (imports excluded); the two ways alternate within each round, so both see
 the same machine load.
 
-    python benchmarks/data_load.py [--rounds 3]
+Results: benchmarks/results/data_load/data_load.json (--out), with the run's provenance.
+
+    python benchmarks/studies/data_load.py [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from prunekit.io import atomic_write_text
+from prunekit.bench.provenance import provenance, write_result
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "data_load"
 CHILD = ("import time; from prunekit import data; t = time.perf_counter(); "
          "data.load_cifar10({split!r}); print(time.perf_counter() - t)")
 
@@ -34,10 +34,12 @@ def timed_load(split: str, cache: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_load.json")
+    args = parser.parse_args(argv)
+    prov = provenance(argv, script=__file__)
     rows = []
     for split in ("train", "test"):
         decode, cached = [], []
@@ -52,9 +54,7 @@ def main() -> None:
         rows.append(row)
         print(f"{split:>5}: decode {row['decode_s']:.2f} s, cached {row['cached_s']:.2f} s, "
               f"{row['ratio']:.1f}x faster (median of {args.rounds})")
-    result = {"command": "python " + " ".join(sys.argv), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "rows": rows}
-    atomic_write_text(RESULTS / "data_load.json", json.dumps(result, indent=2) + "\n")
+    write_result(args.out, {"rows": rows}, prov, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ rounds:
   removed (prunekit L1, the shapes of benchmarks/structured.py);
 - MiniLM at batch 64 x 128 tokens, dense and with 95% of every layer's weights pruned in
   1x16 blocks (magnitude), every such layer on prunekit's block kernel;
-and reports the median call and the minor page faults per call.
+and reports the median call and the minor page faults per call. Results:
+benchmarks/results/malloc/malloc.json (--out), with the run's provenance.
 
-    python benchmarks/malloc.py
+    python benchmarks/studies/malloc.py
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from prunekit.io import atomic_write_text
-from prunekit.runtime import keep_freed_memory, machine_info, time_calls
+from prunekit.bench.provenance import provenance, write_result
+from prunekit.runtime import keep_freed_memory, time_calls
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "malloc"
 PAIRS = (("resnet56", "resnet56 dense b64", "resnet56 half-inner b64"),
          ("minilm", "minilm dense b64x128", "minilm 1x16 95% b64x128"))
 
@@ -118,12 +119,11 @@ def main(argv=None) -> int:
             speedups[f"{model}_{mode}"] = med[mode][dense]["ms"] / med[mode][pruned]["ms"]
             lines.append(f"{pruned} over dense, {'default' if mode == 'system' else mode} "
                          f"allocator: {speedups[f'{model}_{mode}']:.2f}x")
-    results = {"command": "python " + " ".join(sys.argv),
-               "machine": {k: v for k, v in machine_info(args.threads).items()
-                           if k != "malloc"},
-               "processes": runs, "median": med, "speedups": speedups,
+    prov = provenance(argv, script=__file__, threads=args.threads,
+                      allocator="system and kept, in alternating processes (the comparison)")
+    results = {"processes": runs, "median": med, "speedups": speedups,
                "summary": "\n".join(lines)}
-    atomic_write_text(Path(args.out), json.dumps(results, indent=2))
+    write_result(args.out, results, prov, indent=2)
     print(results["summary"])
     return 0
 

@@ -19,30 +19,31 @@ Allocations (fraction of each stage's block inner channels removed):
   16 allow, about 0.6.
 
 Each row gives the FLOPs ratio, the speedup per runtime and batch, and the issue's target
-(0.85 / FLOPs ratio). Accuracy is not measured here (see structured.py).
+(0.85 / FLOPs ratio). Accuracy is not measured here (see benchmarks/structured.py).
+Results: benchmarks/results/structured_runtimes/structured_runtimes.json and .md (--out).
 
-    python benchmarks/structured_runtimes.py --out benchmarks/results/structured_runtimes.json
+    python benchmarks/studies/structured_runtimes.py
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from prunekit.bench.provenance import provenance, write_result
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.models import create
-from prunekit.runtime import machine_info, time_calls
+from prunekit.runtime import time_calls
 from prunekit.runtime.export import export_onnx
 from prunekit.structured import ChannelPrune, count_flops, shrink
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "structured_runtimes"
 ALLOCATIONS = {
     "half": {"layer*.conv1": 0.5},
     "stage1-whole": {"layer2.*.conv1": 0.75, "layer3.*.conv1": 0.75},
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
     example = torch.randn(1, 3, 32, 32)
     flops = count_flops(base, example)
     models = {"dense": base}
-    res = {"command": "python " + " ".join(sys.argv), "machine": machine_info(args.threads),
-           "batches": args.batches, "dense_ms": {}, "allocations": {}}
+    prov = provenance(argv, script=__file__, threads=args.threads)
+    res = {"batches": args.batches, "dense_ms": {}, "allocations": {}}
     for name, per_layer in ALLOCATIONS.items():
         small, _ = shrink(base, ChannelPrune(per_layer=per_layer), example,
                           measure_latency_=False)
@@ -128,10 +129,10 @@ def main(argv=None) -> int:
                                               for r in RUNTIMES}
     res["summary"] = table(res)
     out = Path(args.out)
-    atomic_write_text(out, json.dumps(res, indent=2))
+    write_result(out, res, prov, indent=2)
     atomic_write_text(out.with_suffix(".md"), f"# Structured cut speed per runtime\n\n"
-                      f"`{res['command']}`, {args.threads} thread(s), "
-                      f"{res['machine']['malloc']} malloc, {res['machine'].get('cpu', '')}\n\n"
+                      f"`{prov['command']}`, {args.threads} thread(s), "
+                      f"{prov['allocator']} malloc, {prov['cpu']}\n\n"
                       f"```\n{res['summary']}\n```\n")
     print(res["summary"])
     return 0

@@ -3,12 +3,18 @@ prunekit and Torch-Pruning (same criterion, same shapes, same fine-tune), or bet
 and L1, larger than what the seed alone moves?
 
 Reads the results files given (default: the full-epoch runs,
-benchmarks/results/structured_full_epoch*.json, written by `structured.py --train-images
-50000 --test-images 10000 --skip-minilm --seed S`; others, such as the 10-step runs, go with
-their own --out), checks that they differ only in the seed, and prints per seed the top-1
-after the fine-tune, then for each pair of entries the paired differences: their mean, a 95%
-confidence interval (Student t over seeds) and the two-sided paired t-test's p-value. Writes
---out (default benchmarks/results/structured_seeds.json) and the same name with .md.
+benchmarks/results/structured/structured_full_epoch*.json, written by
+`benchmarks/structured.py --train-images 50000 --test-images 10000 --skip-minilm --seed S`;
+others, such as the 10-step runs, go with their own --out), checks that they differ only in
+the seed, and prints per seed the top-1 after the fine-tune, then for each pair of entries
+the paired differences: their mean, a 95% confidence interval (Student t over seeds) and the
+two-sided paired t-test's p-value. Writes --out (default
+benchmarks/results/structured_seeds/structured_seeds.json) and the same name with .md.
+
+    python benchmarks/studies/structured_seeds.py
+    python benchmarks/studies/structured_seeds.py \
+        benchmarks/results/structured/structured_iterative10_all_test_seed*.json \
+        --out benchmarks/results/structured_seeds/structured_iterative10_seeds.json
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 
 from scipy import stats
 
+from prunekit.bench.provenance import provenance, write_result
 from prunekit.io import atomic_write_text
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
 ENTRIES = ("prunekit-l1", "torch-pruning-l1", "prunekit-taylor", "torch-pruning-taylor")
 PAIRS = (("prunekit-l1", "torch-pruning-l1"), ("prunekit-taylor", "torch-pruning-taylor"),
          ("prunekit-taylor", "prunekit-l1"), ("torch-pruning-taylor", "torch-pruning-l1"))
@@ -52,6 +60,12 @@ def load_runs(paths: list[Path]) -> dict[int, dict[str, float]]:
             raise SystemExit(f"{path}: no fine-tuned top-1 for {missing}; finish that run")
         runs[seed] = {e: res[e]["top1_finetuned"] for e in ENTRIES}
     return dict(sorted(runs.items()))
+
+
+def shown(path: Path) -> str:
+    """A results file's path as a rerun would name it: from the repository root if inside."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def paired(runs: dict[int, dict[str, float]], a: str, b: str) -> dict:
@@ -89,21 +103,22 @@ def report(runs, pairs) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path,
-                   default=sorted(RESULTS.glob("structured_full_epoch*.json")))
-    p.add_argument("--out", type=Path, default=RESULTS / "structured_seeds.json")
+                   default=sorted((RESULTS / "structured").glob("structured_full_epoch*.json")))
+    p.add_argument("--out", type=Path,
+                   default=RESULTS / "structured_seeds" / "structured_seeds.json")
     args = p.parse_args(argv)
     if not args.files:
         p.error("no results files: run structured.py with --train-images 50000 first")
     runs = load_runs(args.files)
     pairs = {(a, b): paired(runs, a, b) for a, b in PAIRS}
     text = report(runs, pairs)
-    command = "python " + " ".join(sys.argv)
-    atomic_write_text(args.out, json.dumps(
-        {"command": command, "files": [str(f) for f in args.files],
-         "top1_finetuned": {str(s): r for s, r in runs.items()},
-         "paired": {f"{a} - {b}": v for (a, b), v in pairs.items()}}, indent=2))
+    prov = provenance(argv, script=__file__)
+    write_result(args.out, {"files": [shown(f) for f in args.files],
+                            "top1_finetuned": {str(s): r for s, r in runs.items()},
+                            "paired": {f"{a} - {b}": v for (a, b), v in pairs.items()}},
+                 prov, indent=2)
     atomic_write_text(args.out.with_suffix(".md"), "# Structured benchmark over fine-tune "
-                      f"seeds\n\n`{command}`\n\n```\n{text}\n```\n")
+                      f"seeds\n\n`{prov['command']}`\n\n```\n{text}\n```\n")
     print(text)
     return 0
 

@@ -17,20 +17,23 @@ Forms, each scored over the same labelled calibration images:
   own statistics, as during training, where Molchanov et al. score (running statistics
   left unchanged); micro-batches of 64 and 32 images.
 Each pruned model is fine-tuned once per --ft-seeds seed (the swing between seeds shows
-what difference is noise). Results go to benchmarks/results/taylor_variants.json.
+what difference is noise). Results go to
+benchmarks/results/taylor_variants/taylor_variants.json (--out), with the run's provenance;
+a rerun with the same settings resumes.
 
 The pretrained model fits its training images (the script prints and records the
 cross-entropy on both calibration sets), so their gradients carry little signal. The
 "(held-out)" rows score the Taylor forms on --heldout test images that the model never saw
 instead, as a user with a validation split would; top-1 is then measured on the other test
 images only.
+
+    python benchmarks/studies/taylor_variants.py --threads 2 --quiet
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -39,16 +42,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
-from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
 from prunekit.structured import ChannelPrune, build_graph, score, shrink, taylor_scores
 from prunekit.structured.importance import default_loss
-from structured import balanced_subset, fine_tune, have_torch_pruning, tp_prune
 
-RESULTS = Path(__file__).parent / "results"
+BENCHMARKS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(BENCHMARKS))  # the structured benchmark's fine-tune and Torch-Pruning
+from structured import balanced_subset, fine_tune, have_torch_pruning, tp_prune  # noqa: E402
+
+RESULTS = BENCHMARKS / "results" / "taylor_variants"
 
 
 def bn_train_copy(model: nn.Module) -> nn.Module:
@@ -117,11 +123,15 @@ def main(argv=None) -> int:
         if have_torch_pruning():
             forms["torch-pruning-taylor (held-out)"] = None
     out = Path(args.out)
-    results = {"command": "python " + " ".join(sys.argv), "config": vars(args), "rows": {}}
-    if out.exists():  # resume: keep the rows of a run with the same settings
-        old = json.loads(out.read_text())
-        if old.get("config") == results["config"]:
-            results["rows"] = {k: v for k, v in old["rows"].items() if k in forms}
+    # the settings that decide the rows (where they are written and --quiet do not)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
+    results = {"config": config, "rows": {}}
+    old = load_result(out)
+    if old and {k: v for k, v in old["config"].items() if k not in ("out", "quiet")} == config:
+        # resume: keep the rows of a run with the same settings, and that run's record
+        results["rows"] = {k: v for k, v in old["rows"].items() if k in forms}
+        results.update({k: old[k] for k in ("provenance", "earlier_provenance") if k in old})
+    prov = provenance(argv, script=__file__, threads=args.threads)
     with torch.no_grad():  # how much the gradients have to work with
         for key, model, loss_fn, batches in (
                 ("loss_calibration", base, default_loss, calib),
@@ -130,7 +140,7 @@ def main(argv=None) -> int:
             if batches:
                 results[key] = (sum(float(loss_fn(model, b)) * len(b[1]) for b in batches)
                                 / sum(len(b[1]) for b in batches))
-    atomic_write_text(out, json.dumps(results, indent=2))
+    write_result(out, results, prov, indent=2)
     with Progress(enabled=not args.quiet) as bar:
         task = bar.add("forms", total=len(forms))
         for name, scorer in forms.items():
@@ -152,7 +162,7 @@ def main(argv=None) -> int:
                 row["top1_finetuned"][str(seed)] = top1_accuracy(tuned, xt, yt)
             row["mean_finetuned"] = statistics.mean(row["top1_finetuned"].values())
             results["rows"][name] = row
-            atomic_write_text(out, json.dumps(results, indent=2))
+            write_result(out, results, prov, indent=2)
             bar.advance(task)
             if not args.quiet:
                 print(name, row, flush=True)

@@ -104,18 +104,41 @@ def write_result(path: str | os.PathLike, data: dict, prov: dict, indent: int = 
     return atomic_write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
 
 
+#: Where scripts kept their run's record before provenance existed.
+LEGACY_KEYS = ("command", "commands", "machine", "threads", "torch", "torch_threads", "malloc")
+
+
+def load_result(path: str | os.PathLike) -> dict:
+    """The result file at `path` to resume ({} if there is none). The keys in which scripts
+    recorded their run before provenance existed (LEGACY_KEYS) move into its provenance, as
+    "as_recorded", so that write_result files them with the earlier run's record instead of
+    leaving them beside the new run's."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    legacy = {k: data.pop(k) for k in LEGACY_KEYS if k in data}
+    if legacy:
+        data.setdefault("provenance", {})["as_recorded"] = legacy
+    return data
+
+
 def recorded(data: dict, field: str):
-    """`field` ("threads" or "allocator") of a result file, from its provenance or, in a file
-    written before provenance existed, from where the scripts kept it then (None if
-    nowhere; a timing file that names no allocator was timed under the system one)."""
-    if field in data.get("provenance", {}):
-        return data["provenance"][field]
-    machine = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    """`field` ("threads" or "allocator") of the run that wrote a result file: from its
+    provenance or, in a file written before provenance existed, from where the scripts kept
+    it then (threads: None if nowhere; a timing file that names no allocator was timed under
+    the system one)."""
+    prov = data.get("provenance", {})
+    if field in prov:
+        return prov[field]
+    legacy = prov.get("as_recorded", data)
+    machine = legacy.get("machine") if isinstance(legacy.get("machine"), dict) else {}
     if field == "threads":
-        for value in (data.get("threads"), data.get("torch_threads"), machine.get("threads")):
+        for value in (legacy.get("threads"), legacy.get("torch_threads"),
+                      machine.get("threads")):
             if value is not None:
                 return value
         return None
     if field == "allocator":
-        return machine.get("malloc", data.get("malloc", "system"))
+        return machine.get("malloc", legacy.get("malloc", "system"))
     raise KeyError(f"recorded() knows 'threads' and 'allocator', not {field!r}")
