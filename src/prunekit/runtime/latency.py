@@ -90,7 +90,7 @@ def keep_freed_memory() -> bool:
     forward pass may map and zero its activations again on every call. MiniLM at batch 64
     x 128 tokens paid 195,000 page faults per call (1.15x its time with memory kept), and
     its 95% 1x16 block-sparse version 289,000 (1.49x): its speedup over dense measured
-    1.52x instead of 1.96x (benchmarks/malloc.py). Timing tools call this first
+    1.52x instead of 1.96x (benchmarks/studies/malloc.py). Timing tools call this first
     (`--system-malloc` opts out). The price: the process keeps its peak memory."""
     if _MALLOC["mode"] == "kept":
         return True
