@@ -255,3 +255,78 @@ def test_wikitext2_test_is_rebuilt_as_the_hf_rows():
     assert lm_text("wikitext2", "test") == "\n\n".join(rows)
     full = lm_text("tinyshakespeare", "train") + lm_text("tinyshakespeare", "test")
     assert len(full) == 1_115_394 and len(lm_text("tinyshakespeare", "test")) == 111_540
+
+
+def test_owl_budget_follows_outlier_ratios():
+    from prunekit.budget import BUDGETS, outlier_ratios, owl
+    from prunekit.layers import find_layers
+
+    model = models.create("tiny-llama", num_hidden_layers=4)
+    with torch.no_grad():  # block 2 gets a few huge weights: the most outliers
+        model.model.layers[2].mlp.down_proj.weight[:, :3] *= 40
+    calib = [torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))]
+    layers = find_layers(model, exclude=("lm_head",))
+    ratios = outlier_ratios(model, layers, calib, m=5.0)
+    # by hand for block 2: Wanda scores of its 7 layers, share above 5x their mean
+    norms = {}
+    hooks = [mod.register_forward_pre_hook(
+        lambda mod, a, n=n: norms.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).norm(dim=0)))
+        for n, mod in layers.items()]
+    with torch.no_grad():
+        model(calib[0])
+    for h in hooks:
+        h.remove()
+    for b in ratios:
+        s = torch.cat([(m.weight.abs() * norms[n]).reshape(-1) for n, m in layers.items()
+                       if n.startswith(b + ".")])
+        assert ratios[b] == pytest.approx(float((s > 5 * s.mean()).float().mean()), rel=1e-4)
+    assert len(set(ratios.values())) == 4
+    budget = owl(layers, 0.6, model=model, calib=calib, lam=0.1)
+    assert BUDGETS.get("owl") is owl and set(budget) == set(layers)
+    per_block = {b: budget[f"{b}.mlp.up_proj"] for b in ratios}
+    # linear in the outlier ratio: more outliers, lower sparsity; the spread is 2 * lam
+    order = sorted(ratios, key=ratios.get)
+    assert [per_block[b] for b in order] == sorted(per_block.values(), reverse=True)
+    r0, r1 = ratios[order[0]], ratios[order[-1]]
+    for b in ratios:
+        assert per_block[b] - per_block[order[0]] == pytest.approx(
+            -0.2 * (ratios[b] - r0) / (r1 - r0))
+    assert sum(per_block.values()) / 4 == pytest.approx(0.6)
+    assert all(budget[n] == per_block[n.rsplit(".", 2)[0]] for n in layers)
+    report = prunekit_prune(model, budget, calib)
+    assert report.sparsity == pytest.approx(0.6, abs=3e-3)  # rounding per row of 64 inputs
+    with pytest.raises(PruneError, match="pass model= and calib="):
+        owl(layers, 0.6)
+    with pytest.raises(PruneError, match="smaller lam"):
+        owl(layers, 0.95, ratios=ratios, lam=0.1)
+
+
+def prunekit_prune(model, budget, calib):
+    import prunekit
+    return prunekit.prune(model, prunekit.Wanda(exclude=("lm_head",)), calib, budget=budget,
+                          progress=False)
+
+
+@pytest.mark.data
+def test_cli_prunes_and_evaluates_a_gguf_path(tiny_gguf, tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+
+    _, path, _ = tiny_gguf
+    out = tmp_path / "pruned"
+    assert main(["prune", str(path), "--method", "sparsegpt", "--pattern", "2:4",
+                 "--calib-samples", "4", "--calib-tokens", "32", "--out", str(out), "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["exclude"] == ["lm_head"] and report["options"]["sequential"]
+    assert len(report["layers"]) == 14 and report["sparsity"] == pytest.approx(0.5)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert main(["eval", str(out), "--windows", "2", "--seq-len", "64", "--json",
+                 "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["seq_len"] == 64 and got["windows"] == 2 and got["perplexity"] > 1
+    assert main(["eval", str(out), "--seq-len", "4096", "--quiet"]) == 2
+    assert "longer than the model's context (128 positions)" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing.gguf"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
