@@ -31,7 +31,12 @@ from prunekit.structured.measure import (
     modes_restored,
 )
 from prunekit.structured.plan import Probe, plan, removed_fraction, search
-from prunekit.structured.remove import SHAPE_ATTRS, module_shape_attrs, remove_slices
+from prunekit.structured.remove import (
+    SHAPE_ATTRS,
+    module_shape_attrs,
+    recompute_hook_weights,
+    remove_slices,
+)
 from prunekit.structured.tracer import build_graph
 from prunekit.structured.verify import verify_graph
 
@@ -224,6 +229,7 @@ def read_description(path) -> dict:
 def load_shrunk(base_model: nn.Module, path, inplace: bool = False) -> nn.Module:
     """Rebuild a shrunk model from a freshly constructed original and a save_shrunk file."""
     desc = read_description(path)
+    recompute_hook_weights(base_model)  # deepcopy refuses the old weight norm's computed w
     model = base_model if inplace else copy.deepcopy(base_model)
     mods = dict(model.named_modules())
     for name, attrs in desc["attrs"].items():

@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 
+def layer_of(param: str) -> str:
+    """The module a parameter name belongs to, as users name layers: "conv.weight" ->
+    "conv", and a parametrized weight's "conv.parametrizations.weight.original0" -> "conv"."""
+    owner = param.rsplit(".", 1)[0]
+    return owner.split(".parametrizations.", 1)[0] if ".parametrizations." in owner else owner
+
+
 @dataclass
 class ChannelClass:
     """One prunable unit: parameter slices that must be removed together."""
@@ -39,7 +46,7 @@ class ChannelGroup:
 
     @property
     def name(self) -> str:
-        layers = sorted({p.rsplit(".", 1)[0] for p, d in self.key if d == 0})
+        layers = sorted({layer_of(p) for p, d in self.key if d == 0})
         return ",".join(layers[:3]) + (f",+{len(layers) - 3}" if len(layers) > 3 else "")
 
     def params(self) -> list[str]:

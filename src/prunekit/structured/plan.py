@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from prunekit.structured.config import ChannelPrune
-from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.graph import DependencyGraph, layer_of
 from prunekit.structured.measure import count_flops, count_params, measure_latency
 from prunekit.structured.remove import meta_copy, remove_slices
 
@@ -83,8 +83,7 @@ def plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
         if cfg.per_layer:
             frac = removed_fraction(cfg.channel_ratio)
             for pat, v in cfg.per_layer.items():
-                if any(fnmatch.fnmatchcase(p.rsplit(".", 1)[0], pat) for p, d in g.key
-                       if d == 0):
+                if any(fnmatch.fnmatchcase(layer_of(p), pat) for p, d in g.key if d == 0):
                     frac = removed_fraction(v)
         n = len(g.classes)
         k = to_remove(frac, n, None if original is None else original.get(g.key, n))

@@ -41,6 +41,7 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
     copies (buffers are still copied): a cheap model to run for a measurement or a check,
     never to train or keep."""
     drops = drops_of(classes)
+    recompute_hook_weights(model)  # the old weight norm's w: a leaf again, that deepcopy takes
     named = dict(_named_tensors(model))
     tied = {a: names for names in tensor_aliases(model).tied for a in names}
     cut: dict[int, torch.Tensor] = {}  # id(original tensor) -> its cut replacement
@@ -68,7 +69,7 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
                 for k, t in store.items():
                     if t is not None and id(t) in cut:
                         store[k] = cut[id(t)]
-    _recompute_hook_weights(model)
+    recompute_hook_weights(model)
     for m in reversed(list(model.modules())):  # children first: parents read their shapes
         fix_shape_attrs(m, old_attrs.get(m, {}))
     return model
@@ -101,7 +102,7 @@ def _named_tensors(model: nn.Module):
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def _recompute_hook_weights(model: nn.Module) -> None:
+def recompute_hook_weights(model: nn.Module) -> None:
     """The old hook form of weight norm (torch.nn.utils.weight_norm) keeps the weight as a
     plain attribute that a pre-hook recomputes on every call: recompute it now from the cut
     parameters, so the shapes read from it below are the new ones."""

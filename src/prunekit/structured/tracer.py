@@ -855,13 +855,12 @@ class _Tracer(TorchDispatchMode):
         return _opaque(name, module, self.ignore)
 
     def freeze_param(self, i: int, reason: str | None = None) -> None:
-        """Keep every slice of tensor `i` whole."""
+        """Keep every slice of tensor `i` whole (and say why, under its name)."""
+        if reason:
+            self.frozen_reasons.setdefault(self.names[i], reason)
         for d, size in enumerate(self.shapes[i]):
             s = self._param_base[(i, d)]
-            if reason:
-                self.freeze(torch.arange(s, s + size), reason)
-            else:
-                self.frozen[s:s + size] = True
+            self.frozen[s:s + size] = True
 
 
 def _from_param(tracer: _Tracer, t: torch.Tensor) -> bool:
@@ -941,13 +940,13 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
         if i is not None and any(fnmatch.fnmatchcase(mod, pat) or mod.startswith(pat + ".")
                                  for pat in ignore):
             tracer.freeze_param(i)
+    named = dict(_named_tensors(model))
     for group in tracer.aliases.overlapping:  # views into one storage: cut apart, untied
-        tracer.stack = [group[0]]
         for name in group:
-            i = tracer.by_id.get(id(dict(_named_tensors(model))[name]))
+            i = tracer.by_id.get(id(named[name])) if name in named else None
             if i is not None:
-                tracer.freeze_param(i, f"shares storage with {', '.join(group)} (a view, "
-                                       f"not one tensor): cutting would untie them")
+                tracer.freeze_param(i, f"shares storage with {', '.join(group)} (views, not "
+                                       f"one tensor): cutting one would untie them")
     graph = _collect(tracer)
     graph.tied = [list(g) for g in tracer.aliases.tied]
     graph.train_runs = train_runs
@@ -1079,16 +1078,16 @@ def check_paths(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
         if path != base:
             i = next((k for k, (a, b) in enumerate(zip(base, path)) if a != b),
                      min(len(base), len(path)))
-            here = base[i] if i < len(base) else path[i]
-            module = here[0]
-            fix = (f"leave that module whole with ignore=({module!r},), or " if module not in
-                   ("<model>", "") else "")
+            where = reads[0].split(":", 1)[0] if reads else "<model>"
+            fix = (f"leave the module that branches whole with ignore=({where!r},), or "
+                   if where != "<model>" else "")
             raise PruneError(
-                f"the forward of {module} depends on the values of its inputs "
-                f"({', '.join(reads[:3])}): after {i} ops alike, the example inputs run "
-                f"{_op_text(base, i)} and {what} run {_op_text(path, i)}. The channel graph "
-                f"follows one path only, so a model shrunk on it could fail on the other; "
-                f"{fix}make the forward take one path whatever the data")
+                f"the forward of {type(model).__name__} branches on the values of its "
+                f"inputs: it reads them into Python ({', '.join(reads[:3])}), and after {i} "
+                f"ops alike the example inputs run {_op_text(base, i)} where {what} run "
+                f"{_op_text(path, i)}. The channel graph follows one path only, so a model "
+                f"shrunk on it could fail on the other; {fix}make the forward take one path "
+                f"whatever the data")
     warnings.warn(_unchecked(reads, "perturbed inputs took the same path"), stacklevel=3)
 
 

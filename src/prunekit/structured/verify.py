@@ -17,7 +17,7 @@ from torch import nn
 from prunekit.batches import plain_outputs, run_batch
 from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph
 from prunekit.structured.measure import modes_restored
-from prunekit.structured.remove import remove_slices
+from prunekit.structured.remove import recompute_hook_weights, remove_slices
 from prunekit.structured.tracer import tensors_in
 
 #: Relative tolerance (to the largest output) between the shrunk and the masked model.
@@ -56,6 +56,7 @@ def _masked_outputs(model: nn.Module, classes: list[ChannelClass], example_input
         finally:
             for s, v in reversed(saved):
                 s.copy_(v)
+            recompute_hook_weights(model)  # the old weight norm keeps w from the last call
 
 
 def _shrinks_cleanly(model: nn.Module, groups: list[ChannelGroup], example_inputs,
