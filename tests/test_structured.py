@@ -432,12 +432,46 @@ def test_per_layer_min_channels_and_clamp_warning():
     assert small.b.out_channels == 1
 
 
-@pytest.mark.parametrize("bad", [dict(channel_ratio=0.0), dict(channel_ratio=0.7, flops_ratio=0.5),
-                                 dict(flops_ratio=0), dict(importance="magic"),
-                                 dict(per_layer={"a": 1.5}), dict(round_to=0)])
-def test_bad_configs_are_refused(bad):
-    with pytest.raises(PruneError):
+@pytest.mark.parametrize("bad,field", [
+    (dict(channel_ratio=0.0), "channel_ratio=0.0 must be in \\(0, 1\\]: it is the fraction kept"),
+    (dict(channel_ratio=0.7, flops_ratio=0.5), "takes one budget, not channel_ratio, flops_ratio"),
+    (dict(flops_ratio=1.5), "flops_ratio=1.5"), (dict(channel_ratio="0.5"), "channel_ratio"),
+    (dict(importance="tayler"), "importance: unknown criterion 'tayler'; did you mean 'taylor'"),
+    (dict(per_layer={"a": 0.0}), "per_layer\\['a'\\]"), (dict(round_to=0), "round_to"),
+    (dict(ignore="classifier"), "ignore takes a list"), (dict(seed=1.5), "seed")])
+def test_bad_configs_are_refused_naming_the_field(bad, field):
+    """At construction, before any work; the config is frozen and every ratio is kept."""
+    with pytest.raises(PruneError, match=f"ChannelPrune.{field}"):
         ChannelPrune(**bad)
+    cfg = ChannelPrune()
+    assert cfg.flops_ratio == 0.5 and cfg.budget == "flops"
+    with pytest.raises(AttributeError):
+        cfg.flops_ratio = 0.3
+    assert ChannelPrune(per_layer={"b": 0.5}).budget is None
+
+
+def test_a_new_criterion_is_one_decorated_function(capsys):
+    """Registered, it is a valid importance, it scores, and the CLI offers it."""
+    from prunekit.cli import build_parser
+    from prunekit.structured import CRITERIA
+
+    @CRITERIA.register("negative_l1", needs="none")
+    def negative_l1(model, graph, batches, loss_fn, seed, micro_batch):
+        """Keeps the smallest weights (a throwaway test criterion)."""
+        l1 = CRITERIA.get("l1")(model, graph, batches, loss_fn, seed, micro_batch)
+        return {k: -v for k, v in l1.items()}
+
+    try:
+        net, x = Net().eval(), torch.randn(2, 3, 8, 8)
+        small, report = shrink(net, ChannelPrune(channel_ratio=0.5, importance="negative_l1"),
+                               x, report_latency=False)
+        assert report.config["importance"] == "negative_l1" and small.stem.out_channels == 4
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["shrink", "--help"])
+        assert "negative_l1: Keeps the smallest weights" in " ".join(
+            capsys.readouterr().out.split())
+    finally:
+        CRITERIA.remove("negative_l1")
 
 
 class Odd(nn.Module):
@@ -563,6 +597,11 @@ def test_cli_shrink(tmp_path, capsys):
     assert "FLOPs" in printed and printed.rstrip().endswith(f"wrote {text}")
     saved = read_description(text)["extra"]["report"]
     assert saved["config"]["importance"] == "taylor_weight" and saved["flops_ratio"] <= 0.8
+    assert main(["shrink", "resnet20-cifar10", "--channel-ratio", "0.75", "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["channel_ratio"] == 0.75
+    assert all(g["removed"] == g["units"] // 4 for g in report["groups"] if not g["reduced"])
 
 
 class HardCoded(nn.Module):
