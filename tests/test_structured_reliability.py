@@ -63,12 +63,16 @@ class Branchy(nn.Module):
 
 def test_a_forward_that_branches_on_data_is_refused():
     torch.manual_seed(0)
-    model = Branchy().eval()
+    model, x = Branchy().eval(), -torch.ones(2, 8)
     saved = state(model)
     with pytest.raises(PruneError, match=r"Branchy branches on the values of its inputs.*"
                                          r"aten.t in b .*aten.t in c "):
-        shrink(model, ChannelPrune(channel_ratio=0.5), -torch.ones(2, 8))
+        shrink(model, ChannelPrune(channel_ratio=0.5), x)
     assert same_state(model, saved)
+    graph = build_graph(model, x)  # the trace notes the read; verification refuses
+    assert graph.data_reads == ["<model>: aten._local_scalar_dense"]
+    with pytest.raises(PruneError, match="follows one path only"):
+        verify_graph(model, graph, x)
 
 
 class Gate(nn.Module):

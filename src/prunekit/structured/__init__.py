@@ -4,9 +4,9 @@ latency, and removal that yields a plain smaller nn.Module (saved and loaded wit
 shapes).
 
 Modules, in import order (none imports a later one): graph (the graph's types), measure
-(params, FLOPs, latency, modes), remove (cutting slices out), tracer (build_graph),
-verify (verify_graph), importance (CRITERIA), config (ChannelPrune), plan (budgets to
-classes), api (shrink, save / load).
+(params, FLOPs, latency, modes), remove (cutting slices out), tracer (build_graph), paths
+(data-dependent control flow), verify (verify_graph), importance (CRITERIA), config
+(ChannelPrune), plan (budgets to classes), api (shrink, save / load).
 """
 
 from prunekit.structured.api import (

@@ -61,7 +61,7 @@ class DependencyGraph:
     and LM head), first name first: slices name the first, and cutting it cuts every alias.
     `train_runs`: the model also ran in training mode when traced (auxiliary heads were
     followed). `data_reads`: where the forward read values computed from its inputs into
-    Python (see tracer.check_paths). `verified`: None, "exact" or "all" once `verify_graph`
+    Python (see structured.paths). `verified`: None, "exact" or "all" once `verify_graph`
     has checked the groups (see structured.verify)."""
 
     groups: list[ChannelGroup]
@@ -71,6 +71,7 @@ class DependencyGraph:
     tied: list[list[str]] = field(default_factory=list)
     train_runs: bool = False
     data_reads: list[str] = field(default_factory=list)
+    ignore: tuple[str, ...] = ()  # the modules traced as opaque
     verified: str | None = None
 
     def find(self, layer: str) -> list[ChannelGroup]:

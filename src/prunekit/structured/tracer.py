@@ -13,10 +13,10 @@ function on the channels left.
 
 Running the model (rather than symbolic tracing) follows any Python control flow, but only
 the path the example inputs take. So the tracer also notes where a value computed from the
-inputs is read into Python (`bool(t)`, `t.item()`: the only ways a forward can branch on
-data through torch), and when one is, `build_graph` runs the model on perturbed inputs and
-refuses if the ops it runs change. An ATen op with no rule that touches a prunable channel is
-reported with the module it ran in, so the user can pass that module to `ignore`.
+inputs is read into Python (`bool(t)`, `t.item()`: the ways a forward branches on data
+through torch), for structured.paths to check. An ATen op with no rule that touches a
+prunable channel is reported with the module it ran in, so the user can pass that module to
+`ignore`.
 
 Labels are held weakly: a label dies with its tensor, so tracing needs about one forward
 pass of label memory, not the labels of every activation of both passes.
@@ -25,14 +25,13 @@ pass of label memory, not the labels of every activation of both passes.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from prunekit.batches import plain_outputs, run_batch
@@ -852,7 +851,7 @@ class _Tracer(TorchDispatchMode):
             self.stack.pop()
 
     def _is_opaque(self, name, module) -> bool:
-        return _opaque(name, module, self.ignore)
+        return opaque(name, module, self.ignore)
 
     def freeze_param(self, i: int, reason: str | None = None) -> None:
         """Keep every slice of tensor `i` whole (and say why, under its name)."""
@@ -896,11 +895,11 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
     """Trace `model` on `example_inputs` (a tensor, a tuple of positional arguments or a dict
     of keyword arguments) and group its coupled channels.
 
-    The graph is what the trace saw; `verify_graph(model, graph, example_inputs)` then shrinks
-    each group once and drops those that break the model (sizes the trace cannot see);
-    `shrink` does both. Modules matching an `ignore` glob are left whole. Raises PruneError
-    on an op the graph cannot follow (naming the module to ignore) and when the forward
-    takes another path on perturbed inputs (data-dependent control flow)."""
+    The graph is what the trace saw; `verify_graph(model, graph, example_inputs)` then checks
+    that the forward takes no other path on other inputs (structured.paths) and shrinks each
+    group once, dropping those that break the model (sizes the trace cannot see); `shrink`
+    does both. Modules matching an `ignore` glob are left whole. Raises PruneError on an op
+    the graph cannot follow, naming the module to ignore."""
     names = {n for n, _ in model.named_modules()}
     for pat in ignore:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
@@ -908,7 +907,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
                              f"module names look like {', '.join(sorted(names)[1:4])}")
     tracer = _Tracer(model, ignore)
     outs, train_runs = [], False
-    with _traced(model, tracer.pre_hook, tracer.post_hook), tracer:
+    with traced(model, tracer.pre_hook, tracer.post_hook), tracer:
         for t in tensors_in(example_inputs):
             tracer.from_data[t] = True
         model.eval()
@@ -949,11 +948,7 @@ def build_graph(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) ->
                                        f"one tensor): cutting one would untie them")
     graph = _collect(tracer)
     graph.tied = [list(g) for g in tracer.aliases.tied]
-    graph.train_runs = train_runs
-    del tracer, outs
-    if reads:
-        graph.data_reads = reads
-        check_paths(model, example_inputs, ignore, reads)
+    graph.train_runs, graph.data_reads, graph.ignore = train_runs, reads, tuple(ignore)
     return graph
 
 
@@ -964,7 +959,7 @@ def _named_tensors(model: nn.Module):
 
 
 @contextmanager
-def _traced(model: nn.Module, pre, post):
+def traced(model: nn.Module, pre, post):
     """Global module hooks, one thread, no_grad, KV caches off; afterwards the buffers that
     training mode moved (batch-norm statistics), every module's own mode and the cache flag
     are put back."""
@@ -988,124 +983,8 @@ def _traced(model: nn.Module, pre, post):
         _restore_cache(model, cache)
 
 
-class _Path(TorchDispatchMode):
-    """The ops one forward pass runs: (module, op, output shapes), outside ignored modules
-    (whose inside may branch: they are left whole)."""
-
-    def __init__(self, model: nn.Module, ignore: Sequence[str]):
-        super().__init__()
-        self.module_names = {m: name for name, m in model.named_modules()}
-        self.ignore = tuple(ignore)
-        self.stack: list[str] = []
-        self.opaque_depth = 0
-        self.ops: list[tuple] = []
-
-    def pre_hook(self, module, args):
-        name = self.module_names.get(module)
-        if name is not None:
-            self.stack.append(name or "<model>")
-            if self.opaque_depth or _opaque(name, module, self.ignore):
-                self.opaque_depth += 1
-
-    def post_hook(self, module, args, out):
-        if self.module_names.get(module) is not None:
-            if self.opaque_depth:
-                self.opaque_depth -= 1
-            if self.stack:
-                self.stack.pop()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.opaque_depth:
-            self.ops.append((self.stack[-1] if self.stack else "<model>",
-                             func.overloadpacket.__name__,
-                             tuple(tuple(t.shape) for t in tensors_in(out))))
-        return out
-
-
-def _path(model: nn.Module, inputs, ignore: Sequence[str]) -> list[tuple]:
-    rec = _Path(model, ignore)
-    with _traced(model, rec.pre_hook, rec.post_hook), rec:
-        model.eval()
-        run_batch(model, inputs)
-    return rec.ops
-
-
-def perturbed_inputs(example_inputs) -> dict[str, object]:
-    """Other inputs of the same shapes and dtypes: floating tensors negated, and redrawn from
-    a normal distribution of the same mean and spread; integer tensors (token ids, masks)
-    are kept, as their valid values are not known."""
-    gen = torch.Generator().manual_seed(1)
-
-    def negated(t):
-        return -t if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-    def redrawn(t):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
-            return t
-        spread = float(t.float().std()) if t.numel() > 1 else 0.0
-        spread = spread if spread > 0 else float(t.abs().mean()) or 1.0
-        noise = torch.randn(t.shape, generator=gen).to(t.dtype)
-        return noise * spread + t.float().mean().to(t.dtype)
-
-    return {"the negated inputs": tree_map(negated, example_inputs),
-            "inputs redrawn at random": tree_map(redrawn, example_inputs)}
-
-
-def check_paths(model: nn.Module, example_inputs, ignore: Sequence[str] = (),
-                reads: Sequence[str] = ()) -> None:
-    """Refuse a model whose forward runs other ops on other inputs.
-
-    The trace follows the path that `example_inputs` take; a forward that branches on the
-    data (`if x.sum() > 0`) could take another path on other inputs, through weights or
-    views the graph never saw, and a model shrunk on one path would fail on the other. So
-    the model runs on `perturbed_inputs` too, and a different sequence of ops (outside
-    ignored modules) raises PruneError naming the module where the paths part. When every
-    input takes the same path, a warning still says where the data was read: branches no
-    input took were not checked."""
-    if not any(t.is_floating_point() for t in tensors_in(example_inputs)):
-        warnings.warn(_unchecked(reads, "its inputs hold no floating-point tensor to vary"),
-                      stacklevel=3)
-        return
-    base = _path(model, example_inputs, ignore)
-    for what, other in perturbed_inputs(example_inputs).items():
-        try:
-            path = _path(model, other, ignore)
-        except Exception as e:  # noqa: BLE001 - the model itself fails on these inputs
-            warnings.warn(_unchecked(reads, f"it fails on {what} ({type(e).__name__})"),
-                          stacklevel=3)
-            return
-        if path != base:
-            i = next((k for k, (a, b) in enumerate(zip(base, path)) if a != b),
-                     min(len(base), len(path)))
-            where = reads[0].split(":", 1)[0] if reads else "<model>"
-            fix = (f"leave the module that branches whole with ignore=({where!r},), or "
-                   if where != "<model>" else "")
-            raise PruneError(
-                f"the forward of {type(model).__name__} branches on the values of its "
-                f"inputs: it reads them into Python ({', '.join(reads[:3])}), and after {i} "
-                f"ops alike the example inputs run {_op_text(base, i)} where {what} run "
-                f"{_op_text(path, i)}. The channel graph follows one path only, so a model "
-                f"shrunk on it could fail on the other; {fix}make the forward take one path "
-                f"whatever the data")
-    warnings.warn(_unchecked(reads, "perturbed inputs took the same path"), stacklevel=3)
-
-
-def _op_text(path: list[tuple], i: int) -> str:
-    if i >= len(path):
-        return "nothing more"
-    module, op, shapes = path[i]
-    return f"aten.{op} in {module} (out {', '.join(str(list(s)) for s in shapes) or '-'})"
-
-
-def _unchecked(reads: Sequence[str], why: str) -> str:
-    return (f"the forward reads values computed from its inputs into Python "
-            f"({', '.join(reads[:3])}); {why}: if it branches on them, paths the example "
-            f"inputs did not take were not traced. Check the shrunk model on inputs of every "
-            f"path, or pass such modules in ignore=...")
-
-
-def _opaque(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
+def opaque(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
+    """Is this module followed as one block (ignored by the user, or of OPAQUE_TYPES)?"""
     if isinstance(module, OPAQUE_TYPES):
         return True
     return any(fnmatch.fnmatchcase(name, pat) or name == pat for pat in ignore)

@@ -17,6 +17,7 @@ from torch import nn
 from prunekit.batches import plain_outputs, run_batch
 from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph
 from prunekit.structured.measure import modes_restored
+from prunekit.structured.paths import check_paths
 from prunekit.structured.remove import recompute_hook_weights, remove_slices
 from prunekit.structured.tracer import tensors_in
 
@@ -105,13 +106,17 @@ def _bad_groups(model, groups, example_inputs, train_runs, found: dict) -> None:
 def verify_graph(model: nn.Module, graph: DependencyGraph, example_inputs,
                  reduced: bool = False) -> DependencyGraph:
     """Freeze (drop from `graph.groups`, in place) every group whose shrink breaks the model
-    on `example_inputs`, with a warning naming its modules; return the graph. Reduced groups
+    on `example_inputs`, with a warning naming its modules; return the graph. A graph whose
+    forward read its data into Python is first checked for other paths (structured.paths:
+    PruneError if the ops change on perturbed inputs). Reduced groups
     (pruned only with include_reduced) are checked only when `reduced`. Each check holds one
     smaller model that shares the original's uncut weights; the model is left as it was
     (weights, buffers and every module's mode)."""
     level = "all" if reduced else "exact"
     if graph.verified in (level, "all"):
         return graph
+    if graph.data_reads and graph.verified is None:  # first: a graph of one path only?
+        check_paths(model, example_inputs, graph.ignore, graph.data_reads)
     testable = [g for g in graph.groups if probe(g) and (reduced or not g.reduced)]
     found: dict[int, str] = {}
     with modes_restored(model):
