@@ -235,7 +235,7 @@ class Twins(nn.Module):
 
 
 @pytest.mark.parametrize("by_storage", [False, True], ids=["one-object", "one-storage"])
-def test_tied_weights_are_cut_together_stay_tied_and_are_reported(by_storage):
+def test_tied_weights_are_cut_together_stay_tied_and_are_reported(by_storage, tmp_path):
     torch.manual_seed(0)
     model, x = Twins(by_storage).eval(), torch.randn(3, 8)
     graph = verify_graph(model, build_graph(model, x), x)
@@ -244,6 +244,8 @@ def test_tied_weights_are_cut_together_stay_tied_and_are_reported(by_storage):
     small = remove_slices(model, chosen)
     assert small.a.weight.data_ptr() == small.b.weight.data_ptr()  # still one tensor
     assert (small.a.weight is small.b.weight) == (not by_storage)
+    whole = remove_slices(model, [])  # an uncut tied tensor stays tied in a copy too
+    assert whole.a.weight.data_ptr() == whole.b.weight.data_ptr() != model.a.weight.data_ptr()
     with torch.no_grad():
         assert close(small(x), masked_copy(model, chosen)(x))
     shrunk, report = shrink(model, ChannelPrune(channel_ratio=0.5), x, report_latency=False)
@@ -251,6 +253,11 @@ def test_tied_weights_are_cut_together_stay_tied_and_are_reported(by_storage):
     assert shrunk.a.weight.data_ptr() == shrunk.b.weight.data_ptr()
     assert report.tied == [["a.weight", "b.weight"]] and "a.weight = b.weight" in str(report)
     assert report.params_after == count_params(shrunk)
+    save_shrunk(shrunk, tmp_path / "twins.safetensors")  # the file holds the weight once
+    rebuilt = load_shrunk(Twins(by_storage), tmp_path / "twins.safetensors")
+    assert rebuilt.a.weight.data_ptr() == rebuilt.b.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), shrunk(x))
 
 
 class Fused(nn.Module):

@@ -8,7 +8,6 @@ score the classes (structured.importance), plan what to remove for the budget
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from prunekit.batches import run_batch
 from prunekit.errors import PruneError
 from prunekit.io import read_weights, save_weights
 from prunekit.structured.config import ChannelPrune
-from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.graph import DependencyGraph, tensor_aliases
 from prunekit.structured.importance import score
 from prunekit.structured.measure import (
     copy_modes,
@@ -33,6 +32,7 @@ from prunekit.structured.measure import (
 from prunekit.structured.plan import Probe, plan, removed_fraction, search
 from prunekit.structured.remove import (
     SHAPE_ATTRS,
+    copy_model,
     module_shape_attrs,
     recompute_hook_weights,
     remove_slices,
@@ -230,7 +230,7 @@ def load_shrunk(base_model: nn.Module, path, inplace: bool = False) -> nn.Module
     """Rebuild a shrunk model from a freshly constructed original and a save_shrunk file."""
     desc = read_description(path)
     recompute_hook_weights(base_model)  # deepcopy refuses the old weight norm's computed w
-    model = base_model if inplace else copy.deepcopy(base_model)
+    model = base_model if inplace else copy_model(base_model)
     mods = dict(model.named_modules())
     for name, attrs in desc["attrs"].items():
         m = mods.get(name)
@@ -246,26 +246,35 @@ def load_shrunk(base_model: nn.Module, path, inplace: bool = False) -> nn.Module
         for k, p in list(m._parameters.items()) + list(m._buffers.items()):
             if p is not None:
                 own[f"{mname}.{k}" if mname else k] = (m, k, p)
+    # tied tensors (one object, or one storage under several objects) stay tied: the file
+    # holds them once, under the first name
+    tie = {a: names[0] for names in tensor_aliases(model).tied for a in names}
     replaced: dict[int, torch.Tensor] = {}
+    made: dict[str, torch.Tensor] = {}
     for key, shape in desc["shapes"].items():
         if key not in own:
             raise PruneError(f"{path}: tensor {key} is not in {type(model).__name__}")
         m, k, p = own[key]
         if list(p.shape) == shape:
             continue
-        if id(p) in replaced:
-            new = replaced[id(p)]
-        else:
-            new = torch.empty(shape, dtype=p.dtype, device=p.device)
-            new = nn.Parameter(new, requires_grad=p.requires_grad) if k in m._parameters \
-                else new
-            replaced[id(p)] = new
-        (m._parameters if k in m._parameters else m._buffers)[k] = new
+        if id(p) not in replaced:
+            first = made.get(tie.get(key, key))
+            new = first.detach() if first is not None and list(first.shape) == shape else \
+                torch.empty(shape, dtype=p.dtype, device=p.device)
+            replaced[id(p)] = nn.Parameter(new, requires_grad=p.requires_grad) \
+                if k in m._parameters else new
+        made[key] = replaced[id(p)]
+        (m._parameters if k in m._parameters else m._buffers)[k] = replaced[id(p)]
     for m in mods.values():  # tied aliases of a replaced tensor
         for k, p in list(m._parameters.items()):
             if p is not None and id(p) in replaced:
                 m._parameters[k] = replaced[id(p)]
     state = model.state_dict()
+    missing = [k for k in state if k not in tensors and tie.get(k, k) not in tensors]
+    if missing:
+        raise PruneError(f"{path} has no tensor {', '.join(missing[:3])}"
+                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                         + "; it is incomplete or was saved from another model")
     with torch.no_grad():
         for k, t in tensors.items():
             if k not in state:

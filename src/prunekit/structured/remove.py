@@ -61,7 +61,7 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
         memo = dict(cut)
         if share_uncut:
             memo.update({id(p): p for p in model.parameters() if id(p) not in cut})
-        model = copy.deepcopy(model, memo=memo)
+        model = copy_model(model, memo)
     old_attrs = {m: _shape_attrs(m) for m in model.modules()}  # deepcopy kept the old values
     if inplace:
         for m in model.modules():
@@ -73,6 +73,22 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
     for m in reversed(list(model.modules())):  # children first: parents read their shapes
         fix_shape_attrs(m, old_attrs.get(m, {}))
     return model
+
+
+def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """copy.deepcopy(model, memo) that keeps tensors tied by storage tied: a Parameter's
+    deepcopy clones its data, so two Parameter objects on one storage would come apart."""
+    memo = dict(memo or {})
+    named = dict(_named_tensors(model))
+    for names in tensor_aliases(model).tied:
+        objects = [named[n] for n in names]
+        if any(id(t) in memo for t in objects) or len({id(t) for t in objects}) == 1:
+            continue  # cut or shared by the caller, or one object (deepcopy keeps that)
+        data = objects[0].detach().clone()
+        for t in objects:
+            memo.setdefault(id(t), nn.Parameter(data, requires_grad=t.requires_grad)
+                            if isinstance(t, nn.Parameter) else data)
+    return copy.deepcopy(model, memo=memo)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
