@@ -368,8 +368,8 @@ class _Tracer(TorchDispatchMode):
             return out
         self.n_ops += 1
         name = func.overloadpacket.__name__
-        outs = tensors_in(out)
-        if any(t in self.from_data for t in tensors_in((args, kwargs))):
+        outs, ins = tensors_in(out), tensors_in((args, kwargs))
+        if any(t in self.from_data for t in ins):
             if name in _READS and not self.opaque_depth:
                 self.data_reads.append((self.where(), name))
             for t in outs:
@@ -379,17 +379,15 @@ class _Tracer(TorchDispatchMode):
         if name.endswith("_") and not name.endswith("__"):
             name = name[:-1]  # in-place variant: same rule
         try:
-            self.rule(name, func, args, kwargs, out, outs)
+            self.rule(name, func, args, kwargs, ins, outs)
         except Exception as e:  # a rule that cannot follow this op: report, do not crash
-            ins = tensors_in((args, kwargs))
             if any((self.get(t) >= 0).any() for t in ins):
                 self.errors.append(f"{self.where()}: aten.{name} ({type(e).__name__}: {e})")
             for t in outs:
                 self.set(t, torch.full((*t.shape, 1), -1, dtype=torch.long))
         return out
 
-    def rule(self, name, func, args, kwargs, out, outs):
-        ins = tensors_in((args, kwargs))
+    def rule(self, name, func, args, kwargs, ins, outs):
         if name in _FRESH or not any(self._labelled(t) for t in ins):
             for t in outs:
                 self.set(t, torch.full((*t.shape, 1), -1, dtype=torch.long))
