@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve()
-RESULTS = HERE.parent / "results" / HERE.stem
+RESULTS = HERE.parent / "results" / "shrink_memory"
 MODELS = {"resnet56": (1, 3, 32, 32), "resnet50": (1, 3, 224, 224)}
 
 
@@ -118,13 +118,11 @@ def main() -> None:
         return
 
     sys.path.insert(0, args.after)
-    from prunekit.io import atomic_write_text
-    from prunekit.runtime import machine_info
+    from prunekit.bench.provenance import provenance, write_result
 
     sides = {"before": Path(args.before), "after": Path(args.after)}
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "commits": {k: git_commit(v) for k, v in sides.items()},
-               "machine": machine_info(args.threads), "threads": args.threads,
+    prov = provenance(sys.argv[1:], script=__file__, threads=args.threads)
+    results = {"commits": {k: git_commit(v) for k, v in sides.items()},
                "measure": "peak RSS = getrusage ru_maxrss of a fresh process per run",
                "models": {}}
     lines = []
@@ -165,8 +163,7 @@ def main() -> None:
             if not (same_shapes and same_weights and diff == 0.0):
                 lines.append(f"{name}: THE SHRUNK MODELS DIFFER")
     results["summary"] = lines
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    write_result(args.out, results, prov)
     print("\n".join(lines))
     print(f"wrote {args.out}")
 
