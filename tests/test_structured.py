@@ -579,6 +579,7 @@ def test_iterative_global_ranking_removes_the_one_shot_count():
     assert kept(once) == kept(steps) == 14 - 7
 
 
+@pytest.mark.data  # a gradient criterion draws CIFAR-10 calibration images
 def test_cli_shrink(tmp_path, capsys):
     """`prunekit shrink` as a user types it: a JSON report, or the report as text and the
     file written; a gradient criterion gets calibration images of the model's dataset."""
