@@ -223,6 +223,19 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
         database = build_database(dense, config, calib, table.levels, include, exclude,
                                   progress=progress)
     coefficients: list[dict] = []
+    pattern = get_pattern(config.pattern)
+    shapes = {name: tuple(weight_matrix(m).shape) for name, m in layers.items()}
+
+    def _not_emptying(chosen: dict) -> dict:
+        # a level that would empty a small layer (0.95 of a 16x9 matrix in 1x16 blocks) is
+        # capped at the largest table level that leaves it computing something
+        capped = {}
+        for name, s in chosen.items():
+            if pattern.prunes_all(shapes[name], s):
+                s = max((lv for lv in table.levels
+                         if lv < s and not pattern.prunes_all(shapes[name], lv)), default=0.0)
+            capped[name] = s
+        return capped
 
     def measure_candidate(candidate: dict) -> float:
         if measure is not None:
@@ -244,7 +257,7 @@ def prune_for_speedup(model: nn.Module, config: PruneConfig, calib, batch, speed
             return {"model": candidate, "budget": alloc.budget, "loss": alloc.loss,
                     "timings": []}
         spread = BUDGETS.get(budget)
-        _, chosen = for_speedup(table, t, lambda s: spread(layers, s))
+        _, chosen = for_speedup(table, t, lambda s: _not_emptying(spread(layers, s)))
         prune(candidate, config, calib, budget=chosen, progress=False)
         return {"model": candidate, "budget": chosen, "loss": None, "timings": []}
 
