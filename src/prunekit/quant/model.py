@@ -128,7 +128,7 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> dict[str, 
     weights, then each layer's quantized form, checked against the weight it must equal."""
     from safetensors import safe_open
 
-    from prunekit.io import load_weights
+    from prunekit.io import load_weights, read_weights
 
     directory = Path(directory)
     path = directory / QUANT_FILE
@@ -145,8 +145,6 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> dict[str, 
     missing = [n for n in grids if n not in modules]
     if missing:
         raise PruneError(f"{path}: layer {missing[0]} is not in {type(model).__name__}")
-    from prunekit.io import read_weights
-
     weights = read_weights(directory / WEIGHTS_FILE)
     forms = {}
     for name, spec in grids.items():
@@ -155,12 +153,13 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike) -> dict[str, 
         q = forms[name] = QuantizedWeight.from_tensors(spec, parts, name)
         w = weights.get(f"{name}.weight")
         if w is None:
-            raise PruneError(f"{directory / WEIGHTS_FILE} lacks {name}.weight")
+            continue  # a tied weight, saved under its first name: checked once loaded
         w = w.t() if is_hf_conv1d(modules[name]) else w.reshape(w.shape[0], -1)
         if tuple(w.shape) != q.shape or not torch.equal(w.float(), q.dequantize()):
             raise PruneError(f"{directory}: {name}.weight does not equal its quantized form; "
                              f"the two files do not belong together")
     load_weights(model, directory / WEIGHTS_FILE)  # checks every tensor before loading
     for name, q in forms.items():
+        check_matches(name, modules[name], q)
         attach(modules[name], q)
     return forms
