@@ -17,8 +17,9 @@ without it the rows say so and the rest runs. It runs on the CPU with the H prun
 computed (float32), its own dampening (1%) and block size (128); only its
 torch.cuda.synchronize() call is made a no-op, and its prints are captured.
 
-Exact OBQ costs O(in^3) a row: it runs on the 384x384 layer whole and on a --obq-rows slice
-of the other layers of up to 1536 inputs (RTN, GPTQ and the reference run on that slice too).
+Exact OBQ costs O(in^3) a row: it runs (at W4 and W3 g128) on the 384x384 layer whole and on a
+--obq-rows slice of the other layers of up to 1536 inputs (RTN, GPTQ and the reference run on
+that slice too).
 
 Model level (--part models): MiniLM (STS-B test Spearman; calibration: 128 STS-B dev
 sentences) and ResNet-20 (CIFAR-10 test top-1; 128 CIFAR-10 train images), RTN against GPTQ
@@ -28,13 +29,22 @@ precision: bits per layer from {2, 3, 4, 8, 16} by the DP on GPTQ's error databa
 uniform bits and the HAWQ-style trace sensitivity, at the size of uniform 3 bits. Joint:
 MiniLM with SparseGPT 50% and 2:4, each alone and with int4:g128 in the same pass.
 
-SmolLM2-135M rows (perplexity) come from the real-LLM work and are not in this version.
+SmolLM2-135M (--part smollm2; the loader and perplexity of benchmarks/llm_oneshot.py):
+perplexity at W8, W4 per channel, W4 g64 and W3 g64 for RTN and GPTQ (block by block, 32 x 512
+calibration tokens from WikiText-2 validation), and SparseGPT 50% and 2:4 alone and with
+int4:g64 in the same pass; lm_head (tied to the embeddings) and the embeddings stay float.
+Groups of 64, not 128: the hidden size 576 is no multiple of 128. SmolLM2's weights were
+stored as Q4_1 (asymmetric 4 bits in groups of 32); these symmetric grids are not that grid,
+so they do not land back on it. Evaluation: --lm-eval steering8 (8 windows of 1024 tokens
+spread over WikiText-2 test, the default) or wikitext2 (the whole test set; hours on 2 cores).
 
     python benchmarks/quantize.py                       # everything, 2 threads
     python benchmarks/quantize.py --part layers --shapes 384x384
     python benchmarks/quantize.py --part models --quick # fewer evaluation examples
+    python benchmarks/quantize.py --part smollm2 --lm-eval steering8
 
-Results: benchmarks/results/quantize/{layers,models}.json (with provenance) and .md tables.
+Results: benchmarks/results/quantize/{layers,models,smollm2}.json (with provenance) and .md
+tables. The SmolLM2 rows are resumable: finished rows are kept and skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ SETTINGS = [("W4", dict(bits=4)), ("W4 g128", dict(bits=4, group_size=128)),
 #: exact OBQ runs on whole layers costing at most a 384x384 one (rows * in^3), and on a
 #: --obq-rows slice of the others with up to 1536 inputs
 OBQ_FULL_IN, OBQ_SLICE_IN = 384, 1536
+OBQ_SETTINGS = ("W4", "W3 g128")
 
 
 def provenance(argv) -> dict:
@@ -157,7 +168,7 @@ def run_layers(args, prov) -> dict:
             layers.append((f"{source}, {len(pick)}-row slice", w[pick], True))
         for (name, wl, with_obq), (label, opts) in ((a, b) for a in layers for b in SETTINGS):
             methods = ["rtn", "gptq"] + (["ist-gptq"] if ref is not None else [])
-            if with_obq and not opts.get("act_order"):
+            if with_obq and label in OBQ_SETTINGS:
                 methods.append("obq")
             for method in methods:
                 new, secs, first = timed_steady(
@@ -331,14 +342,79 @@ def write_model_table(payload) -> None:
     atomic_write_text(RESULTS / "models.md", "\n".join(lines) + "\n")
 
 
+def smollm2_rows() -> list[tuple[str, object]]:
+    """(row name, config or None for dense), cheapest first."""
+    head = ("lm_head",)
+    out: list[tuple[str, object]] = [("dense", None)]
+    for label, kw in (("W8", dict(bits=8)), ("W4", dict(bits=4)),
+                      ("W4 g64", dict(bits=4, group_size=64)),
+                      ("W3 g64", dict(bits=3, group_size=64))):
+        out.append((f"rtn {label}", prunekit.RTN(**kw, exclude=head)))
+        out.append((f"gptq {label}", prunekit.GPTQ(**kw, exclude=head, sequential=True)))
+    for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
+        for quant in (None, "int4:g64"):
+            name = f"sparsegpt {label}" + (f" + {quant}" if quant else "")
+            out.append((name, prunekit.SparseGPT(**kw, quant=quant, exclude=head,
+                                                 sequential=True)))
+    return out
+
+
+def run_smollm2(args, prov) -> dict:
+    from llm_oneshot import eval_ids
+    from prunekit.evaluate import lm_perplexity
+    from prunekit.models import calibration_batches, create
+
+    path = RESULTS / "smollm2.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    rows = {r["row"]: r for r in saved.get("results", []) if r.get("eval") == args.lm_eval}
+    dense = create("smollm2-135m", pretrained=True)
+    ids, windows = eval_ids(args.lm_eval, dense.tokenizer)
+    calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0,
+                                tokenizer=dense.tokenizer)
+    runs = saved.get("runs", []) + [prov]
+    for name, cfg in smollm2_rows():
+        if name in rows:
+            continue
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        if isinstance(cfg, prunekit.quant.QuantConfig):
+            prunekit.quantize(model, cfg, calib if cfg.needs != "none" else None,
+                              progress=False)
+        elif cfg is not None:
+            prunekit.prune(model, cfg, calib, progress=False)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        ppl = lm_perplexity(model, ids, 1024, windows=windows)
+        rows[name] = dict(row=name, eval=args.lm_eval, perplexity=ppl, seconds=seconds,
+                          eval_seconds=time.perf_counter() - start, run=len(runs) - 1)
+        print(f"smollm2 {name:<28} ppl {ppl:8.3f}  ({seconds:.1f} s)", flush=True)
+        atomic_write_text(path, json.dumps(dict(runs=runs, results=list(rows.values())),
+                                           indent=2))
+        del model
+    payload = dict(runs=runs, results=list(rows.values()))
+    dense_ppl = rows["dense"]["perplexity"]
+    lines = [f"SmolLM2-135M perplexity ({args.lm_eval}), commit {prov['git_commit']}, "
+             f"{prov['threads']} threads", f"`{prov['command']}`", "",
+             "| row | perplexity | vs dense | seconds |", "|---|---|---|---|"]
+    for name, _ in smollm2_rows():
+        if name in rows:
+            r = rows[name]
+            lines.append(f"| {name} | {r['perplexity']:.3f} | "
+                         f"{r['perplexity'] / dense_ppl - 1:+.2%} | {r['seconds']:.1f} |")
+    atomic_write_text(RESULTS / "smollm2.md", "\n".join(lines) + "\n")
+    return payload
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--part", choices=("layers", "models", "all"), default="all")
+    ap.add_argument("--part", choices=("layers", "models", "smollm2", "all"), default="all")
+    ap.add_argument("--lm-eval", default="steering8", choices=("steering8", "wikitext2"),
+                    help="SmolLM2's evaluation set (see the docstring)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, default=2048, help="calibration / held-out rows")
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: all)")
-    ap.add_argument("--obq-rows", type=int, default=32,
+    ap.add_argument("--obq-rows", type=int, default=16,
                     help="rows of the slice OBQ runs on for layers of 385 to 1536 inputs")
     ap.add_argument("--gptq-ref", help="directory holding IST-DASLab/gptq's gptq.py, quant.py")
     ap.add_argument("--quick", action="store_true", help="model level: fewer test examples")
@@ -350,6 +426,8 @@ def main(argv=None) -> int:
         run_layers(args, prov)
     if args.part in ("models", "all"):
         run_models(args, prov)
+    if args.part in ("smollm2", "all"):
+        run_smollm2(args, prov)
     print(f"wrote {RESULTS}")
     return 0
 

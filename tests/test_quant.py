@@ -38,7 +38,7 @@ def _on_grid_within_half_step(q: QuantizedWeight, w, new, clipped_ok=False):
     """Rounding w to its grid: on the grid, and within half a step of every weight the grid
     reaches (all of them with min-max scales; an MSE search may clip the largest)."""
     _on_grid(q, new)
-    step = q.grid._expand(q.scales, w.shape[1])
+    step = q.grid.expand(q.scales, w.shape[1])
     lo = q.grid.values(torch.zeros_like(q.codes), q.scales, q.zeros)
     hi = q.grid.values(torch.full_like(q.codes, q.grid.maxq), q.scales, q.zeros)
     # half a step, up to float32 rounding of the scale and of the difference

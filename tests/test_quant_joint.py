@@ -63,7 +63,7 @@ def test_joint_obs_matches_prune_mask_and_is_exact_obq_afterwards():
     pruned, keep = prunekit.prune_layer(w, h, OBS(sparsity=0.5))
     r = transform_layer(w, h, OBS(sparsity=0.5, quant="int8"))
     assert torch.equal(r.keep, keep)
-    step = r.quant.grid._expand(r.quant.scales, 32)
+    step = r.quant.grid.expand(r.quant.scales, 32)
     assert ((r.weight - pruned).abs() <= 2 * step).all()
     assert _err(w, r.weight, h) < 1.05 * _err(w, pruned, h)
 

@@ -180,20 +180,21 @@ class Grid(Config):
 
     # -- codes ---------------------------------------------------------------------------
 
-    def _expand(self, t: torch.Tensor, cols: int) -> torch.Tensor:
+    def expand(self, t: torch.Tensor, cols: int) -> torch.Tensor:
+        """Per-group values (rows, groups) as per-input ones (rows, cols)."""
         return t.repeat_interleave(self.group(cols), dim=1)
 
     def codes(self, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
         """Round to nearest: uint8 codes of w (rows, in) on the given scales and zero points."""
         cols = w.shape[1]
-        s, z = self._expand(scales, cols), self._expand(zeros, cols).float()
+        s, z = self.expand(scales, cols), self.expand(zeros, cols).float()
         return torch.clamp(torch.round(w.float() / s) + z, 0, self.maxq).to(torch.uint8)
 
     def values(self, codes: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor) -> torch.Tensor:
         """The float32 weights the codes stand for: (c - z) * s."""
         cols = codes.shape[1]
-        s, z = self._expand(scales, cols), self._expand(zeros, cols)
+        s, z = self.expand(scales, cols), self.expand(zeros, cols)
         return (codes.float() - z.float()) * s
 
     def quantize(self, w: torch.Tensor, scales: torch.Tensor | None = None,
@@ -278,7 +279,7 @@ class QuantizedWeight:
             if keep.dtype != torch.bool or tuple(keep.shape) != self.shape:
                 raise PruneError(f"{layer}: the keep-mask must be a bool tensor of shape "
                                  f"{self.shape}")
-            zeros = self.grid._expand(self.zeros, self.shape[1])
+            zeros = self.grid.expand(self.zeros, self.shape[1])
             if (codes[~keep] != zeros[~keep]).any():
                 raise PruneError(f"{layer}: some pruned weight's code is not its zero point "
                                  f"(the weight would not be 0)")

@@ -31,8 +31,10 @@ from prunekit.quant.grid import ColumnQuantizer
 @register
 @dataclass(frozen=True)
 class GPTQ(QuantConfig):
-    """Column by column with OBS error feedback and lazy block updates (act_order: columns by
-    decreasing Hessian diagonal, static groups)."""
+    """Column by column with OBS error feedback and lazy block updates; act_order optional.
+
+    act_order: columns by decreasing Hessian diagonal, with static groups. blocksize: columns
+    per lazy block. dampening: added to H's diagonal, times its mean."""
 
     act_order: bool = False
     blocksize: int = 128

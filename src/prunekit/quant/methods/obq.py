@@ -40,8 +40,8 @@ def obq_matrix(w: torch.Tensor, hinv: torch.Tensor, grid: Grid, scales: torch.Te
     the nearest grid points of the weights as they stand."""
     rows, d = w.shape
     steps = d if steps is None else steps
-    s_all = grid._expand(scales, d).double()
-    z_all = grid._expand(zeros, d).double()
+    s_all = grid.expand(scales, d).double()
+    z_all = grid.expand(zeros, d).double()
     codes = torch.empty((rows, d), dtype=torch.uint8)
     diag0 = torch.diagonal(hinv)
     batch = max(1, min(batch, FACTOR_BYTES // (8 * d * d)))
@@ -92,8 +92,10 @@ def obq_matrix(w: torch.Tensor, hinv: torch.Tensor, grid: Grid, scales: torch.Te
 @register
 @dataclass(frozen=True)
 class OBQ(QuantConfig):
-    """Exact greedy quantization, least OBS cost first, exact inverse-Hessian downdates (for
-    layers of up to a few thousand inputs)."""
+    """Exact greedy quantization: least OBS cost first, exact downdates (small layers).
+
+    O(in^3) a row, for layers of up to a few thousand inputs. batch: rows at a time (capped
+    so the downdate factors stay within FACTOR_BYTES). dampening: as GPTQ's."""
 
     dampening: float = 0.01
     batch: int = 32
