@@ -40,8 +40,8 @@ def obq_matrix(w: torch.Tensor, hinv: torch.Tensor, grid: Grid, scales: torch.Te
     the nearest grid points of the weights as they stand."""
     rows, d = w.shape
     steps = d if steps is None else steps
-    s_all = grid.expand(scales, d).double()
-    z_all = grid.expand(zeros, d).double()
+    s_all = grid.expand(scales, d).to(w.dtype)
+    z_all = grid.expand(zeros, d).to(w.dtype)
     codes = torch.empty((rows, d), dtype=torch.uint8)
     diag0 = torch.diagonal(hinv)
     batch = max(1, min(batch, FACTOR_BYTES // (8 * d * d)))
