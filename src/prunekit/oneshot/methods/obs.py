@@ -169,7 +169,6 @@ class OBS(JointQuantization, PruneConfig):
         new, pruned, _, _ = greedy_obs(w, hinv, counts, nm, batch=self.batch)
         return new.float(), ~pruned
 
-
     def prune_quantize(self, w, hessian, pattern, sparsity, layer, grid):
         from prunekit.quant.methods.obq import obq_matrix  # OBQ builds on this file
 
