@@ -49,3 +49,13 @@ def test_methods_lists_the_quantizers(capsys):
     assert rows["gptq"]["needs"] == "hessian" and rows["rtn"]["needs"] == "none"
     assert rows["gptq"]["options"]["act_order"] is False
     assert rows["sparsegpt"]["options"]["quant"] is None
+
+
+def test_quantize_cli_on_a_causal_lm_keeps_the_head_float(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["quantize", "tiny-llama", "--bits", "4", "--group-size", "32",
+                 "--calib-samples", "8", "--out", str(out), "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [lr["name"] for lr in report["layers"]]
+    assert "lm_head" not in names and len(names) == 14
+    assert report["options"]["sequential"] is True

@@ -13,7 +13,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("quantize", help="quantize a model's weights one-shot (RTN, GPTQ, OBQ) "
                                         "and save them with their quantized form")
-    p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
+    p.add_argument("model", help="registry name (see `prunekit models`), a .gguf file, a "
+                                 "transformers causal-LM folder, or module:function")
     p.add_argument("--method", default="gptq",
                    help="one of: " + ", ".join(METHODS.where(family="quantize")))
     p.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8 (default 4)")
@@ -27,7 +28,10 @@ def register(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration samples (default 128; causal LMs: 32 segments)")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="tokens per calibration segment of a causal LM (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     p.add_argument("--out", help="write a directory: model.safetensors (dequantized weights) "
                                  "and quantized.safetensors (codes, scales, zero points)")
@@ -64,17 +68,29 @@ def make_config(method: str, bits: int, group_size: int | None, asym: bool, opti
 
 def cmd_quantize(args) -> int:
     from prunekit.models import calibration_batches, get_info, load_model
+    from prunekit.models.llm import is_model_path
     from prunekit.quant import quantize, save_quantized
 
-    config = make_config(args.method, args.bits, args.group_size, args.asym, args.option)
-    model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
+    custom = ":" in args.model and not is_model_path(args.model)
+    info = None if custom else get_info(args.model)
+    causal = info is not None and info.task == "causal-lm"
+    options = list(args.option)
+    if causal:  # as `prunekit prune`: the tied head stays float, LLMs calibrate block by block
+        given = {o.partition("=")[0].strip() for o in options}
+        options = [d for d in ("exclude=lm_head", "sequential=true")
+                   if d.partition("=")[0] not in given] + options
+    config = make_config(args.method, args.bits, args.group_size, args.asym, options)
+    model = load_model(args.model, weights=args.weights,
+                       pretrained=args.pretrained or (causal and info.pretrained_available),
                        allow_pickle=args.allow_pickle)
     calib = None
     if config.needs != "none" or config.sequential:
-        if ":" in args.model:
+        if custom:
             raise PruneError(f"{config.method} needs calibration data, which prunekit can draw "
                              f"only for registry models; use the Python API for {args.model}")
-        calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed)
+        calib = calibration_batches(info, n=args.calib_samples, seed=args.seed,
+                                    seq_len=args.calib_tokens,
+                                    tokenizer=getattr(model, "tokenizer", None))
     report = quantize(model, config, calib, progress=not args.quiet)
     if args.out:
         save_quantized(model, args.out, metadata={"prunekit_report": report.to_dict()})
