@@ -28,25 +28,21 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
-import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import prunekit
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.budget import owl
 from prunekit.data import lm_tokens, load_wikitext2, tokenize_stream
 from prunekit.evaluate import lm_perplexity
-from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers
 from prunekit.models import calibration_batches, create
-from prunekit.runtime import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "llm_oneshot"
 HEAD = ("lm_head",)
@@ -155,14 +151,6 @@ def prune_row(dense, row: dict) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def table(results: dict, evals: list[str]) -> str:
     head = f"{'row':<32} {'sparsity':>8} {'prune s':>8} {'peak MB':>8}" + "".join(
         f" {e:>16}" for e in evals)
@@ -175,6 +163,11 @@ def table(results: dict, evals: list[str]) -> str:
         peak = got.get("peak_rss_mb")
         lines.append(f"{r['key']:<32} {got.get('sparsity', 0):>8.3f} {got['prune_s']:>8.1f} "
                      f"{(peak or float('nan')):>8.0f}{cells}")
+    for key, want in STEERING.items():
+        got = results.get(key, {}).get("ppl", {}).get("steering8")
+        if got is not None:
+            lines.append(f"steering check {key}: {got:.2f} here, {want:g} in the issue "
+                         f"({got / want:.3f}x)")
     # seed spread for the rows with three seeds
     for key in ("wanda/50%", "wanda/2:4", "sparsegpt/50%", "sparsegpt/2:4"):
         for e in evals:
@@ -203,16 +196,14 @@ def main(argv=None) -> int:
     evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved = load_result(out)  # rows of earlier runs keep their runs' provenance
     results: dict = saved.get("rows", {})
-    provenance = dict(command="python benchmarks/llm_oneshot.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), git_commit=git_commit(),
-        **machine_info(args.threads), pid=os.getpid())
-    runs = saved.get("runs", []) + [provenance]
+    prov = provenance(argv, script=__file__, threads=args.threads)
+    runs = saved.get("runs", []) + [{**prov, "pid": os.getpid()}]
 
     def save():
-        atomic_write_text(out, json.dumps({"model": "smollm2-135m", "steering": STEERING,
-                                           "runs": runs, "rows": results}, indent=2))
+        write_result(out, {"model": "smollm2-135m", "steering": STEERING, "runs": runs,
+                           "rows": results}, prov)
 
     dense = create("smollm2-135m", pretrained=True)
     streams = {e: eval_ids(e, dense.tokenizer) for e in evals}

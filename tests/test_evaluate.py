@@ -187,6 +187,7 @@ def test_bn_reestimation_needs_the_training_augmentation():
     assert results[False] <= dense - 1.5
 
 
+@pytest.mark.data
 def test_evaluate_dispatches_on_the_data_set():
     from prunekit.data import lm_text
     m = models.create("tiny-gpt2")
