@@ -54,7 +54,6 @@ import contextlib
 import copy
 import importlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from pathlib import Path
 import torch
 
 import prunekit
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.io import atomic_write_text
 from prunekit.quant import quantize_layer
 
@@ -79,21 +79,6 @@ SETTINGS = [("W4", dict(bits=4)), ("W4 g128", dict(bits=4, group_size=128)),
 #: --obq-rows slice of the others with up to 1536 inputs
 OBQ_FULL_IN, OBQ_SLICE_IN = 384, 1536
 OBQ_SETTINGS = ("W4", "W3 g128")
-
-
-def provenance(argv) -> dict:
-    from prunekit.runtime import machine_info
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"command": "python benchmarks/quantize.py " + " ".join(argv), "git_commit": commit,
-            "git_dirty": dirty, **machine_info()}
 
 
 # -- the reference -----------------------------------------------------------------------
@@ -154,6 +139,7 @@ def run_layers(args, prov) -> dict:
         print(f"MiniLM or WikiText-2 unavailable ({e}); MiniLM shapes use synthetic data")
         real = {}
     rows_out = []
+    payload = dict(reference=where if ref else None, rows=args.rows, results=rows_out)
     head = (f"{'shape':>10} {'source':<34} {'setting':<12} {'method':<10} {'time s':>8} "
             f"{'err calib':>10} {'err held':>10}")
     print(head)
@@ -181,12 +167,10 @@ def run_layers(args, prov) -> dict:
                 print(f"{row['shape']:>10} {name[:34]:<34} {label:<12} {method:<10} "
                       f"{secs:>8.3f} {row['err_calib']:>10.6f} {row['err_heldout']:>10.6f}",
                       flush=True)
-            payload = dict(prov, reference=where if ref else None, rows=args.rows,
-                           results=rows_out)
-            atomic_write_text(RESULTS / "layers.json", json.dumps(payload, indent=2))
+            write_result(RESULTS / "layers.json", payload, prov)
     payload["versus_reference"] = versus_reference(rows_out)
-    atomic_write_text(RESULTS / "layers.json", json.dumps(payload, indent=2))
-    write_layer_table(payload)
+    write_result(RESULTS / "layers.json", payload, prov)
+    write_layer_table(payload, prov)
     return payload
 
 
@@ -216,10 +200,10 @@ def versus_reference(rows) -> list[dict]:
     return out
 
 
-def write_layer_table(payload) -> None:
-    lines = [f"Layer-level quantization, {payload['threads']} threads, {payload['cpu']}, "
-             f"torch {payload['torch']}, commit {payload['git_commit']}",
-             f"`{payload['command']}`", "",
+def write_layer_table(payload, prov) -> None:
+    lines = [f"Layer-level quantization, {prov['threads']} threads, {prov['cpu']}, "
+             f"torch {prov['torch']}, commit {prov['git_commit']}",
+             f"`{prov['command']}`", "",
              "| shape | source | setting | RTN err | GPTQ err | IST-GPTQ err | OBQ err | "
              "GPTQ s | IST-GPTQ s | OBQ s | err GPTQ/IST | speedup vs IST |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -274,6 +258,7 @@ def run_models(args, prov) -> dict:
 
     rows = []
     path = RESULTS / "models.json"
+    payload = dict(results=rows)
 
     def record(model_name, what, method, score, dense, seconds, extra=None):
         row = dict(model=model_name, setting=what, method=method, score=score,
@@ -281,7 +266,7 @@ def run_models(args, prov) -> dict:
         rows.append(row)
         print(f"{model_name:<18} {what:<24} {method:<12} {score:8.4f}  (dense {dense:.4f}, "
               f"{score - dense:+.4f}) {seconds:7.1f} s", flush=True)
-        atomic_write_text(path, json.dumps(dict(prov, results=rows), indent=2))
+        write_result(path, payload, prov)
 
     for name, (model, calib, dataset, limit) in _models(args.quick).items():
         dense = _score(model, dataset, limit)
@@ -324,15 +309,14 @@ def run_models(args, prov) -> dict:
                     prunekit.prune(m, cfg, calib, progress=False)
                     record(name, f"{label}" + (f" + {quant}" if quant else ""), "sparsegpt",
                            _score(m, dataset, limit), dense, time.perf_counter() - start)
-    payload = dict(prov, results=rows)
-    atomic_write_text(path, json.dumps(payload, indent=2))
-    write_model_table(payload)
+    write_result(path, payload, prov)
+    write_model_table(payload, prov)
     return payload
 
 
-def write_model_table(payload) -> None:
-    lines = [f"Model-level quantization, {payload['threads']} threads, {payload['cpu']}, "
-             f"commit {payload['git_commit']}", f"`{payload['command']}`", "",
+def write_model_table(payload, prov) -> None:
+    lines = [f"Model-level quantization, {prov['threads']} threads, {prov['cpu']}, "
+             f"commit {prov['git_commit']}", f"`{prov['command']}`", "",
              "| model | setting | method | score | dense | delta | mean bits |",
              "|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
@@ -365,13 +349,13 @@ def run_smollm2(args, prov) -> dict:
     from prunekit.models import calibration_batches, create
 
     path = RESULTS / "smollm2.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    rows = {r["row"]: r for r in saved.get("results", []) if r.get("eval") == args.lm_eval}
+    payload = load_result(path)
+    rows = {r["row"]: r for r in payload.get("results", []) if r.get("eval") == args.lm_eval}
+    others = [r for r in payload.get("results", []) if r.get("eval") != args.lm_eval]
     dense = create("smollm2-135m", pretrained=True)
     ids, windows = eval_ids(args.lm_eval, dense.tokenizer)
     calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0,
                                 tokenizer=dense.tokenizer)
-    runs = saved.get("runs", []) + [prov]
     for name, cfg in smollm2_rows():
         if name in rows:
             continue
@@ -386,12 +370,11 @@ def run_smollm2(args, prov) -> dict:
         start = time.perf_counter()
         ppl = lm_perplexity(model, ids, 1024, windows=windows)
         rows[name] = dict(row=name, eval=args.lm_eval, perplexity=ppl, seconds=seconds,
-                          eval_seconds=time.perf_counter() - start, run=len(runs) - 1)
+                          eval_seconds=time.perf_counter() - start, commit=prov["git_commit"])
         print(f"smollm2 {name:<28} ppl {ppl:8.3f}  ({seconds:.1f} s)", flush=True)
-        atomic_write_text(path, json.dumps(dict(runs=runs, results=list(rows.values())),
-                                           indent=2))
+        payload["results"] = others + list(rows.values())
+        write_result(path, payload, prov)
         del model
-    payload = dict(runs=runs, results=list(rows.values()))
     dense_ppl = rows["dense"]["perplexity"]
     lines = [f"SmolLM2-135M perplexity ({args.lm_eval}), commit {prov['git_commit']}, "
              f"{prov['threads']} threads", f"`{prov['command']}`", "",
@@ -419,7 +402,6 @@ def main(argv=None) -> int:
     ap.add_argument("--gptq-ref", help="directory holding IST-DASLab/gptq's gptq.py, quant.py")
     ap.add_argument("--quick", action="store_true", help="model level: fewer test examples")
     args = ap.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     prov = provenance(argv)
     if args.part in ("layers", "all"):
