@@ -331,7 +331,7 @@ class ColumnQuantizer:
         else:
             self.scales, self.zeros = grid.fit(w, layer)
         self._zf = self.zeros.float()
-        self.codes = torch.zeros((rows, cols), dtype=torch.uint8)
+        self._codes_t = torch.zeros((cols, rows), dtype=torch.uint8)  # a column is contiguous
 
     def fit_block(self, i1: int, i2: int, wt: torch.Tensor) -> None:
         """When the sweep reaches the block of positions [i1, i2): fit each group that starts
@@ -354,11 +354,12 @@ class ColumnQuantizer:
         k = c // self.g
         s, z = self.scales[:, k], self._zf[:, k]
         code = torch.clamp(torch.round(col.float() / s) + z, 0, self.grid.maxq)
-        self.codes[:, c] = code.to(torch.uint8)
+        self._codes_t[c] = code
         return ((code - z) * s).to(col.dtype)
 
     def result(self, keep: torch.Tensor | None = None) -> QuantizedWeight:
-        return QuantizedWeight(self.grid, self.codes, self.scales, self.zeros, keep)
+        return QuantizedWeight(self.grid, self._codes_t.t().contiguous(), self.scales,
+                               self.zeros, keep)
 
 
 def _matrix(w, layer: str) -> torch.Tensor:

@@ -89,7 +89,8 @@ def sparsegpt_matrix(w: torch.Tensor, u: torch.Tensor, pattern, sparsity: float,
                 if quant is None:
                     torch.mul(blk[j], pblk[j], out=err)
                 else:
-                    new = quant(i1 + j, blk[j].masked_fill(pblk[j], 0.0))
+                    kept = blk[j] if pattern is None else blk[j].masked_fill(pblk[j], 0.0)
+                    new = quant(i1 + j, kept)
                     torch.sub(blk[j], new, out=err)
                 err.div_(d1[j])
                 blk[j:j2].addr_(u1[j, j:j2], err, alpha=-1.0)
