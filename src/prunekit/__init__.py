@@ -17,6 +17,10 @@ from prunekit.oneshot import (
     sparsity_report,
 )
 from prunekit.patterns import NM, Block1xN, Pattern, Unstructured, get_pattern
+from prunekit.quant import Grid, QuantizedWeight, quantize, quantize_layer
+from prunekit.quant.methods.gptq import GPTQ
+from prunekit.quant.methods.obq import OBQ
+from prunekit.quant.methods.rtn import RTN
 from prunekit.structured import ChannelPrune, ShrinkReport, shrink
 
 __version__ = "0.1.0"
@@ -41,4 +45,5 @@ __all__ = [
     "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
     "Block1xN",
     "Pattern", "Unstructured", "get_pattern", "ChannelPrune", "ShrinkReport", "shrink",
+    "GPTQ", "OBQ", "RTN", "Grid", "QuantizedWeight", "quantize", "quantize_layer",
 ]

@@ -13,6 +13,9 @@ sparsity and records the loss of each removal; the layer's removals are then the
 losses across rows, and each row's kept weights are solved for directly on its support
 (the point the exact greedy steps reach). N:M and per-row unstructured
 need one pass.
+
+With `quant` (a grid), the kept weights are then quantized greedily by the same exact steps,
+starting from the pruned state (OBQ, prunekit.quant.methods.obq: OBC's joint path).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ from prunekit.errors import PruneError
 from prunekit.oneshot.hessian import cholesky_lower, damped_hessian
 from prunekit.oneshot.methods.base import PruneConfig, register
 from prunekit.patterns import NM, Unstructured
+from prunekit.quant.grid import Grid
+from prunekit.quant.joint import JointQuantization
+
+
+def obs_step(x: torch.Tensor, hinv: torch.Tensor, factors: torch.Tensor, coef: torch.Tensor,
+             diag: torch.Tensor, p: torch.Tensor, t: int, active: torch.Tensor,
+             target: torch.Tensor | None = None) -> None:
+    """One exact OBS step on a batch of rows x (b, d), in place. The inverse Hessian after t
+    steps is held as H0^-1 - sum_{s<t} c_s c_s^T (factors[:, s] = c_s; coef is (b, 1, >= t)
+    scratch). Weight p[i] of each active row i moves to target[i] (0 when None) and the row's
+    other weights take the optimal compensation; c_t is stored and the diagonal `diag` of the
+    inverse downdated. The moved weight itself is left for the caller to set exactly."""
+    ar = torch.arange(x.shape[0])
+    col = hinv[p]  # row p of the current inverse = column p (symmetric)
+    if t:
+        coef[:, 0, :t] = factors[ar, :t, p]
+        col.sub_(torch.bmm(coef[:, :, :t], factors[:, :t]).squeeze(1))
+    hpp = torch.where(active, col[ar, p], 1.0).clamp_min(torch.finfo(x.dtype).tiny)
+    moved = x[ar, p] if target is None else x[ar, p] - target
+    step = torch.where(active, moved / hpp, 0.0)
+    x.sub_(step.unsqueeze(1) * col)
+    c = col * (active / hpp.sqrt()).unsqueeze(1)
+    factors[:, t] = c
+    diag.sub_(c.square())
 
 
 def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM | None = None,
@@ -69,17 +96,8 @@ def greedy_obs(w: torch.Tensor, hinv: torch.Tensor, counts: torch.Tensor, nm: NM
             active = (cnt > t) & torch.isfinite(best)  # rows done, or with nothing left
             losses[r1:r2, t] = torch.where(active, best / 2, math.inf)
             order[r1:r2, t] = p
-            col = hinv[p]  # row p of the current inverse = column p (symmetric)
-            if t:
-                coef[:, 0, :t] = factors[ar, :t, p]
-                col.sub_(torch.bmm(coef[:, :, :t], factors[:, :t]).squeeze(1))
-            hpp = torch.where(active, col[ar, p], 1.0).clamp_min(torch.finfo(w.dtype).tiny)
-            step = torch.where(active, x[ar, p] / hpp, 0.0)
-            x.sub_(step.unsqueeze(1) * col)
+            obs_step(x, hinv, factors, coef, diag, p, t, active)
             x[ar[active], p[active]] = 0.0
-            c = col * (active / hpp.sqrt()).unsqueeze(1)
-            factors[:, t] = c
-            diag.sub_(c.square())
             removed[ar[active], p[active]] = True
             diag.masked_fill_(removed, 1.0)
             if nm is not None:
@@ -100,16 +118,19 @@ def _global_counts(losses: torch.Tensor, total: int) -> torch.Tensor:
 
 @register
 @dataclass(frozen=True)
-class OBS(PruneConfig):
+class OBS(JointQuantization, PruneConfig):
     """Exact greedy OBS per row with exact inverse-Hessian downdates (unstructured and N:M).
 
     Runs in float64: the rank-one downdates lose too much in float32 at high sparsity.
     row_cap: in per-layer unstructured mode, no row is pruned beyond row_cap * sparsity.
+    quant: a grid (prunekit.quant.Grid or text such as 'int4') to prune and quantize in one
+    pass (OBQ on the kept weights after pruning).
     """
 
     dampening: float = 0.01
     row_cap: float = 1.5
     batch: int = 32
+    quant: Grid | str | None = None
 
     name = "obs"
     needs = "hessian"
@@ -147,6 +168,16 @@ class OBS(PruneConfig):
             return _optimal_kept(w, h, pruned).float(), ~pruned
         new, pruned, _, _ = greedy_obs(w, hinv, counts, nm, batch=self.batch)
         return new.float(), ~pruned
+
+    def prune_quantize(self, w, hessian, pattern, sparsity, layer, grid):
+        from prunekit.quant.methods.obq import obq_matrix  # OBQ builds on this file
+
+        pruned_w, keep = self.prune_matrix(w, hessian, pattern, sparsity, layer)
+        w = w.to(torch.float64).clone()
+        h = damped_hessian(hessian, w, self.dampening, layer)
+        hinv = torch.cholesky_inverse(cholesky_lower(h, layer, self.dampening))
+        scales, zeros = grid.fit(pruned_w, layer)  # the range of the weights that remain
+        return obq_matrix(w, hinv, grid, scales, zeros, pruned=~keep, batch=self.batch)
 
 
 def _optimal_kept(w: torch.Tensor, h: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,418 @@
+"""Post-training quantization: layer error and time (RTN, GPTQ, OBQ, and IST-DASLab/gptq's own
+GPTQ class side by side), then model quality (MiniLM STS-B, ResNet-20 CIFAR-10 top-1) at
+8, 4 and 3 bits, mixed precision at equal size, and joint sparse + quantized MiniLM.
+
+Layer level (--part layers): the core shapes of benchmarks/layer_prune.py, with the same
+layers (real MiniLM weights and WikiText-2 inputs for 384x384, 1536x384 and 384x1536;
+synthetic weights and correlated inputs with outlier features for the others, which the rows
+say). Each layer is quantized from 2048 calibration rows given H; the error is
+||WX - W'X||^2 / ||WX||^2 on those rows and on 2048 held-out rows; a call is timed as the
+median of three after the first (timed_steady). Settings: 4 bits per output channel, 4 bits in
+groups of 128 (also with act_order), 3 bits in groups of 128, symmetric min-max grids.
+
+The reference is the GPTQ class of IST-DASLab/gptq (the paper's code), imported from a local
+copy of the repository: --gptq-ref DIR, or $GPTQ_REF, or the `fetch` mirror, which is
+exported to a cache directory on first use. Its code is imported, never copied into prunekit;
+without it the rows say so and the rest runs. It runs on the CPU with the H prunekit
+computed (float32), its own dampening (1%) and block size (128); only its
+torch.cuda.synchronize() call is made a no-op, and its prints are captured.
+
+Exact OBQ costs O(in^3) a row: it runs (at W4 and W3 g128) on the 384x384 layer whole and on a
+--obq-rows slice of the other layers of up to 1536 inputs (RTN, GPTQ and the reference run on
+that slice too).
+
+Model level (--part models): MiniLM (STS-B test Spearman; calibration: 128 STS-B dev
+sentences) and ResNet-20 (CIFAR-10 test top-1; 128 CIFAR-10 train images), RTN against GPTQ
+(sequential, block by block) at W8, W4, W3, per output channel and, for MiniLM, in groups
+of 128 (ResNet-20's input sizes 27, 144, 288, 576 and 64 take no groups of 128). Mixed
+precision: bits per layer from {2, 3, 4, 8, 16} by the DP on GPTQ's error database, against
+uniform bits and the HAWQ-style trace sensitivity, at the size of uniform 3 bits. Joint:
+MiniLM with SparseGPT 50% and 2:4, each alone and with int4:g128 in the same pass.
+
+SmolLM2-135M (--part smollm2; the loader and perplexity of benchmarks/llm_oneshot.py):
+perplexity at W8, W4 per channel, W4 g64 and W3 g64 for RTN and GPTQ (block by block, 32 x 512
+calibration tokens from WikiText-2 validation), and SparseGPT 50% and 2:4 alone and with
+int4:g64 in the same pass; lm_head (tied to the embeddings) and the embeddings stay float.
+Groups of 64, not 128: the hidden size 576 is no multiple of 128. SmolLM2's weights were
+stored as Q4_1 (asymmetric 4 bits in groups of 32); these symmetric grids are not that grid,
+so they do not land back on it. Evaluation: --lm-eval steering8 (8 windows of 1024 tokens
+spread over WikiText-2 test, the default) or wikitext2 (the whole test set; hours on 2 cores).
+
+    python benchmarks/quantize.py                       # everything, 2 threads
+    python benchmarks/quantize.py --part layers --shapes 384x384
+    python benchmarks/quantize.py --part models --quick # fewer evaluation examples
+    python benchmarks/quantize.py --part smollm2 --lm-eval steering8
+
+Results: benchmarks/results/quantize/{layers,models,smollm2}.json (with provenance) and .md
+tables. The SmolLM2 rows are resumable: finished rows are kept and skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.bench.provenance import load_result, provenance, write_result
+from prunekit.io import atomic_write_text
+from prunekit.quant import quantize_layer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from layer_prune import SHAPES, minilm_layers, rel_error, synthetic_layer, timed_steady  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "quantize"
+MIRROR = Path("/work/.mirror/IST-DASLab+gptq/repo")
+SETTINGS = [("W4", dict(bits=4)), ("W4 g128", dict(bits=4, group_size=128)),
+            ("W4 g128 act", dict(bits=4, group_size=128, act_order=True)),
+            ("W3 g128", dict(bits=3, group_size=128))]
+#: exact OBQ runs on whole layers costing at most a 384x384 one (rows * in^3), and on a
+#: --obq-rows slice of the others with up to 1536 inputs
+OBQ_FULL_IN, OBQ_SLICE_IN = 384, 1536
+OBQ_SETTINGS = ("W4", "W3 g128")
+
+
+# -- the reference -----------------------------------------------------------------------
+
+def reference_module(path: str | None):
+    """IST-DASLab/gptq's gptq.py as a module and where it came from, or None and why."""
+    folder = Path(path or os.environ.get("GPTQ_REF") or
+                  Path.home() / ".cache" / "prunekit" / "gptq-reference")
+    if not (folder / "gptq.py").exists() and MIRROR.exists() and not path:
+        folder.mkdir(parents=True, exist_ok=True)  # export the fetched mirror to the cache
+        for name in ("gptq.py", "quant.py"):
+            text = subprocess.run(["git", "--git-dir", str(MIRROR), "show", f"HEAD:{name}"],
+                                  capture_output=True, text=True, check=True).stdout
+            (folder / name).write_text(text)
+    if not (folder / "gptq.py").exists():
+        return None, f"no copy of IST-DASLab/gptq at {folder} (pass --gptq-ref DIR)"
+    sys.path.insert(0, str(folder))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = importlib.import_module("gptq")
+    except Exception as e:  # noqa: BLE001 (whatever fails, the reference is skipped)
+        return None, f"IST-DASLab/gptq did not import: {e}"
+    finally:
+        sys.path.remove(str(folder))
+    return module, str(folder)
+
+
+def reference_gptq(ref, w, h, bits, group_size=None, act_order=False):
+    """The reference's GPTQ class on one layer given H; returns the quantized weight."""
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    layer.weight.data = w.clone()
+    g = ref.GPTQ(layer)
+    g.H = h.float().clone()
+    g.quantizer = ref.Quantizer()
+    g.quantizer.configure(bits, perchannel=True, sym=True, mse=False)
+    sync = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None  # a CPU run: nothing to wait for
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            g.fasterquant(blocksize=128, percdamp=0.01, groupsize=group_size or -1,
+                          actorder=act_order, static_groups=act_order)
+    finally:
+        torch.cuda.synchronize = sync
+    return layer.weight.data.clone()
+
+
+# -- layer level -------------------------------------------------------------------------
+
+def run_layers(args, prov) -> dict:
+    ref, where = reference_module(args.gptq_ref)
+    print(f"reference: {where if ref else 'skipped: ' + where}")
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    try:
+        real = minilm_layers(args.rows)
+    except (prunekit.PruneError, ImportError) as e:
+        print(f"MiniLM or WikiText-2 unavailable ({e}); MiniLM shapes use synthetic data")
+        real = {}
+    rows_out = []
+    payload = dict(reference=where if ref else None, rows=args.rows, results=rows_out)
+    head = (f"{'shape':>10} {'source':<34} {'setting':<12} {'method':<10} {'time s':>8} "
+            f"{'err calib':>10} {'err held':>10}")
+    print(head)
+    for i, shape in enumerate(shapes):
+        source, w, x, held = real.get(shape) or synthetic_layer(shape, args.rows, seed=i)
+        h = x.double().T @ x.double()
+        full = shape[0] * shape[1] ** 3 <= OBQ_FULL_IN ** 4  # no dearer than 384x384
+        layers = [(source, w, full)]
+        if not full and shape[1] <= OBQ_SLICE_IN:
+            g = torch.Generator().manual_seed(i)
+            pick = torch.randperm(shape[0], generator=g)[:args.obq_rows].sort().values
+            layers.append((f"{source}, {len(pick)}-row slice", w[pick], True))
+        for (name, wl, with_obq), (label, opts) in ((a, b) for a in layers for b in SETTINGS):
+            methods = ["rtn", "gptq"] + (["ist-gptq"] if ref is not None else [])
+            if with_obq and label in OBQ_SETTINGS:
+                methods.append("obq")
+            for method in methods:
+                new, secs, first = timed_steady(
+                    lambda m=method, wl=wl, h=h, o=opts: quantize_one(m, wl, h, o, ref))
+                row = dict(shape=f"{shape[0]}x{shape[1]}", source=name, setting=label,
+                           method=method, rows=int(wl.shape[0]), seconds=secs,
+                           first_call_seconds=first, err_calib=rel_error(wl, new, x),
+                           err_heldout=rel_error(wl, new, held))
+                rows_out.append(row)
+                print(f"{row['shape']:>10} {name[:34]:<34} {label:<12} {method:<10} "
+                      f"{secs:>8.3f} {row['err_calib']:>10.6f} {row['err_heldout']:>10.6f}",
+                      flush=True)
+            write_result(RESULTS / "layers.json", payload, prov)
+    payload["versus_reference"] = versus_reference(rows_out)
+    write_result(RESULTS / "layers.json", payload, prov)
+    write_layer_table(payload, prov)
+    return payload
+
+
+def quantize_one(method: str, w, h, opts: dict, ref):
+    """The quantized weight of one layer by one method (given H)."""
+    if method == "ist-gptq":
+        return reference_gptq(ref, w, h, **opts)
+    if method == "rtn":
+        return quantize_layer(w, None, prunekit.RTN(bits=opts["bits"],
+                                                    group_size=opts.get("group_size")))[0]
+    cls = {"gptq": prunekit.GPTQ, "obq": prunekit.OBQ}[method]
+    return quantize_layer(w, h, cls(**opts))[0]
+
+
+def versus_reference(rows) -> list[dict]:
+    """prunekit's GPTQ against the reference on each layer and setting: error ratio and
+    speedup (reference time / prunekit time)."""
+    out = []
+    index = {(r["shape"], r["source"], r["setting"], r["method"]): r for r in rows}
+    for (shape, source, setting, method), r in index.items():
+        if method != "gptq" or (shape, source, setting, "ist-gptq") not in index:
+            continue
+        b = index[(shape, source, setting, "ist-gptq")]
+        out.append(dict(shape=shape, source=source, setting=setting,
+                        err_ratio=r["err_calib"] / b["err_calib"],
+                        speedup=b["seconds"] / r["seconds"]))
+    return out
+
+
+def write_layer_table(payload, prov) -> None:
+    lines = [f"Layer-level quantization, {prov['threads']} threads, {prov['cpu']}, "
+             f"torch {prov['torch']}, commit {prov['git_commit']}",
+             f"`{prov['command']}`", "",
+             "| shape | source | setting | RTN err | GPTQ err | IST-GPTQ err | OBQ err | "
+             "GPTQ s | IST-GPTQ s | OBQ s | err GPTQ/IST | speedup vs IST |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in payload["results"]:
+        groups.setdefault((r["shape"], r["source"], r["setting"]), {})[r["method"]] = r
+    for (shape, source, setting), m in groups.items():
+        e = {k: f"{r['err_calib']:.5f}" for k, r in m.items()}
+        t = {k: f"{r['seconds']:.3f}" for k, r in m.items()}
+        ratio = (f"{m['gptq']['err_calib'] / m['ist-gptq']['err_calib']:.4f}"
+                 if "ist-gptq" in m else "-")
+        speed = (f"{m['ist-gptq']['seconds'] / m['gptq']['seconds']:.2f}x"
+                 if "ist-gptq" in m else "-")
+        cells = [e.get("rtn"), e.get("gptq"), e.get("ist-gptq"), e.get("obq"), t.get("gptq"),
+                 t.get("ist-gptq"), t.get("obq"), ratio, speed]
+        lines.append(f"| {shape} | {source} | {setting} | "
+                     + " | ".join(c or "-" for c in cells) + " |")
+    atomic_write_text(RESULTS / "layers.md", "\n".join(lines) + "\n")
+
+
+# -- model level -------------------------------------------------------------------------
+
+def _models(quick: bool):
+    from prunekit.models import calibration_batches, create
+
+    limit = 500 if quick else None
+    out = {}
+    try:
+        model = create("minilm", pretrained=True)
+        out["minilm"] = (model, calibration_batches("minilm", n=128, seed=0), "stsb", limit)
+    except (prunekit.PruneError, ImportError) as e:
+        print(f"MiniLM skipped: {e}")
+    try:
+        model = create("resnet20-cifar10", pretrained=True)
+        out["resnet20-cifar10"] = (model, calibration_batches("resnet20-cifar10", n=128,
+                                                              seed=0), "cifar10",
+                                   2000 if quick else None)
+    except (prunekit.PruneError, ImportError) as e:
+        print(f"ResNet-20 skipped: {e}")
+    return out
+
+
+def _score(model, dataset, limit) -> float:
+    from prunekit.evaluate import evaluate
+
+    metrics = evaluate(model, dataset=dataset, limit=limit)
+    return float(metrics.get("stsb_spearman", metrics.get("top1")))
+
+
+def run_models(args, prov) -> dict:
+    from prunekit.quant import mixed
+
+    rows = []
+    path = RESULTS / "models.json"
+    payload = dict(results=rows)
+
+    def record(model_name, what, method, score, dense, seconds, extra=None):
+        row = dict(model=model_name, setting=what, method=method, score=score,
+                   dense=dense, delta=score - dense, seconds=seconds, **(extra or {}))
+        rows.append(row)
+        print(f"{model_name:<18} {what:<24} {method:<12} {score:8.4f}  (dense {dense:.4f}, "
+              f"{score - dense:+.4f}) {seconds:7.1f} s", flush=True)
+        write_result(path, payload, prov)
+
+    for name, (model, calib, dataset, limit) in _models(args.quick).items():
+        dense = _score(model, dataset, limit)
+        record(name, "dense", "-", dense, dense, 0.0)
+        groups = [None, 128] if name == "minilm" else [None]
+        for bits in (8, 4, 3):
+            for group in groups:
+                label = f"W{bits}" + (f" g{group}" if group else "")
+                for cfg in (prunekit.RTN(bits=bits, group_size=group),
+                            prunekit.GPTQ(bits=bits, group_size=group, sequential=True)):
+                    m = copy.deepcopy(model)
+                    start = time.perf_counter()
+                    prunekit.quantize(m, cfg, calib, progress=False)
+                    record(name, label, cfg.method, _score(m, dataset, limit), dense,
+                           time.perf_counter() - start)
+        # mixed precision at the size of uniform 3 bits (g128 for MiniLM, per channel else)
+        group = 128 if name == "minilm" else None
+        base = prunekit.GPTQ(group_size=group)
+        start = time.perf_counter()
+        db = mixed.database(model, base, calib, progress=False)
+        db_time = time.perf_counter() - start
+        budget = db.size(3)
+        for alloc in (db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")):
+            m = copy.deepcopy(model)
+            start = time.perf_counter()
+            prunekit.quantize(m, base, calib, budget=alloc.bits, progress=False)
+            hist = {b: sum(1 for v in alloc.bits.values() if v == b) for b in db.levels}
+            record(name, f"mixed @ size(W3{' g128' if group else ''})",
+                   f"gptq {alloc.sensitivity}", _score(m, dataset, limit), dense,
+                   time.perf_counter() - start,
+                   dict(mean_bits=alloc.mean_bits, size_bits=alloc.size_bits,
+                        budget_bits=budget, db_error=alloc.error, layers_at_bits=hist,
+                        database_seconds=db_time))
+        if name == "minilm":
+            for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
+                for quant in (None, "int4:g128"):
+                    m = copy.deepcopy(model)
+                    cfg = prunekit.SparseGPT(**kw, quant=quant, sequential=True)
+                    start = time.perf_counter()
+                    prunekit.prune(m, cfg, calib, progress=False)
+                    record(name, f"{label}" + (f" + {quant}" if quant else ""), "sparsegpt",
+                           _score(m, dataset, limit), dense, time.perf_counter() - start)
+    write_result(path, payload, prov)
+    write_model_table(payload, prov)
+    return payload
+
+
+def write_model_table(payload, prov) -> None:
+    lines = [f"Model-level quantization, {prov['threads']} threads, {prov['cpu']}, "
+             f"commit {prov['git_commit']}", f"`{prov['command']}`", "",
+             "| model | setting | method | score | dense | delta | mean bits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["results"]:
+        bits = f"{r['mean_bits']:.3f}" if "mean_bits" in r else ""
+        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r['score']:.4f} | "
+                     f"{r['dense']:.4f} | {r['delta']:+.4f} | {bits} |")
+    atomic_write_text(RESULTS / "models.md", "\n".join(lines) + "\n")
+
+
+def smollm2_rows() -> list[tuple[str, object]]:
+    """(row name, config or None for dense), cheapest first."""
+    head = ("lm_head",)
+    out: list[tuple[str, object]] = [("dense", None)]
+    for label, kw in (("W8", dict(bits=8)), ("W4", dict(bits=4)),
+                      ("W4 g64", dict(bits=4, group_size=64)),
+                      ("W3 g64", dict(bits=3, group_size=64))):
+        out.append((f"rtn {label}", prunekit.RTN(**kw, exclude=head)))
+        out.append((f"gptq {label}", prunekit.GPTQ(**kw, exclude=head, sequential=True)))
+    for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
+        for quant in (None, "int4:g64"):
+            name = f"sparsegpt {label}" + (f" + {quant}" if quant else "")
+            out.append((name, prunekit.SparseGPT(**kw, quant=quant, exclude=head,
+                                                 sequential=True)))
+    return out
+
+
+def run_smollm2(args, prov) -> dict:
+    from llm_oneshot import eval_ids
+    from prunekit.evaluate import lm_perplexity
+    from prunekit.models import calibration_batches, create
+
+    path = RESULTS / "smollm2.json"
+    payload = load_result(path)
+    rows = {r["row"]: r for r in payload.get("results", []) if r.get("eval") == args.lm_eval}
+    others = [r for r in payload.get("results", []) if r.get("eval") != args.lm_eval]
+    dense = create("smollm2-135m", pretrained=True)
+    ids, windows = eval_ids(args.lm_eval, dense.tokenizer)
+    calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0,
+                                tokenizer=dense.tokenizer)
+    for name, cfg in smollm2_rows():
+        if name in rows:
+            continue
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        if isinstance(cfg, prunekit.quant.QuantConfig):
+            prunekit.quantize(model, cfg, calib if cfg.needs != "none" else None,
+                              progress=False)
+        elif cfg is not None:
+            prunekit.prune(model, cfg, calib, progress=False)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        ppl = lm_perplexity(model, ids, 1024, windows=windows)
+        rows[name] = dict(row=name, eval=args.lm_eval, perplexity=ppl, seconds=seconds,
+                          eval_seconds=time.perf_counter() - start, commit=prov["git_commit"])
+        print(f"smollm2 {name:<28} ppl {ppl:8.3f}  ({seconds:.1f} s)", flush=True)
+        payload["results"] = others + list(rows.values())
+        write_result(path, payload, prov)
+        del model
+    dense_ppl = rows["dense"]["perplexity"]
+    lines = [f"SmolLM2-135M perplexity ({args.lm_eval}), commit {prov['git_commit']}, "
+             f"{prov['threads']} threads", f"`{prov['command']}`", "",
+             "| row | perplexity | vs dense | seconds |", "|---|---|---|---|"]
+    for name, _ in smollm2_rows():
+        if name in rows:
+            r = rows[name]
+            lines.append(f"| {name} | {r['perplexity']:.3f} | "
+                         f"{r['perplexity'] / dense_ppl - 1:+.2%} | {r['seconds']:.1f} |")
+    atomic_write_text(RESULTS / "smollm2.md", "\n".join(lines) + "\n")
+    return payload
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--part", choices=("layers", "models", "smollm2", "all"), default="all")
+    ap.add_argument("--lm-eval", default="steering8", choices=("steering8", "wikitext2"),
+                    help="SmolLM2's evaluation set (see the docstring)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=2048, help="calibration / held-out rows")
+    ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: all)")
+    ap.add_argument("--obq-rows", type=int, default=16,
+                    help="rows of the slice OBQ runs on for layers of 385 to 1536 inputs")
+    ap.add_argument("--gptq-ref", help="directory holding IST-DASLab/gptq's gptq.py, quant.py")
+    ap.add_argument("--quick", action="store_true", help="model level: fewer test examples")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prov = provenance(argv)
+    if args.part in ("layers", "all"):
+        run_layers(args, prov)
+    if args.part in ("models", "all"):
+        run_models(args, prov)
+    if args.part in ("smollm2", "all"):
+        run_smollm2(args, prov)
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quantization methods, one file each; the METHODS registry imports every module here."""
