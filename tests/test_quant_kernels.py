@@ -145,3 +145,20 @@ def test_convert_measures_quantized_kernels_on_a_quantized_model():
     first, _ = convert(model, x, kernels=("int4",), choose="first", progress=False)
     assert isinstance(first.up.kernel, type(make_kernel("int4", model.up.weight.detach(),
                                                         model.up.quantized_weight)))
+
+
+@pytest.mark.parametrize("kernel,spec", [("int8", "int8:asym"), ("int8", "int3"),
+                                         ("int4", "int4:g64:asym"), ("int4", "int2")])
+def test_many_rows_run_the_exact_dequantized_weight(kernel, spec):
+    """From DENSE_FROM_ROWS rows on (prefill) a kernel multiplies by its dequantized weight,
+    which is the layer's own to the last bit."""
+    import importlib
+
+    lin, q = quantized_linear(spec, cols=192)
+    k = make_kernel(kernel, lin.weight.detach(), q)
+    assert torch.equal(k.dequantized(), q.dequantize())
+    rows = importlib.import_module(f"prunekit.runtime.kernels.{kernel}").DENSE_FROM_ROWS
+    x = torch.randn(rows, 192)
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, lin.weight)
+        torch.testing.assert_close(k.linear(x), ref, rtol=1e-5, atol=1e-5)

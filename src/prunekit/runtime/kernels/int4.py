@@ -14,7 +14,10 @@ bfloat16 too (the kernel's only vectorized path on this CPU): the result is the 
 layer's within bfloat16 rounding (rtol 1e-2 of the largest output). A weight pruned in the
 same pass (its code is the zero point) is exactly 0 on a symmetric grid and within rounding of
 0 on an asymmetric grouped one. Like the int8 kernel it pays at a few rows (decode); at
-hundreds of rows a float32 GEMM wins and convert keeps the layer dense.
+hundreds of rows a float32 GEMM wins: from DENSE_FROM_ROWS rows on (prefill) the layer
+dequantizes its codes (kept a second time, two to a byte in plain order, since the kernel's
+packed layout is its own) and runs that GEMM, so one converted model serves decode and
+prefill.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from prunekit.runtime.kernels.base import KERNELS, quantized_unavailable
 
 #: the group sizes the kernel takes, largest first
 KERNEL_GROUPS = (256, 128, 64, 32)
+
+#: from this many rows on, dequantize and run a float32 GEMM: on a 1536x576 SmolLM2 layer
+#: (1 thread, loaded machine) the kernel took 1.5 ms at 48 rows against 24 ms to dequantize
+#: and multiply, 23 ms against 27 ms at 256 rows and 48 ms against 32 ms at 512
+DENSE_FROM_ROWS = 384
 
 
 def kernel_group(group: int) -> int | None:
@@ -69,6 +77,9 @@ class Int4Weight:
         center = 2 ** (grid.bits - 1)
         codes = (quant.codes.to(torch.int32) + (8 - center)).contiguous()
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        c = quant.codes if cols % 2 == 0 else torch.nn.functional.pad(quant.codes, (0, 1))
+        self.nibbles = (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()  # plain order
+        self.grid_scales, self.grid_zeros = quant.scales.float(), quant.zeros.float()
         reps = group // self.group
         zeros = quant.zeros.float()
         if grid.group_size is None or group == cols:  # per channel: scales after the product
@@ -83,8 +94,19 @@ class Int4Weight:
                              offset.repeat_interleave(reps, dim=1)], dim=2)  # (out, G, 2)
         self.scale_offset = pairs.transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
 
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) float32 weight, from the plain-order codes: exactly the dequantized
+        layer's (its float32 scales, not the kernel's bfloat16 ones)."""
+        out, cols = self.shape
+        codes = torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=2).view(out, -1)
+        g = cols // self.grid_scales.shape[1]
+        w = codes[:, :cols].float().view(out, -1, g).sub_(self.grid_zeros.unsqueeze(2))
+        return w.mul_(self.grid_scales.unsqueeze(2)).view(out, cols)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T for a row-major x (T, in), as (T, out) in x's dtype."""
+        if x.shape[0] >= DENSE_FROM_ROWS:
+            return torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), self.packed, self.group, self.scale_offset)
         if self.post is not None:
@@ -96,4 +118,5 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         post = 0 if self.post is None else self.post.numel() * 4
-        return self.packed.numel() + self.scale_offset.numel() * 2 + post
+        return (self.packed.numel() + self.nibbles.numel() + self.scale_offset.numel() * 2
+                + post + self.grid_scales.numel() * 5)

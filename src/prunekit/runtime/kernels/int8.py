@@ -12,8 +12,9 @@ exact. PyTorch's CPU kernel is vectorized for bfloat16 activations only (float32
 about 20x slower than a float32 GEMM here), so activations go in as bfloat16 and the
 output comes back in it before the float32 scaling: the result is the dequantized layer's
 within bfloat16 rounding (rtol 1e-2 of the largest output). It pays at batch 1 and a few
-rows (decode), where the weight's bytes dominate; at hundreds of rows a float32 GEMM wins,
-and convert's measurement keeps those layers dense.
+rows (decode), where the weight's bytes dominate; at hundreds of rows a float32 GEMM wins, so
+from DENSE_FROM_ROWS rows on (prefill) the layer dequantizes its int8 values and runs that
+GEMM: one converted model serves decode and prefill.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from __future__ import annotations
 import torch
 
 from prunekit.runtime.kernels.base import KERNELS, quantized_unavailable
+
+#: from this many rows on, dequantize and run a float32 GEMM (the kernel is about 40x slower
+#: than a float32 GEMM at 512 rows on SmolLM2's layers; see the int4 kernel's measurement)
+DENSE_FROM_ROWS = 384
 
 
 @KERNELS.register("int8", device="cpu", quantized=True, grid="int8:asym",
@@ -55,8 +60,17 @@ class Int8Weight:
         offset = center - quant.zeros[:, 0].float()  # (out,): 0 on a symmetric grid
         self.offset = offset if bool((offset != 0).any()) else None
 
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) float32 weight: exactly the dequantized layer's."""
+        w = self.q.float()
+        if self.offset is not None:
+            w += self.offset.unsqueeze(1)
+        return w.mul_(self.scale.unsqueeze(1))
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T for a row-major x (T, in), as (T, out) in x's dtype."""
+        if x.shape[0] >= DENSE_FROM_ROWS:
+            return torch.nn.functional.linear(x, self.dequantized().to(x.dtype))
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.ones).float()
         if self.offset is not None:
             y = y + x.float().sum(dim=1, keepdim=True) * self.offset
