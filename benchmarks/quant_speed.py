@@ -165,7 +165,7 @@ def run_layer(args, prov) -> dict:
                 x = torch.randn(n_rows, 576)
                 cands, notes = candidate_kernels(lin, x, kernels)
                 with num_threads(args.threads), torch.inference_mode():
-                    t = time_calls({k: (lambda m=m: m(x)) for k, m in cands.items()},
+                    t = time_calls({k: (lambda m=m, x=x: m(x)) for k, m in cands.items()},
                                    repeats=args.repeats)
                 ms = {k: 1e3 * v["median"] for k, v in t.items()}
                 row = {"sparsity": sparsity or "dense", "quant": quant or "float32",
