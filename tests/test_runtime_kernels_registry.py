@@ -1,6 +1,8 @@
 """Tests generated from prunekit.runtime.KERNELS: every registered kernel, on weights masked
-with the pattern its entry names, gives the dense masked layer's output (nn.Linear, GPT-2's
-Conv1D and nn.Conv2d), alone and inside a converted model. A kernel this machine cannot run
+with the pattern its entry names (and, for a quantized kernel, then quantized on the grid its
+entry names, keeping the mask: a joint sparse + quantized layer), gives the dense masked
+(dequantized) layer's output (nn.Linear, GPT-2's Conv1D and nn.Conv2d), alone and inside a
+converted model. A kernel this machine cannot run
 (a CUDA-only one without a GPU) is skipped with its own reason. A new kernel file with its
 decorator appears here with no other edit."""
 
@@ -10,8 +12,10 @@ from torch import nn
 
 from prunekit.layers import set_weight_matrix, weight_matrix
 from prunekit.patterns import get_pattern
+from prunekit.quant import QuantizedWeight, get_grid
+from prunekit.quant.model import attach, quantized_form
 from prunekit.runtime import KERNELS, convert, sparse_module
-from prunekit.runtime.kernels import make_kernel, rtol
+from prunekit.runtime.kernels import is_quantized, make_kernel, rtol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,14 +42,29 @@ def masked(layer, kernel):
     pattern = get_pattern(KERNELS.entry(kernel).meta["pattern"])
     w = weight_matrix(layer).detach()
     sparsity = pattern.implied_sparsity or 0.5
-    set_weight_matrix(layer, w * pattern.select(torch.rand(w.shape), sparsity))
+    keep = pattern.select(torch.rand(w.shape), sparsity)
+    set_weight_matrix(layer, w * keep)
+    grid = KERNELS.entry(kernel).meta.get("grid")
+    if grid:  # a quantized kernel: the masked weight on its grid, the mask kept
+        q = get_grid(grid).quantize(weight_matrix(layer).detach())
+        q = QuantizedWeight(q.grid, q.codes, q.scales, q.zeros, keep.bool())
+        q.check(kernel)
+        set_weight_matrix(layer, q.dequantize())
+        attach(layer, q)
     return layer
 
 
-def skip_if_unavailable(kernel, w):
+def kernel_args(kernel, layer):
+    """make_kernel's arguments for the layer: its weight, and its quantized form when the
+    kernel runs one."""
+    w = weight_matrix(layer).detach().float()
+    return (w, quantized_form(layer)) if is_quantized(kernel) else (w,)
+
+
+def skip_if_unavailable(kernel, layer):
     """Skip, with the kernel's reason, when its device is absent; fail otherwise."""
     entry = KERNELS.entry(kernel)
-    why = entry.obj.unavailable(w)
+    why = entry.obj.unavailable(*kernel_args(kernel, layer))
     if why and entry.meta.get("device") == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"{kernel}: {why}")
     assert why is None, f"{kernel} refuses weights masked with its own pattern: {why}"
@@ -56,7 +75,7 @@ def skip_if_unavailable(kernel, w):
 def test_every_kernel_equals_the_dense_masked_layer(kernel, layer_kind):
     make_layer, make_input = LAYERS[layer_kind]
     layer = masked(make_layer().eval(), kernel)
-    skip_if_unavailable(kernel, weight_matrix(layer).detach().float())
+    skip_if_unavailable(kernel, layer)
     x = make_input()
     sparse = sparse_module(layer, kernel)
     with torch.inference_mode():
@@ -64,7 +83,7 @@ def test_every_kernel_equals_the_dense_masked_layer(kernel, layer_kind):
     assert got.shape == ref.shape and got.dtype == ref.dtype
     err = float((got - ref).abs().max())
     assert err <= rtol(kernel) * float(ref.abs().max()), err
-    kobj = make_kernel(kernel, weight_matrix(layer).detach().float())
+    kobj = make_kernel(kernel, *kernel_args(kernel, layer))
     assert isinstance(kobj.nbytes(), int) and kobj.nbytes() > 0
     assert kobj.shape == tuple(weight_matrix(layer).shape)
 
@@ -87,7 +106,7 @@ def test_convert_takes_every_kernel_where_it_serves(kernel):
     model = _Net().eval()
     for layer in (model.conv, model.fc):
         masked(layer, kernel)
-    skip_if_unavailable(kernel, weight_matrix(model.fc).detach().float())
+    skip_if_unavailable(kernel, model.fc)
     x = torch.randn(3, 64, 4, 4)
     new, report = convert(model, x, kernels=(kernel,), choose="first", progress=False)
     chosen = {lc.name: lc.kernel for lc in report.layers}
@@ -102,4 +121,5 @@ def test_the_registry_lists_each_kernel_with_what_it_serves():
         assert e.meta.get("device") in ("any", "cuda", "cpu"), e.name
         assert e.summary and e.meta.get("serves"), e.name
         get_pattern(e.meta["pattern"])
+        assert bool(e.meta.get("grid")) == is_quantized(e.name), e.name
         assert e.obj.name == e.name and callable(e.obj.unavailable)

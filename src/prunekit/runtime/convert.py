@@ -1,10 +1,12 @@
-"""Convert a pruned model for speed, layer by layer, by measurement.
+"""Convert a pruned or quantized model for speed, layer by layer, by measurement.
 
 For each prunable layer the layer's real input (from one forward pass of a sample batch, in
-eval mode) is run through every kernel that can serve the layer's weights; a kernel whose
-output differs from the dense layer's is rejected, and the fastest of the rest replaces the
-layer. Layers no kernel can serve stay dense, with a note saying why. Every module keeps
-its own train/eval mode; the input model is not changed unless inplace=True.
+eval mode) is run through every kernel that can serve the layer's weights (the sparse
+kernels: its zeros; the quantized kernels: its quantized form, so a layer pruned and
+quantized in one pass is offered both); a kernel whose output differs from the dense layer's
+(for a quantized layer: the dequantized one) is rejected, and the fastest of the rest
+replaces the layer. Layers no kernel can serve stay dense, with a note saying why. Every
+module keeps its own train/eval mode; the input model is not changed unless inplace=True.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from prunekit.config import coerce
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
 from prunekit.progress import Progress
-from prunekit.runtime.kernels import KERNELS, rtol, sparse_module, unsupported_reason
+from prunekit.runtime.kernels import (
+    KERNELS,
+    is_quantized,
+    rtol,
+    sparse_module,
+    unsupported_reason,
+)
 from prunekit.runtime.latency import (
     check_count,
     check_threads,
@@ -81,9 +89,12 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict:
 
 def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]):
     """({kernel: module} that serve the layer with matching output, [notes])."""
+    from prunekit.quant.model import quantized_form
+
     out, notes = {"dense": module}, []
     w = weight_matrix(module).detach()
-    if bool((w != 0).all()):
+    sparse, quant = not bool((w != 0).all()), quantized_form(module)
+    if not sparse and quant is None:
         return out, ["no zero weights"]
     why = unsupported_reason(module)
     if why:
@@ -94,6 +105,10 @@ def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]
     for kind in kernels:
         if kind == "dense":  # the layer itself: the reference the others must match
             continue
+        if is_quantized(kind) and quant is None:
+            continue  # a float layer: nothing for a quantized kernel to run
+        if not is_quantized(kind) and not sparse:
+            continue  # a quantized layer without zeros: nothing for a sparse kernel to skip
         try:
             cand = sparse_module(module, kind)
         except PruneError as e:

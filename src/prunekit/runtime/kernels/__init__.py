@@ -9,10 +9,15 @@ add one):
 - "csr": torch.sparse CSR times dense (MKL sparse BLAS where PyTorch has it).
 - "block": a 1xN kernel, all block rows as one batched matmul on gathered columns.
 - "2:4": PyTorch's semi-structured sparse tensors, on a CUDA GPU with compute capability 8.0+.
+- "int8": torch's int8 weight-only GEMM, for layers quantized per output channel (2..8 bits).
+- "int4": torch's int4 weight-only GEMM in groups, for layers quantized to 2..4 bits in groups
+  of a multiple of 32 inputs.
+
+The quantized kernels run a layer's quantized form (prunekit.quantize), not its float weight.
 """
 
 # imported in the order the kernels are listed (KERNELS keeps registration order)
-from prunekit.runtime.kernels.base import KERNELS, make_kernel, rtol  # noqa: I001
+from prunekit.runtime.kernels.base import KERNELS, is_quantized, make_kernel, rtol  # noqa: I001
 from prunekit.runtime.kernels.dense import DenseWeight
 from prunekit.runtime.kernels.csr import CSRWeight
 from prunekit.runtime.kernels.block import BlockWeight, block_size_of
@@ -20,6 +25,8 @@ from prunekit.runtime.kernels.semi_structured import (
     SemiStructuredWeight,
     semi_structured_unavailable,
 )
+from prunekit.runtime.kernels.int8 import Int8Weight
+from prunekit.runtime.kernels.int4 import Int4Weight
 from prunekit.runtime.kernels.modules import (
     SparseConv2d,
     SparseLinear,
@@ -30,7 +37,8 @@ from prunekit.runtime.kernels.modules import (
 # bumped when a kernel's speed changes: cached latency tables are then measured again
 VERSION = 5
 
-__all__ = ["KERNELS", "VERSION", "BlockWeight", "CSRWeight", "DenseWeight",
+__all__ = ["KERNELS", "VERSION", "BlockWeight", "CSRWeight", "DenseWeight", "Int4Weight",
+           "Int8Weight", "is_quantized",
            "SemiStructuredWeight", "SparseConv2d", "SparseLinear", "block_size_of",
            "make_kernel", "rtol", "semi_structured_unavailable", "sparse_module",
            "unsupported_reason"]

@@ -18,6 +18,12 @@ the layers use when present. Metadata: `device` ("any", or "cuda" for a GPU-only
 it serves, for the generated tests), `rtol` (the output error relative to the largest output
 that still counts as equal: above float32 rounding only for reduced-precision kernels).
 
+A quantized kernel (metadata `quantized=True`, and `grid`: a grid spec it serves, for the
+generated tests) runs a layer's quantized form (`prunekit.quant.QuantizedWeight`, kept on the
+module by prunekit.quantize) instead of its float weight: its `unavailable(w, quant)` and
+`__init__(w, quant)` take that form too (w is the dequantized weight it stands for), and its
+outputs are checked against the dequantized layer's.
+
 A new kernel is one file in this package with one decorated class: convert, the CLI's
 --kernels choices and tests/test_runtime_kernels_registry.py pick it up from KERNELS.
 """
@@ -36,15 +42,33 @@ KERNELS = Registry("kernel", packages=("prunekit.runtime.kernels",))
 RTOL = 1e-4
 
 
-def make_kernel(kind: str, w: torch.Tensor):
-    """A kernel object for a (out, in) float weight; raises PruneError when it cannot serve."""
+def is_quantized(kind: str) -> bool:
+    """Whether kernel `kind` runs a layer's quantized form (rather than its float weight)."""
+    return bool(KERNELS.entry(kind).meta.get("quantized", False))
+
+
+def make_kernel(kind: str, w: torch.Tensor, quant=None):
+    """A kernel object for a (out, in) float weight (and, for a quantized kernel, the layer's
+    QuantizedWeight `quant`, whose dequantized form w is); raises PruneError when it cannot
+    serve."""
     cls = KERNELS.get(kind)
-    why = cls.unavailable(w)
+    args = (w, quant) if is_quantized(kind) else (w,)
+    why = cls.unavailable(*args)
     if why:
         raise PruneError(f"{kind} kernel: {why}")
-    return cls(w)
+    return cls(*args)
 
 
 def rtol(kind: str) -> float:
     """The relative output tolerance of kernel `kind`."""
     return float(KERNELS.entry(kind).meta.get("rtol", RTOL))
+
+
+def quantized_unavailable(w: torch.Tensor, quant) -> str | None:
+    """Why `quant` is not a quantized form a quantized kernel can take for weight w, or None.
+    (What each kernel serves on top of that is its own `unavailable`.)"""
+    if quant is None:
+        return "the layer is not quantized (prunekit.quantize gives it a quantized form)"
+    if tuple(quant.shape) != tuple(w.shape):
+        return f"the quantized form has shape {tuple(quant.shape)}, the weight {tuple(w.shape)}"
+    return None

@@ -11,7 +11,7 @@ from torch import nn
 
 from prunekit.errors import PruneError
 from prunekit.layers import is_hf_conv1d, weight_matrix
-from prunekit.runtime.kernels.base import make_kernel
+from prunekit.runtime.kernels.base import is_quantized, make_kernel
 
 
 class SparseLinear(nn.Module):
@@ -118,11 +118,22 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def sparse_module(module: nn.Module, kind: str) -> nn.Module:
-    """The replacement of `module` that runs its current weights through kernel `kind`."""
+    """The replacement of `module` that runs its current weights through kernel `kind` (a
+    quantized kernel: its quantized form, `module.quantized_weight`)."""
     why = unsupported_reason(module)
     if why:
         raise PruneError(why)
     w = weight_matrix(module).detach().float()
+    if is_quantized(kind):  # every column: the codes' groups are runs of inputs
+        from prunekit.quant.model import check_matches, quantized_form
+
+        quant = quantized_form(module)
+        if quant is not None:
+            check_matches(type(module).__name__, module, quant)
+        kernel = make_kernel(kind, w, quant)
+        if isinstance(module, nn.Conv2d):
+            return SparseConv2d(kernel, module)
+        return SparseLinear(kernel, module.bias)
     if isinstance(module, nn.Conv2d):
         taps = torch.nonzero(w.any(dim=0)).flatten()
         if taps.numel() == w.shape[1]:  # every patch row is read: plain im2col
