@@ -175,6 +175,11 @@ def table(results: dict, evals: list[str]) -> str:
         peak = got.get("peak_rss_mb")
         lines.append(f"{r['key']:<32} {got.get('sparsity', 0):>8.3f} {got['prune_s']:>8.1f} "
                      f"{(peak or float('nan')):>8.0f}{cells}")
+    for key, want in STEERING.items():
+        got = results.get(key, {}).get("ppl", {}).get("steering8")
+        if got is not None:
+            lines.append(f"steering check {key}: {got:.2f} here, {want:g} in the issue "
+                         f"({got / want:.3f}x)")
     # seed spread for the rows with three seeds
     for key in ("wanda/50%", "wanda/2:4", "sparsegpt/50%", "sparsegpt/2:4"):
         for e in evals:
