@@ -10,12 +10,17 @@ first_call_seconds). MiniLM shapes use real MiniLM layers with inputs from WikiT
 weights and correlated synthetic inputs with a few large-scale features (the outlier
 features seen in transformer activations); they say so in the output.
 
-Also times, side by side, a float32 implementation of the published SparseGPT pseudo-code
-(Cholesky, inverse, Cholesky again; per-column updates) on the two target shapes.
+Side by side (--part reference, results in reference.json): prunekit's SparseGPT against
+the reference's own `SparseGPT` class (IST-DASLab/sparsegpt, imported from a local copy
+through prunekit.bench.reference, never copied; skipped when absent) on every layer shape of
+MiniLM (block 3) and SmolLM2-135M (block 15), at 50%, 70% and 2:4, given the same H: the
+median of --repeats calls each, timed in turns after a warm-up call, the ratio, the load
+average, and both errors on calibration and held-out rows.
 
     python benchmarks/layer_prune.py            # all shapes, 2 threads (~20 min)
     python benchmarks/layer_prune.py --quick    # three small shapes, no OBS beyond 384 inputs
     python benchmarks/layer_prune.py --shapes 768x768,4096x4096   # a subset
+    python benchmarks/layer_prune.py --part reference   # prunekit vs the reference class
 
 Layers with more than 1536 inputs are too slow for exact OBS on 2 cores; on those, every
 method also runs on the same random slice of --obs-rows output rows, and OBS runs there.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,35 +114,56 @@ def rel_error(w, new, x):
     return float((x @ (w - new).T).pow(2).sum() / ref.pow(2).sum())
 
 
-def published_sparsegpt(w, h, sparsity, blocksize=128, percdamp=0.01):
-    """The published pseudo-code in float32 (Cholesky, inverse, Cholesky; column updates)."""
-    w = w.clone().float()
-    h = h.clone().float()
-    cols = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(cols)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()
-        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        tmp = w1**2 / torch.diag(hinv1).reshape(1, -1) ** 2
-        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-        mask1 = tmp <= thresh
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            q = col.clone()
-            q[mask1[:, i]] = 0
-            q1[:, i] = q
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
-            err1[:, i] = e
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
-    return w
+class _Stop(Exception):
+    pass
+
+
+def smollm2_layers(rows: int, seed: int = 0, block: int = 14) -> dict[tuple[int, int], tuple]:
+    """Real SmolLM2-135M layers (one per shape, block `block` of 30) and their inputs on
+    512-token WikiText-2 segments (calibration: validation; held-out: test)."""
+    from prunekit.data import calibration_segments, lm_tokens
+    from prunekit.models import create
+
+    model = create("smollm2-135m", pretrained=True).eval()
+    tok = model.tokenizer
+    blk = model.model.layers[block]
+    wanted = {}
+    for name, m in blk.named_modules():
+        if isinstance(m, torch.nn.Linear) and tuple(m.weight.shape) not in wanted:
+            wanted[tuple(m.weight.shape)] = (f"model.layers.{block}.{name}", m)
+
+    def inputs(batches: list, n: int, gen_seed: int) -> dict:
+        caught = {s: [] for s in wanted}
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, a, s=s: caught[s].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+            for s, (_, m) in wanted.items()]
+
+        def stop(*_):
+            raise _Stop
+
+        hooks.append(blk.register_forward_hook(stop))
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids)
+                except _Stop:
+                    pass
+        for h in hooks:
+            h.remove()
+        g = torch.Generator().manual_seed(gen_seed)
+        return {s: torch.cat(xs)[torch.randperm(sum(len(x) for x in xs), generator=g)[:n]]
+                for s, xs in caught.items()}
+
+    segs = -(-2 * rows // 512)
+    calib = [b["input_ids"] for b in calibration_segments(tok, n=segs, seq_len=512, seed=seed,
+                                                          batch_size=4)]
+    test = lm_tokens(tok, "wikitext2", "test")
+    g = torch.Generator().manual_seed(seed + 1)
+    starts = torch.randint(0, len(test) - 512, (segs,), generator=g)
+    held = [torch.stack([test[i:i + 512] for i in starts[j:j + 4]]) for j in range(0, segs, 4)]
+    xc, xh = inputs(calib, rows, seed), inputs(held, rows, seed + 1)
+    return {s: (f"smollm2 {name}", m.weight.detach().clone(), xc[s], xh[s])
+            for s, (name, m) in wanted.items()}
 
 
 def timed(fn):
@@ -156,6 +183,51 @@ def timed_steady(fn, repeat_below: float = 10.0, repeats: int = 3):
     return out, times[len(times) // 2], first
 
 
+def reference_rows(layers: list, ref, repeats: int, save, out: list) -> None:
+    """prunekit's SparseGPT against the reference's own SparseGPT class on each layer and
+    setting, timed in turns; both given the same H, errors on calibration and held-out rows."""
+    from prunekit.bench.reference import sparsegpt_layer
+
+    print(f"\n{'shape':>10} {'layer':<36} {'setting':>7} {'prunekit s':>10} {'ref s':>8} "
+          f"{'speed':>6} {'err prunekit':>12} {'err ref':>10} {'load':>5}")
+    for source, w, x, held in layers:
+        h = x.double().T @ x.double()
+        for label, sparsity, pattern in SETTINGS:
+            n, m = (2, 4) if pattern == "2:4" else (0, 0)
+            cfg = prunekit.SparseGPT(sparsity=sparsity, pattern=pattern)
+
+            def ours(w=w, h=h, cfg=cfg):
+                return prunekit.prune_layer(w, h, cfg)[0]
+
+            def theirs(w=w, h=h, sparsity=sparsity or 0.0, n=n, m=m):
+                run = sparsegpt_layer(ref, w, h, sparsity, n, m)  # built outside the timing
+                return timed(run)
+
+            load = os.getloadavg()[0]
+            ours()  # warm-up (thread pools, workspaces)
+            theirs()
+            t_ours, t_ref = [], []
+            for _ in range(repeats):  # in turns, so a change of load falls on both alike
+                t_ours.append(timed(ours)[1])
+                t_ref.append(theirs()[1])
+            a, b = sorted(t_ours)[repeats // 2], sorted(t_ref)[repeats // 2]
+            new, rnew = ours(), theirs()[0]
+            row = dict(shape=f"{w.shape[0]}x{w.shape[1]}", source=source, setting=label,
+                       prunekit_s=a, reference_s=b, speed=b / a, prunekit_times=t_ours,
+                       reference_times=t_ref, load_before=load, load_after=os.getloadavg()[0],
+                       err_calib=rel_error(w, new, x), err_calib_ref=rel_error(w, rnew, x),
+                       err_heldout=rel_error(w, new, held),
+                       err_heldout_ref=rel_error(w, rnew, held),
+                       sparsity=float((new == 0).float().mean()),
+                       sparsity_ref=float((rnew == 0).float().mean()),
+                       same_mask=float(((new == 0) == (rnew == 0)).float().mean()))
+            out.append(row)
+            save()
+            print(f"{row['shape']:>10} {source[:36]:<36} {label:>7} {a:>10.3f} {b:>8.3f} "
+                  f"{b / a:>5.2f}x {row['err_calib']:>12.6f} {row['err_calib_ref']:>10.6f} "
+                  f"{load:>5.1f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes only")
@@ -164,15 +236,64 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated OUTxIN shapes (default: all)")
     ap.add_argument("--obs-rows", type=int, default=32,
                     help="rows of the slice compared with OBS on layers over 1536 inputs")
+    ap.add_argument("--part", choices=("all", "methods", "reference"), default="all",
+                    help="methods: every method per shape; reference: prunekit's SparseGPT "
+                         "against the reference class on MiniLM and SmolLM2 layers")
+    ap.add_argument("--reference", help="folder with IST-DASLab/sparsegpt (default: "
+                                        "prunekit.bench.reference's cache)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per side, in turns")
     ap.add_argument("--out", default=str(RESULTS / "layer_prune.json"))
+    ap.add_argument("--reference-out", default=str(RESULTS / "reference.json"))
     args = ap.parse_args(argv)
     if args.obs_rows < 1:
         ap.error(f"--obs-rows must be at least 1, got {args.obs_rows}")
     torch.set_num_threads(args.threads)
+    prov = provenance(argv, script=__file__)
+    if args.part in ("all", "reference"):
+        reference_part(args, prov)
+    if args.part in ("all", "methods"):
+        methods_part(args, prov)
+    return 0
+
+
+def reference_part(args, prov) -> None:
+    from prunekit.bench.reference import import_file, locate
+
+    folder, where = locate("sparsegpt", args.reference)
+    print(f"reference: {where}")
+    if folder is None:
+        print("skipped: the side by side needs the reference's code")
+        return
+    ref = import_file(folder, "sparsegpt.py", "ist_sparsegpt")
+    layers = []
+    for loader in (minilm_layers, smollm2_layers):
+        try:
+            layers += sorted(loader(args.rows).values(), key=lambda t: t[0])
+        except (prunekit.PruneError, ImportError) as e:
+            print(f"{loader.__name__} unavailable ({e}); its shapes are skipped")
+    if args.shapes:
+        keep = set(args.shapes.split(","))
+        layers = [t for t in layers if f"{t[1].shape[0]}x{t[1].shape[1]}" in keep]
+    rows: list = []
+    payload = dict(reference=where, rows_calibration=args.rows, repeats=args.repeats,
+                   results=rows)
+
+    def save():
+        write_result(args.reference_out, payload, prov, indent=2)
+
+    reference_rows(layers, ref, args.repeats, save, rows)
+    if rows:
+        worst = min(rows, key=lambda r: r["speed"])
+        print(f"slowest ratio: {worst['speed']:.2f}x ({worst['shape']} {worst['setting']}); "
+              f"largest error gap: "
+              f"{max(abs(r['err_calib'] / r['err_calib_ref'] - 1) for r in rows):.2%}")
+    print(f"wrote {args.reference_out}")
+
+
+def methods_part(args, prov) -> None:
     shapes = SHAPES[:3] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    prov = provenance(argv, script=__file__)
     payload, previous = {}, []
     old = load_result(args.out)
     if old.get("rows") == args.rows and recorded(old, "threads") == args.threads:
@@ -190,10 +311,10 @@ def main(argv=None) -> int:
                      == (f"{shape[0]}x{shape[1]}", source, label, method)), None)
 
     def save():
-        payload.update(rows=args.rows, results=results, side_by_side=side, orders=orders)
+        payload.update(rows=args.rows, results=results, orders=orders)
         write_result(args.out, payload, prov, indent=2)
 
-    side, orders = [], []
+    orders = []
     header = (f"{'shape':>10} {'source':<42} {'setting':>7} {'method':>10} {'time s':>8} "
               f"{'err calib':>10} {'err held':>10}")
     print(header)
@@ -232,16 +353,6 @@ def main(argv=None) -> int:
                 print(f"{row['shape']:>10} {name[:42]:<42} {label:>7} {cfg.method:>10} "
                       f"{secs:>8.2f} {row['err_calib']:>10.5f} {row['err_heldout']:>10.5f}",
                       flush=True)
-    for shape in [(768, 3072), (4096, 4096)] if not args.quick else []:
-        _, w, x, _ = synthetic_layer(shape, args.rows, seed=99)
-        h = x.double().T @ x.double()
-        cfg = prunekit.SparseGPT(sparsity=0.5)
-        _, ours, _ = timed_steady(lambda w=w, h=h, cfg=cfg: prunekit.prune_layer(w, h, cfg))
-        _, base, _ = timed_steady(lambda w=w, h=h: published_sparsegpt(w, h, 0.5))
-        side.append(dict(shape=f"{shape[0]}x{shape[1]}", prunekit_s=ours, published_s=base,
-                         speedup=base / ours))
-        print(f"SparseGPT {shape[0]}x{shape[1]} 50%: prunekit {ours:.2f} s, published "
-              f"pseudo-code (float32) {base:.2f} s, {base / ours:.2f}x")
     groups = {}
     for r in results:
         groups.setdefault((r["shape"], r["source"], r["setting"]), {})[r["method"]] = \
@@ -252,7 +363,6 @@ def main(argv=None) -> int:
         print(f"order {shape} ({source}) {label}: {' < '.join(order)}")
     save()
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,28 +3,31 @@ data-aware SVD), stated once: dead inputs, dampening, and the factorisations of 
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.linalg
 import torch
 
 from prunekit.errors import PruneError
 
 
-def damped_hessian(hessian: torch.Tensor, w: torch.Tensor, dampening: float, layer: str):
-    """Float64 copy of H with dead inputs fixed and dampening added; zeroes dead columns of w.
+def damped_hessian(hessian: torch.Tensor, w: torch.Tensor, dampening: float, layer: str,
+                   dtype: torch.dtype = torch.float64):
+    """A copy of H in `dtype` with dead inputs fixed and dampening added; zeroes dead columns
+    of w.
 
     A dead input (zero diagonal: the feature never fired on the calibration set) gets H_ii = 1
     so the matrix stays invertible; its weights cannot matter and are set to zero. Dampening
-    adds `dampening` times the mean diagonal to the diagonal (the published rule).
+    adds `dampening` times the mean diagonal to the diagonal (the published rule). The
+    diagonal is computed in float64 whatever `dtype` is, so a float32 copy holds exactly the
+    values of the float64 one rounded once (and costs one copy, not two).
     """
     if not (dampening >= 0):
         raise PruneError(f"{layer}: dampening must be >= 0, got {dampening!r}")
-    h = hessian.to(torch.float64).clone()
-    diag = torch.diagonal(h)
+    diag = torch.diagonal(hessian).to(torch.float64).clone()
     dead = diag == 0
     diag[dead] = 1.0
     w[:, dead] = 0
     diag += dampening * diag.mean()
+    h = hessian.to(dtype, copy=True)
+    torch.diagonal(h).copy_(diag)
     return h
 
 
@@ -39,6 +42,27 @@ def cholesky_lower(h: torch.Tensor, layer: str, dampening: float) -> torch.Tenso
     return chol
 
 
+def lower_inverse(chol: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
+    [-C^-1 B A^-1, C^-1]], with triangular solves on the leaves (n^3 / 3 multiply-adds in
+    all, mostly matrix products).
+
+    It replaces LAPACK's trtri through scipy, whose OpenBLAS thread pool fought torch's for
+    the same cores: on 2 busy cores a 384 x 384 inverse took 1.1 s there, 1 ms here."""
+    n = chol.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=chol.dtype, device=chol.device)
+        return torch.linalg.solve_triangular(chol, eye, upper=False)
+    k = n // 2
+    a, c = lower_inverse(chol[:k, :k], leaf), lower_inverse(chol[k:, k:], leaf)
+    out = torch.zeros_like(chol)
+    out[:k, :k] = a
+    out[k:, k:] = c
+    torch.mm(torch.mm(c, chol[k:, :k]), a, out=out[k:, :k])
+    out[k:, :k].neg_()
+    return out
+
+
 def inverse_cholesky_upper(h: torch.Tensor, layer: str, dampening: float) -> torch.Tensor:
     """Upper triangular U with U^T U = h^-1.
 
@@ -47,9 +71,7 @@ def inverse_cholesky_upper(h: torch.Tensor, layer: str, dampening: float) -> tor
     """
     flipped = torch.flip(h, dims=(0, 1)).contiguous()
     chol = cholesky_lower(flipped, layer, dampening)
-    lapack = scipy.linalg.lapack
-    trtri = lapack.strtri if chol.dtype == torch.float32 else lapack.dtrtri
-    inv, info = trtri(np.asfortranarray(chol.numpy()), lower=1)
-    if info != 0:
-        raise PruneError(f"{layer}: triangular inverse failed (info={info}); raise dampening")
-    return torch.flip(torch.from_numpy(np.ascontiguousarray(inv)), dims=(0, 1)).contiguous()
+    inv = lower_inverse(chol)
+    if not torch.isfinite(inv).all():
+        raise PruneError(f"{layer}: the triangular inverse overflowed; raise dampening")
+    return torch.flip(inv, dims=(0, 1)).contiguous()

@@ -58,6 +58,8 @@ def sparsegpt_matrix(w: torch.Tensor, u: torch.Tensor, pattern, sparsity: float,
     wt = w.t().contiguous()  # (cols, rows): column j of w is the contiguous row wt[j]
     pruned = torch.zeros_like(wt, dtype=torch.bool)
     diag = torch.diagonal(u)
+    nm = isinstance(pattern, NM)
+    inf = torch.tensor(float("inf"), dtype=w.dtype)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         blk, u1, d1 = wt[i1:i2], u[i1:i2, i1:i2], diag[i1:i2]
@@ -78,21 +80,25 @@ def sparsegpt_matrix(w: torch.Tensor, u: torch.Tensor, pattern, sparsity: float,
             else:
                 pblk.copy_(_prune_from(scores, _block_counts(rows, sparsity, i1, i2)))
         errs = torch.empty_like(blk)
+        # err = w / d where pruned, w / inf = 0 where kept: one division per column
+        div = None if quant is not None or nm else torch.where(pblk, d1.unsqueeze(1), inf)
         for j1 in range(0, i2 - i1, inner):
             j2 = min(j1 + inner, i2 - i1)
             for j in range(j1, j2):
-                if isinstance(pattern, NM) and j % m == 0:
+                if nm and j % m == 0:
                     g = blk[j:j + m].square() / d1[j:j + m].square().unsqueeze(1)
                     idx = torch.topk(g, m - pattern.n, dim=0, largest=False, sorted=False).indices
                     pblk[j:j + m].scatter_(0, idx, True)
+                    if quant is None:
+                        div = torch.where(pblk[j:j + m], d1[j:j + m].unsqueeze(1), inf)
                 err = errs[j]
                 if quant is None:
-                    torch.mul(blk[j], pblk[j], out=err)
+                    torch.div(blk[j], div[j % m if nm else j], out=err)
                 else:
                     kept = blk[j] if pattern is None else blk[j].masked_fill(pblk[j], 0.0)
                     new = quant(i1 + j, kept)
                     torch.sub(blk[j], new, out=err)
-                err.div_(d1[j])
+                    err.div_(d1[j])
                 blk[j:j2].addr_(u1[j, j:j2], err, alpha=-1.0)
                 if quant is not None:
                     blk[j].copy_(new)  # exactly on the grid
@@ -130,8 +136,8 @@ class SparseGPT(JointQuantization, PruneConfig):
 
     def prune_matrix(self, w, hessian, pattern, sparsity, layer):
         w = w.clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)
-        u = inverse_cholesky_upper(h.float(), layer, self.dampening)
+        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32)
+        u = inverse_cholesky_upper(h, layer, self.dampening)
         return sparsegpt_matrix(w, u, pattern, sparsity, self.blocksize)
 
     def prune_quantize(self, w, hessian, pattern, sparsity, layer, grid):
@@ -139,8 +145,8 @@ class SparseGPT(JointQuantization, PruneConfig):
         the kept weights and widens their range, so a grid fitted on the starting weights
         clips them (at 50% per row, 8 bits per channel lost 1.6% output error to it)."""
         w = w.clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)
-        u = inverse_cholesky_upper(h.float(), layer, self.dampening)
+        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32)
+        u = inverse_cholesky_upper(h, layer, self.dampening)
         pruned, _ = sparsegpt_matrix(w.clone(), u, pattern, sparsity, self.blocksize)
         quant = ColumnQuantizer(grid, pruned, layer, static=True)
         _, keep = sparsegpt_matrix(w, u, pattern, sparsity, self.blocksize, quant=quant)
