@@ -1,0 +1,178 @@
+"""ALDS (Liebenwein et al. 2021, "Compressing Neural Networks: Towards Determining the
+Optimal Layer-wise Decomposition"): per layer, the number of input-channel groups j and the
+rank r, chosen together under one global budget.
+
+With j groups, a layer's input channels are split into j equal blocks and each block's
+slice W_g is factorized at rank r: a grouped k x k convolution (j groups of r channels)
+then a 1x1. More groups cost fewer weights per rank, fewer ranks cost more error; which
+trade is best differs from layer to layer. ALDS picks every layer's (j, r) to minimise the
+largest relative layer error over the network, since that bounds the error of the whole, under
+a parameter or FLOPs budget. Here the candidate (j, r) of every layer are enumerated with
+their exact relative error ||W - W'||_F^2 / ||W||_F^2 (the tail of each block's squared
+singular values), the smallest attainable largest error is found by bisection over those
+errors (for each threshold, every layer takes its cheapest option under it, dense included),
+and budget left over lowers the largest remaining errors greedily. A measured-latency budget
+is `prunekit.lowrank.lowrank_for_speedup`, which moves flops_ratio until the measured
+speedup lands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.budget.dp import Unreachable
+from prunekit.errors import PruneError
+from prunekit.layers import weight_matrix
+from prunekit.lowrank.base import LowRankConfig, factor_groups, factored_params, register
+
+
+@dataclass(frozen=True)
+class ALDS(LowRankConfig):
+    """Per layer, j groups and rank r minimising the largest relative layer error.
+
+    params_ratio / flops_ratio: the share of the chosen layers' weights / FLOPs kept (at
+        most one; none means params_ratio=0.5). FLOPs need calibration data (each layer's
+        output positions).
+    groups: the candidate j (a convolution's input channels must divide by j; a Linear
+        takes j = 1). rank_step: candidate ranks are its multiples (8 or 16 suit vector
+        units).
+    """
+
+    params_ratio: float | None = None
+    flops_ratio: float | None = None
+    groups: tuple[int, ...] = (1, 2, 4, 8)
+    rank_step: int = 1
+
+    name = "alds"
+    example = "ALDS(flops_ratio=0.5)"
+
+    @property
+    def needs(self) -> str:
+        return "hessian" if self.flops_ratio is not None else "none"
+
+    def check(self) -> None:
+        if self.params_ratio is not None and self.flops_ratio is not None:
+            raise PruneError("ALDS takes one budget: params_ratio or flops_ratio, not both")
+        for k in ("params_ratio", "flops_ratio"):
+            v = getattr(self, k)
+            if v is not None and not 0 < v <= 1:
+                raise PruneError(f"ALDS.{k} is the kept share in (0, 1], got {v}")
+        if not self.groups or any(j < 1 for j in self.groups):
+            raise PruneError(f"ALDS.groups must list group counts >= 1, got {self.groups}")
+        if self.rank_step < 1:
+            raise PruneError(f"ALDS.rank_step must be >= 1, got {self.rank_step}")
+        if self.sequential:
+            raise PruneError("ALDS shares one budget over all layers at once; it cannot run "
+                             "with sequential=True")
+
+    @property
+    def ratio(self) -> float:
+        return self.flops_ratio or self.params_ratio or 0.5
+
+    def candidates(self, module: nn.Module, scale: float = 1.0) -> list[tuple]:
+        """(cost, relative error, j, r) of every way to factorize `module`, the dense layer
+        first as (cost, 0, 0, 0); cost is weights times `scale` (output positions)."""
+        w = weight_matrix(module).detach().double()
+        out, inputs = w.shape
+        channels = module.in_channels if isinstance(module, nn.modules.conv._ConvNd) \
+            else inputs
+        norm = float(w.square().sum())
+        found = [(out * inputs * scale, 0.0, 0, 0)]
+        for j in sorted(set(self.groups)):
+            if channels % j or (j > 1 and not isinstance(module, nn.modules.conv._ConvNd)):
+                continue
+            cols = inputs // j
+            s2 = torch.stack([torch.linalg.svdvals(w[:, g * cols:(g + 1) * cols]).square()
+                              for g in range(j)]).sum(0)
+            tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,))  # tail[r] = sum_{i>=r}
+            tail = torch.cat([tail, tail.new_zeros(1)])
+            for r in range(self.rank_step, min(out, cols) + 1, self.rank_step):
+                p = factored_params(out, inputs, r, j)
+                if p >= out * inputs:
+                    break
+                found.append((p * scale, float(tail[r]) / norm if norm > 0 else 0.0, j, r))
+        return found
+
+    def plan(self, layers, stats):
+        if self.flops_ratio is not None:
+            missing = [n for n in layers if n not in stats]
+            if missing:
+                raise PruneError(f"ALDS(flops_ratio=...) counts FLOPs on calibration data; "
+                                 f"layer {missing[0]} did not run on it")
+        options = [self.candidates(m, stats[n].rows if self.flops_ratio is not None else 1.0)
+                   for n, m in layers.items()]
+        choice = minimax_allocation(options, self.ratio)
+        return {n: torch.tensor(options[i][choice[i]][2:]) for i, n in enumerate(layers)}
+
+    def transform(self, w, hessian, layer, plan=None):
+        if plan is None:
+            raise PruneError(f"{layer}: ALDS chooses ranks across layers (plan) first")
+        j, r = (int(x) for x in plan)
+        if j == 0:
+            return self.kept(w, "left dense: every factorization within the budget has a "
+                                "larger error than the largest one ALDS allows")
+        u, v = factor_groups(w, r, j)
+        return self.result(u, v, r, j)
+
+    def at_flops(self, ratio):
+        return self.replace(flops_ratio=ratio, params_ratio=None)
+
+    def target(self) -> dict:
+        return {"params_ratio": self.params_ratio, "flops_ratio": self.flops_ratio}
+
+
+def minimax_allocation(options: list[list[tuple]], ratio: float) -> list[int]:
+    """One option per layer, total cost <= ratio * the dense total (option 0 of each layer),
+    minimising the largest error, then spending what is left on the largest errors.
+
+    options[l] = [(cost, error, ...), ...]. Raises Unreachable (best: the smallest reachable
+    ratio) when even the cheapest options exceed the budget."""
+    costs = [np.array([o[0] for o in opts], dtype=np.float64) for opts in options]
+    errors = [np.array([o[1] for o in opts], dtype=np.float64) for opts in options]
+    dense = sum(float(c[0]) for c in costs)
+    budget = ratio * dense
+    least = sum(float(c.min()) for c in costs)
+    if least > budget * (1 + 1e-12):
+        best = least / dense if dense else 1.0
+        raise Unreachable(f"ALDS: a budget of {ratio:g} of the layers' cost cannot be met: the "
+                          f"smallest factorization of every layer keeps {best:.4f}; give a "
+                          f"ratio >= {best:.4f}", best)
+
+    def pick(eps: float) -> list[int]:
+        out = []
+        for c, e in zip(costs, errors):
+            ok = np.flatnonzero(e <= eps)
+            out.append(int(ok[np.lexsort((e[ok], c[ok]))[0]]))  # cheapest, then least error
+        return out
+
+    def total(choice: list[int]) -> float:
+        return sum(float(c[k]) for c, k in zip(costs, choice))
+
+    levels = np.unique(np.concatenate(errors))
+    lo, hi = 0, len(levels) - 1  # the largest level allows every option: always fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total(pick(levels[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    choice = pick(levels[lo])
+    left = budget - total(choice)
+    while True:  # lower the largest errors while the budget allows
+        for i in sorted(range(len(choice)), key=lambda i: -errors[i][choice[i]]):
+            c, e, k = costs[i], errors[i], choice[i]
+            ok = np.flatnonzero((e < e[k]) & (c - c[k] <= left))
+            if len(ok):
+                best = int(ok[np.lexsort((c[ok], e[ok]))[0]])
+                left -= float(c[best] - c[k])
+                choice[i] = best
+                break
+        else:
+            return choice
+
+
+register(ALDS, needs="hessian if flops_ratio")
