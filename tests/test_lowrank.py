@@ -19,6 +19,7 @@ from prunekit.lowrank import (
     Factorized,
     factor,
     factor_groups,
+    latency_costs,
     lowrank,
     lowrank_for_speedup,
     lowrank_layer,
@@ -227,6 +228,26 @@ def test_alds_never_exceeds_its_budget(net, ratio):
     assert count_flops(model, x) <= ratio * count_flops(dense, x) * (1 + 1e-9)
 
 
+def test_alds_latency_budget_uses_only_timed_options_and_keeps_the_budget(net):
+    dense, x = net
+    costs = latency_costs(dense, x, groups=(1, 2), ranks=4, repeats=1, progress=False)
+    assert set(costs) == {"c1", "c2", "c3", "fc", "out"}
+    assert all("0,0" in c and len(c) > 1 for n, c in costs.items() if n != "out")
+    # replace the timings by a known cost, so the budget check is exact
+    fake = {n: {k: (1.0 if k == "0,0" else 0.1 * int(k.split(",")[1]) / 4) for k in c}
+            for n, c in costs.items()}
+    model = copy.deepcopy(dense)
+    report = lowrank(model, ALDS(latency_ratio=0.6, costs=fake), progress=False)
+    spent = 0.0
+    for lr in report.layers:
+        key = "0,0" if "note" in lr.detail else f"{lr.detail['groups']},{lr.detail['rank']}"
+        assert key in fake[lr.name]
+        spent += fake[lr.name][key]
+    assert spent <= 0.6 * len(fake) + 1e-9
+    with pytest.raises(PruneError, match="needs costs="):
+        ALDS(latency_ratio=0.5)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_minimax_allocation_matches_brute_force(data):
@@ -327,7 +348,7 @@ def test_bad_configs_and_missing_data(net):
         SVD(rank=2, rank_ratio=0.5)
     with pytest.raises(PruneError, match="rank_ratio"):
         SVD(rank_ratio=1.5)
-    with pytest.raises(PruneError, match="params_ratio or flops_ratio"):
+    with pytest.raises(PruneError, match="ALDS takes one budget, not params_ratio and flops_ratio"):
         ALDS(params_ratio=0.5, flops_ratio=0.5)
     with pytest.raises(PruneError, match="sequential"):
         ALDS(sequential=True)

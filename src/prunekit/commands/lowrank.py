@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--speedup", type=float, default=None,
                    help="factorize for this measured speedup on this machine (the method's "
                         "FLOPs budget moved until the measurement lands)")
+    p.add_argument("--budget", default="flops", choices=("flops", "latency"),
+                   help="what --speedup moves: the layers' FLOPs share, or (alds) their time "
+                        "in a table of every option measured on the --speedup-batch")
     p.add_argument("--speedup-batch", type=int, default=64,
                    help="batch size the --speedup is measured at")
     p.add_argument("--out", help="write the factorized model here (safetensors, atomic)")
@@ -72,11 +75,12 @@ def cmd_lowrank(args) -> int:
         batch = calibration_batches(get_info(args.model), n=args.speedup_batch,
                                     seed=args.seed + 1, batch_size=args.speedup_batch)[0]
         found = lowrank_for_speedup(model, config, calib, batch, args.speedup,
-                                    progress=not args.quiet)
+                                    budget=args.budget, progress=not args.quiet)
         report, data = found.report, found.to_dict()
+        what = "time" if found.budget == "latency" else "FLOPs"
         head = (f"measured speedup {found.measured:.2f}x at batch {args.speedup_batch} "
-                f"(target {args.speedup:g}x) with {found.flops_ratio:.3f} of the layers' "
-                f"FLOPs, after {len(found.rounds)} round(s)\n")
+                f"(target {args.speedup:g}x) with {found.kept:.3f} of the layers' {what}, "
+                f"after {len(found.rounds)} round(s)\n")
     else:
         report = lowrank(model, config, calib, progress=not args.quiet)
         data, head = report.to_dict(), ""

@@ -49,48 +49,71 @@ def lowrank_layer(weight: torch.Tensor, calib: torch.Tensor | None,
 
 @dataclass
 class LowRankSpeedup:
-    """What lowrank_for_speedup chose: the chosen layers' FLOPs share that built it, the
-    predicted speedup it stood for, the measured speedup, every round, and the report."""
+    """What lowrank_for_speedup chose: the budget ("flops" or "latency") and the share of the
+    chosen layers' FLOPs or tabled time that built it, the predicted speedup it stood for,
+    the measured speedup, every round, and the report."""
 
-    flops_ratio: float
+    budget: str
+    kept: float
     predicted_target: float
     measured: float
     rounds: list[dict] = field(default_factory=list)
     report: Report | None = None
 
     def to_dict(self) -> dict:
-        return {"flops_ratio": self.flops_ratio, "predicted_target": self.predicted_target,
+        return {"budget": self.budget, "kept": self.kept,
+                "predicted_target": self.predicted_target,
                 "measured": self.measured, "rounds": self.rounds,
                 "report": self.report.to_dict() if self.report else None}
 
 
 def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
-                        speedup: float, *, rounds: int = 5, band: float = 0.05,
-                        confirm: int = 1, repeats: int = 9,
+                        speedup: float, *, budget: str = "flops", rounds: int = 5,
+                        band: float = 0.05, confirm: int = 1, repeats: int = 9,
+                        costs: dict | None = None,
                         measure: Callable[[nn.Module, nn.Module], float] | None = None,
                         progress: bool = True) -> LowRankSpeedup:
     """Factorize `model` in place so that it runs at least `speedup` times faster on
-    `batch`, measured here (a measured-latency budget), factorizing as little as it can.
+    `batch`, measured here, factorizing as little as it can.
 
     A predicted speedup t asks `config` to keep 1/t of the chosen layers' FLOPs
-    (config.at_flops); the measured speedup of the factorized copy (dense and factorized
-    timed side by side, or `measure(dense, candidate)`) moves t, as the sparse path does
-    (prunekit.budget.meet_measured_speedup). Raises Unreachable with the best measured
-    speedup when no round reaches the target; the model is then left as it was."""
+    (budget="flops", config.at_flops) or, for ALDS, of their time in a table of every
+    option measured on `batch` (budget="latency": `costs`, or latency_costs measures it);
+    the measured speedup of the factorized copy (dense and factorized timed side by side,
+    or `measure(dense, candidate)`) moves t, as the sparse path does
+    (prunekit.budget.meet_measured_speedup). `kept` in the result is that share. Raises
+    Unreachable with the best measured speedup when no round reaches the target; the model
+    is then left as it was."""
+    from prunekit.lowrank.latency import latency_costs
+    from prunekit.lowrank.methods.alds import ALDS
+
     config = _check(config)
     if speedup < 1:
         raise PruneError(f"a speedup target is a factor >= 1, got {speedup}")
+    if budget not in ("flops", "latency"):
+        raise PruneError(f"budget must be 'flops' or 'latency', got {budget!r}")
+    if budget == "latency" and not isinstance(config, ALDS):
+        raise PruneError(f"a latency budget picks each layer's option from measured times: "
+                         f"ALDS does, {config.name} does not (use budget='flops')")
     config.at_flops(1.0)  # refuses a method with no FLOPs budget, before any work
     dense = copy.deepcopy(model).eval()
+    if budget == "latency" and costs is None:
+        costs = latency_costs(dense, batch, config.groups, config.rank_step,
+                              include=config.include, exclude=config.exclude,
+                              repeats=repeats, progress=progress)
+
+    def aimed(ratio: float) -> LowRankConfig:
+        return config.at_latency(ratio, costs) if budget == "latency" \
+            else config.at_flops(ratio)
 
     def build(t: float) -> dict:
         candidate = copy.deepcopy(dense)
         try:
-            report = run(candidate, config.at_flops(1 / t), calib, progress=False)
-        except Unreachable as e:  # a FLOPs share out of reach is a speedup out of reach
+            report = run(candidate, aimed(1 / t), calib, progress=False)
+        except Unreachable as e:  # a share out of reach is a speedup out of reach
             raise Unreachable(f"a predicted {t:.3f}x is out of reach: {e}", 1 / e.best) \
                 from None
-        return {"model": candidate, "report": report, "flops_ratio": 1 / t}
+        return {"model": candidate, "report": report, "kept": 1 / t}
 
     def measure_candidate(candidate: dict) -> float:
         if measure is not None:
@@ -109,5 +132,5 @@ def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
     for name in describe(chosen):
         pair = chosen.get_submodule(name)
         pair.train(replace_module(model, name, pair).training)
-    return LowRankSpeedup(found.model["flops_ratio"], found.predicted_target, found.measured,
+    return LowRankSpeedup(budget, found.model["kept"], found.predicted_target, found.measured,
                           found.rounds, found.model["report"])

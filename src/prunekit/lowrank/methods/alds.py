@@ -11,9 +11,11 @@ a parameter or FLOPs budget. Here the candidate (j, r) of every layer are enumer
 their exact relative error ||W - W'||_F^2 / ||W||_F^2 (the tail of each block's squared
 singular values), the smallest attainable largest error is found by bisection over those
 errors (for each threshold, every layer takes its cheapest option under it, dense included),
-and budget left over lowers the largest remaining errors greedily. A measured-latency budget
-is `prunekit.lowrank.lowrank_for_speedup`, which moves flops_ratio until the measured
-speedup lands.
+and budget left over lowers the largest remaining errors greedily. Under a measured-latency
+budget the cost of an option is its time from a table (`prunekit.lowrank.latency_costs`:
+each option timed on the layer's real input), and only the timed options are candidates;
+`prunekit.lowrank.lowrank_for_speedup` then moves the ratio until the measured speedup of
+the whole model lands.
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ from prunekit.errors import PruneError
 from prunekit.layers import weight_matrix
 from prunekit.lowrank.base import LowRankConfig, factor_groups, factored_params, register
 
+BUDGETS = ("params_ratio", "flops_ratio", "latency_ratio")
+
 
 @dataclass(frozen=True)
 class ALDS(LowRankConfig):
     """Per layer, j groups and rank r minimising the largest relative layer error.
 
-    params_ratio / flops_ratio: the share of the chosen layers' weights / FLOPs kept (at
-        most one; none means params_ratio=0.5). FLOPs need calibration data (each layer's
-        output positions).
+    params_ratio / flops_ratio / latency_ratio: the share of the chosen layers' weights /
+        FLOPs / measured time kept (at most one; none means params_ratio=0.5). FLOPs need
+        calibration data (each layer's output positions); latency needs `costs`.
+    costs: {layer: {"j,r": seconds}} with the dense layer under "0,0", from
+        prunekit.lowrank.latency_costs(model, batch).
     groups: the candidate j (a convolution's input channels must divide by j; a Linear
         takes j = 1). rank_step: candidate ranks are its multiples (8 or 16 suit vector
         units).
@@ -44,6 +50,8 @@ class ALDS(LowRankConfig):
 
     params_ratio: float | None = None
     flops_ratio: float | None = None
+    latency_ratio: float | None = None
+    costs: dict[str, dict[str, float]] | None = None
     groups: tuple[int, ...] = (1, 2, 4, 8)
     rank_step: int = 1
 
@@ -55,9 +63,13 @@ class ALDS(LowRankConfig):
         return "hessian" if self.flops_ratio is not None else "none"
 
     def check(self) -> None:
-        if self.params_ratio is not None and self.flops_ratio is not None:
-            raise PruneError("ALDS takes one budget: params_ratio or flops_ratio, not both")
-        for k in ("params_ratio", "flops_ratio"):
+        given = [k for k in BUDGETS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise PruneError(f"ALDS takes one budget, not {' and '.join(given)}")
+        if self.latency_ratio is not None and not self.costs:
+            raise PruneError("ALDS(latency_ratio=...) needs costs=, the measured time of each "
+                             "option: prunekit.lowrank.latency_costs(model, batch)")
+        for k in BUDGETS:
             v = getattr(self, k)
             if v is not None and not 0 < v <= 1:
                 raise PruneError(f"ALDS.{k} is the kept share in (0, 1], got {v}")
@@ -71,30 +83,41 @@ class ALDS(LowRankConfig):
 
     @property
     def ratio(self) -> float:
-        return self.flops_ratio or self.params_ratio or 0.5
+        return self.flops_ratio or self.params_ratio or self.latency_ratio or 0.5
 
-    def candidates(self, module: nn.Module, scale: float = 1.0) -> list[tuple]:
+    def candidates(self, name: str, module: nn.Module, scale: float = 1.0) -> list[tuple]:
         """(cost, relative error, j, r) of every way to factorize `module`, the dense layer
-        first as (cost, 0, 0, 0); cost is weights times `scale` (output positions)."""
+        first as (cost, 0, 0, 0). The cost is the option's weights times `scale` (output
+        positions), or under latency_ratio its time in `costs` (only timed options)."""
         w = weight_matrix(module).detach().double()
         out, inputs = w.shape
-        channels = module.in_channels if isinstance(module, nn.modules.conv._ConvNd) \
-            else inputs
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        channels = module.in_channels if conv else inputs
         norm = float(w.square().sum())
-        found = [(out * inputs * scale, 0.0, 0, 0)]
+        timed = None
+        if self.latency_ratio is not None:
+            timed = self.costs.get(name)
+            if timed is None or "0,0" not in timed:
+                raise PruneError(f"ALDS: costs= has no time for layer {name}; measure the "
+                                 f"table on this model (prunekit.lowrank.latency_costs)")
+        found = [(timed["0,0"] if timed else out * inputs * scale, 0.0, 0, 0)]
         for j in sorted(set(self.groups)):
-            if channels % j or (j > 1 and not isinstance(module, nn.modules.conv._ConvNd)):
+            if channels % j or (j > 1 and not conv):
                 continue
             cols = inputs // j
             s2 = torch.stack([torch.linalg.svdvals(w[:, g * cols:(g + 1) * cols]).square()
                               for g in range(j)]).sum(0)
-            tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,))  # tail[r] = sum_{i>=r}
+            tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,))  # sum over i >= r
             tail = torch.cat([tail, tail.new_zeros(1)])
             for r in range(self.rank_step, min(out, cols) + 1, self.rank_step):
                 p = factored_params(out, inputs, r, j)
                 if p >= out * inputs:
                     break
-                found.append((p * scale, float(tail[r]) / norm if norm > 0 else 0.0, j, r))
+                err = float(tail[r]) / norm if norm > 0 else 0.0
+                if timed is None:
+                    found.append((p * scale, err, j, r))
+                elif f"{j},{r}" in timed:
+                    found.append((timed[f"{j},{r}"], err, j, r))
         return found
 
     def plan(self, layers, stats):
@@ -103,7 +126,7 @@ class ALDS(LowRankConfig):
             if missing:
                 raise PruneError(f"ALDS(flops_ratio=...) counts FLOPs on calibration data; "
                                  f"layer {missing[0]} did not run on it")
-        options = [self.candidates(m, stats[n].rows if self.flops_ratio is not None else 1.0)
+        options = [self.candidates(n, m, stats[n].rows if self.flops_ratio is not None else 1.0)
                    for n, m in layers.items()]
         choice = minimax_allocation(options, self.ratio)
         return {n: torch.tensor(options[i][choice[i]][2:]) for i, n in enumerate(layers)}
@@ -119,10 +142,16 @@ class ALDS(LowRankConfig):
         return self.result(u, v, r, j)
 
     def at_flops(self, ratio):
-        return self.replace(flops_ratio=ratio, params_ratio=None)
+        return self.replace(flops_ratio=ratio, params_ratio=None, latency_ratio=None)
+
+    def at_latency(self, ratio: float, costs: dict) -> ALDS:
+        """This config keeping `ratio` of the chosen layers' time in the table `costs`."""
+        return self.replace(latency_ratio=ratio, costs=costs, params_ratio=None,
+                            flops_ratio=None)
 
     def target(self) -> dict:
-        return {"params_ratio": self.params_ratio, "flops_ratio": self.flops_ratio}
+        return {"params_ratio": self.params_ratio, "flops_ratio": self.flops_ratio,
+                "latency_ratio": self.latency_ratio}
 
 
 def minimax_allocation(options: list[list[tuple]], ratio: float) -> list[int]:
