@@ -228,11 +228,16 @@ def test_alds_never_exceeds_its_budget(net, ratio):
     assert count_flops(model, x) <= ratio * count_flops(dense, x) * (1 + 1e-9)
 
 
-def test_alds_latency_budget_uses_only_timed_options_and_keeps_the_budget(net):
+@pytest.mark.parametrize("timing", ["model", "hot"])
+def test_alds_latency_budget_uses_only_timed_options_and_keeps_the_budget(net, timing):
     dense, x = net
-    costs = latency_costs(dense, x, groups=(1, 2), ranks=4, repeats=1, progress=False)
+    costs = latency_costs(dense, x, groups=(1, 2), ranks=4, repeats=1, timing=timing,
+                          chunk=3, progress=False)
     assert set(costs) == {"c1", "c2", "c3", "fc", "out"}
-    assert all("0,0" in c and len(c) > 1 for n, c in costs.items() if n != "out")
+    keys = [tuple(map(int, k.split(","))) for k in costs["c2"]]  # (j, r); dense is (0, 0)
+    assert sorted(j for j, _ in keys) == [0] + [1] * 4 + [2] * 4  # 4 ranks per group count
+    assert all(r < 32 * 144 / (144 + 32 * j) for j, r in keys if j)  # each shrinks the layer
+    assert all(t > 0 for c in costs.values() for t in c.values())
     # replace the timings by a known cost, so the budget check is exact
     fake = {n: {k: (1.0 if k == "0,0" else 0.1 * int(k.split(",")[1]) / 4) for k in c}
             for n, c in costs.items()}

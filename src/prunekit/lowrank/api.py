@@ -70,7 +70,7 @@ class LowRankSpeedup:
 def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
                         speedup: float, *, budget: str = "flops", rounds: int = 5,
                         band: float = 0.05, confirm: int = 1, repeats: int = 9,
-                        costs: dict | None = None,
+                        costs: dict | None = None, timing: str = "model",
                         measure: Callable[[nn.Module, nn.Module], float] | None = None,
                         progress: bool = True) -> LowRankSpeedup:
     """Factorize `model` in place so that it runs at least `speedup` times faster on
@@ -78,7 +78,8 @@ def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
 
     A predicted speedup t asks `config` to keep 1/t of the chosen layers' FLOPs
     (budget="flops", config.at_flops) or, for ALDS, of their time in a table of every
-    option measured on `batch` (budget="latency": `costs`, or latency_costs measures it);
+    option measured on `batch` (budget="latency": `costs`, or latency_costs measures it as
+    `timing` says);
     the measured speedup of the factorized copy (dense and factorized timed side by side,
     or `measure(dense, candidate)`) moves t, as the sparse path does
     (prunekit.budget.meet_measured_speedup). `kept` in the result is that share. Raises
@@ -100,7 +101,7 @@ def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
     if budget == "latency" and costs is None:
         costs = latency_costs(dense, batch, config.groups, config.rank_step,
                               include=config.include, exclude=config.exclude,
-                              repeats=repeats, progress=progress)
+                              repeats=repeats, timing=timing, progress=progress)
 
     def aimed(ratio: float) -> LowRankConfig:
         return config.at_latency(ratio, costs) if budget == "latency" \
