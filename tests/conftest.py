@@ -1,5 +1,9 @@
+import ast
+import inspect
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +35,96 @@ def _allocator_left_alone(monkeypatch):
     import prunekit.runtime
 
     monkeypatch.setattr(prunekit.runtime, "keep_freed_memory", lambda: False)
+
+
+# -- the `data` tier --------------------------------------------------------------------
+# A test that reads the shared data folder ($PRUNEKIT_DATA: CIFAR-10, the CIFAR ResNets'
+# weights, STS-B, WikiText-2, TinyShakespeare) carries the `data` marker, so that
+# `-m "not slow and not data"` runs without it. The marker is applied here, not by hand:
+# a test is marked when its own code, the fixtures it uses or the module-level helpers they
+# call (followed transitively) use one of prunekit's data entry points. The guard below
+# holds the rule: a test that reads a file of the real data folder without the marker
+# fails and says so.
+
+_DATA_HINTS = re.compile(
+    r"pretrained=True|--pretrained|load_stsb|load_wikitext2|load_tinyshakespeare|"
+    r"cifar10_tensors|calibration_images|calibration_text|calibration_sentences|"
+    r"calibration_batches\((?!\s*[\"']tiny-)(?!\s*[\"']digits)|minilm_layers|load_cifar10")
+
+
+def _module_sources(module) -> dict[str, str]:
+    cache = getattr(module, "_prunekit_sources", None)
+    if cache is None:
+        try:
+            tree = ast.parse(inspect.getsource(module))
+            text = inspect.getsource(module).splitlines()
+        except (OSError, TypeError):
+            tree, text = ast.Module(body=[], type_ignores=[]), []
+        cache = {}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                cache[node.name] = "\n".join(text[node.lineno - 1:node.end_lineno])
+            elif isinstance(node, ast.Assign):
+                seg = "\n".join(text[node.lineno - 1:node.end_lineno])
+                for t in node.targets:
+                    if isinstance(t, ast.Name):
+                        cache[t.id] = seg
+        module._prunekit_sources = cache
+    return cache
+
+
+def _reads_data(item) -> bool:
+    seen: set[tuple[int, str]] = set()
+    todo: list[tuple[object, str]] = [(item.module, item.originalname)]
+    for fname, defs in item._fixtureinfo.name2fixturedefs.items():
+        if fname == "_data_guard":
+            continue
+        for fd in defs:
+            mod = inspect.getmodule(fd.func)
+            if mod is not None:
+                todo.append((mod, fd.func.__name__))
+    for deco in item.iter_markers("parametrize"):
+        if _DATA_HINTS.search(repr(deco.args)):
+            return True
+    while todo:
+        mod, name = todo.pop()
+        key = (id(mod), name)
+        if key in seen:
+            continue
+        seen.add(key)
+        src = _module_sources(mod).get(name)
+        if src is None:
+            continue
+        if _DATA_HINTS.search(src):
+            return True
+        names = _module_sources(mod)
+        for ref in set(re.findall(r"\b([A-Za-z_]\w*)\b", src)):
+            if ref in names and ref != name:
+                todo.append((mod, ref))
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, pytest.Function) and _reads_data(item):
+            item.add_marker(pytest.mark.data)
+
+
+@pytest.fixture(autouse=True)
+def _data_guard(request, monkeypatch):
+    """Fail an unmarked test that reads a file of the real data folder."""
+    if request.node.get_closest_marker("data") is not None:
+        return
+    from prunekit.data import files
+
+    real = files.data_dir(must_exist=False).resolve()
+    verify = files.verify
+
+    def guarded(path, entry):
+        if Path(path).resolve().is_relative_to(real):
+            pytest.fail(f"{request.node.nodeid} reads {path} from the shared data folder but "
+                        f"has no `data` marker: mark it @pytest.mark.data (and tell "
+                        f"conftest's _DATA_HINTS what it calls)")
+        return verify(path, entry)
+
+    monkeypatch.setattr(files, "verify", guarded)

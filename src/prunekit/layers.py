@@ -39,11 +39,57 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the layer's own weight layout, in place."""
     w = module.weight
+    write_weight(module, matrix.t() if is_hf_conv1d(module) else matrix.reshape(w.shape))
+
+
+def is_parametrized(module: nn.Module) -> bool:
+    """True when module.weight is computed by torch parametrizations (weight_norm, ...)."""
+    return nn.utils.parametrize.is_parametrized(module, "weight")
+
+
+def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Set the layer's weight (its own layout). A parametrized weight (weight_norm and the
+    like) is written through its parametrization's right inverse, so the underlying
+    parameters change and module.weight reads back `weight`; a plain one is copied in
+    place (tied modules see the change)."""
     with torch.no_grad():
-        if is_hf_conv1d(module):
-            w.copy_(matrix.t().to(w.dtype))
+        if is_parametrized(module):
+            module.weight = weight.to(module.weight.dtype)
         else:
-            w.copy_(matrix.reshape(w.shape).to(w.dtype))
+            module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def check_writable(name: str, module: nn.Module) -> None:
+    """Refuse, before any work, a layer whose weight cannot be written back."""
+    if not is_parametrized(module):
+        return
+    plist = module.parametrizations.weight
+    if not all(hasattr(p, "right_inverse") for p in plist):
+        kinds = ", ".join(type(p).__name__ for p in plist)
+        raise PruneError(f"{name}.weight is computed by a parametrization ({kinds}) with no "
+                         f"right_inverse, so a new weight cannot be written back into its "
+                         f"parameters; remove it first (torch.nn.utils.parametrize."
+                         f"remove_parametrizations(module, 'weight')) or exclude {name}")
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """The one home of tied-weight detection: for every parameter held under more than one
+    name in the model (an output head tied to the input embedding, shared blocks), map each
+    of its names to the others ('lm_head.weight': ['model.embed_tokens.weight'])."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m.named_parameters(recurse=False):
+            if p is not None:
+                full = f"{mname}.{pname}" if mname else pname
+                owners.setdefault(id(p), [])
+                if full not in owners[id(p)]:
+                    owners[id(p)].append(full)
+    out = {}
+    for names in owners.values():
+        if len(names) > 1:
+            for n in names:
+                out[n] = [o for o in names if o != n]
+    return out
 
 
 def groups_of(module: nn.Module) -> int:
@@ -98,7 +144,9 @@ def restored_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iter
     yielded list run (last first: a replaced module put back, an added buffer removed).
     Every module's own train/eval mode is restored either way (a BatchNorm frozen in eval
     inside a training model stays frozen)."""
-    originals = {n: m.weight.detach().clone() for n, m in layers.items()}
+    # every parameter of each layer (a parametrized weight lives in its parametrization's
+    # originals, which a write through the right inverse would not restore bit for bit)
+    originals = [(p, p.detach().clone()) for m in layers.values() for p in m.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     undo: list = []
     try:
@@ -107,8 +155,8 @@ def restored_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iter
         for step in reversed(undo):
             step()
         with torch.no_grad():
-            for n, m in layers.items():
-                m.weight.copy_(originals[n])
+            for p, saved in originals:
+                p.copy_(saved)
         raise
     finally:
         for m, mode in modes:

@@ -43,6 +43,11 @@ class Pattern:
         """Return a bool keep-mask of scores' shape that prunes the lowest scores."""
         raise NotImplementedError
 
+    def prunes_all(self, shape: tuple[int, int], sparsity: float) -> bool:
+        """True when `sparsity` would remove every weight of a matrix of this shape (or of a
+        whole row, for per-row counts): an emptied layer computes nothing."""
+        return False
+
     def check(self, mask: torch.Tensor, sparsity: float | None = None) -> None:
         """Raise PatternViolation unless `mask` (True = kept) obeys the pattern."""
         raise NotImplementedError
@@ -65,7 +70,7 @@ class Pattern:
 
 def _smallest_k_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
     """Keep-mask that drops exactly k smallest entries (per slice along `dim` if given)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones(scores.shape, dtype=torch.bool)
     if k <= 0:
         return keep
     if dim is None:
@@ -97,6 +102,10 @@ class Unstructured(Pattern):
         if self.per == "layer":
             return _smallest_k_mask(scores, _count_to_prune(scores.numel(), sparsity))
         return _smallest_k_mask(scores, _count_to_prune(scores.shape[1], sparsity), dim=1)
+
+    def prunes_all(self, shape, sparsity):
+        unit = shape[1] if self.per == "row" else shape[0] * shape[1]
+        return _count_to_prune(unit, sparsity) >= unit
 
     def check(self, mask, sparsity=None):
         if sparsity is None:
@@ -175,6 +184,10 @@ class Block1xN(Pattern):
                 f"{self.n}, but the weight has {shape[0]} rows; exclude this layer or use "
                 f"another pattern"
             )
+
+    def prunes_all(self, shape, sparsity):
+        blocks = (shape[0] // self.n) * shape[1]
+        return _count_to_prune(blocks, sparsity) >= blocks
 
     def block_scores(self, scores: torch.Tensor) -> torch.Tensor:
         rows, cols = scores.shape

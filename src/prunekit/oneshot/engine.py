@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -31,10 +31,12 @@ from prunekit.batches import as_batches
 from prunekit.config import Config
 from prunekit.errors import PruneError
 from prunekit.layers import (
+    check_writable,
     find_layers,
     groups_of,
     restored_on_error,
     set_weight_matrix,
+    shared_weights,
     weight_matrix,
 )
 from prunekit.oneshot.calibrate import Blockwise, LayerStats, collect_stats
@@ -89,6 +91,9 @@ class Transform(Config):
         last prunable layer of the model as it is.
     sequential: calibrate block by block (blocks: names or globs, default the longest
         ModuleList), so block k+1 is calibrated on the outputs of block k already transformed.
+    tied: a layer whose weight is shared with another module (an output head tied to the
+        input embedding) is left as it is ("skip", the default: the report says so), or
+        transformed once with every holder seeing the change ("change").
     """
 
     include: tuple[str, ...] = ("*",)
@@ -97,6 +102,7 @@ class Transform(Config):
     keep_last: bool = False
     sequential: bool = False
     blocks: tuple[str, ...] | None = None
+    tied: Literal["skip", "change"] = "skip"
 
     #: "none": the weights alone; "hessian": calibration inputs (H = X^T X per layer);
     #: "gradients": gradients of a loss (run_global does the work).
@@ -180,6 +186,7 @@ class Report:
     options: dict
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it was left as is
 
     @property
     def pattern(self) -> str | None:
@@ -212,6 +219,7 @@ class Report:
                    f"{lr.seconds:>7.2f}")
             lines.append(row + "".join(f" {str(lr.detail.get(k, '-')):>8}" for k in extra))
         what = " ".join(str(v) for k, v in self.target.items() if k == "pattern")
+        lines += [f"{name:<40} left as it is: {why}" for name, why in self.skipped.items()]
         lines.append(f"{self.method}{' ' + what if what else ''}: {len(self.layers)} layers, "
                      f"sparsity {self.sparsity:.3f}, {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -239,6 +247,31 @@ def select_layers(model: nn.Module, config: Transform) -> dict[str, nn.Module]:
                        config.keep_last)
 
 
+def untie(model: nn.Module, layers: dict[str, nn.Module], config: Transform
+          ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Layers whose weight another module also holds: left out (tied='skip') or kept once
+    (tied='change'); returns (layers to transform, {left-out layer: why})."""
+    shared = shared_weights(model)
+    out, skipped, done = {}, {}, set()
+    for name, module in layers.items():
+        others = shared.get(f"{name}.weight", [])
+        if not others:
+            out[name] = module
+            continue
+        if config.tied == "skip":
+            skipped[name] = (f"weight tied with {', '.join(others)} (tied='change' "
+                             f"transforms it, and so every holder)")
+        elif id(module.weight) in done:
+            skipped[name] = f"weight tied with {', '.join(others)}, transformed once already"
+        else:
+            done.add(id(module.weight))
+            out[name] = module
+    if not out:
+        raise PruneError(f"every chosen layer's weight is tied to another module "
+                         f"({', '.join(skipped)}); pass tied='change' to transform them")
+    return out, skipped
+
+
 def check_layers(layers: Mapping[str, nn.Module], config: Transform,
                  configs: Mapping[str, Transform] | None = None) -> None:
     """Every layer usable before any work: finite floating weights and what the config
@@ -253,6 +286,7 @@ def check_layers(layers: Mapping[str, nn.Module], config: Transform,
                              f"weights before transforming the model")
         if not torch.isfinite(w).all():
             raise PruneError(f"{name}.weight holds NaN or Inf; fix the weights before pruning")
+        check_writable(name, module)
         (configs or {}).get(name, config).check_layer(name, module)
 
 
@@ -276,7 +310,8 @@ def transform_module(name: str, module: nn.Module, config: Transform,
     """The config's result for one layer and its relative error; the module is unchanged."""
     if config.needs == "hessian" and stats is None:
         raise PruneError(f"{name}: {config.name} needs calibration data")
-    w = weight_matrix(module).detach().float().clone()
+    # a contiguous copy: GPT-2's Conv1D stores (in, out), so its (out, in) view is strided
+    w = weight_matrix(module).detach().float().clone(memory_format=torch.contiguous_format)
     groups = groups_of(module)
     plans = plan.chunk(groups) if plan is not None else [None] * groups
     parts = []
@@ -324,6 +359,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
     configs: dict[str, Transform] = {}
     if budget is not None:
         layers, configs = _budget_layers(model, layers, config, budget)
+    layers, skipped = untie(model, layers, config)
     check_layers(layers, config, configs)
     batches = as_batches(calib)
     if config.needs in ("hessian", "gradients") and not batches:
@@ -337,7 +373,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
         if not callable(loss_fn):
             raise PruneError(f"{config.name} needs gradients: pass loss_fn=lambda model, "
                              f"batch: <scalar loss>")
-    report = Report(config.name, config.target(), config.options())
+    report = Report(config.name, config.target(), config.options(), skipped=skipped)
     if budget is not None:
         report.options["budget"] = dict(budget)
     start = time.perf_counter()
@@ -361,6 +397,10 @@ def run(model: nn.Module, config: Transform, calib=None, *,
                 task = bar.add("calibrating", total=len(batches))
                 stats = collect_stats(model, layers, batches, lambda: bar.advance(task))
             _apply_stage(report, model, layers, stats, config, configs, undo, bar, "layers")
+    shared = shared_weights(model)
+    for lr in report.layers:  # tied='change': say which other holders changed with it
+        if shared.get(f"{lr.name}.weight"):
+            lr.detail["tied"] = "+".join(shared[f"{lr.name}.weight"])
     report.seconds = time.perf_counter() - start
     return report
 

@@ -95,7 +95,14 @@ class PruneConfig(Transform):
 
         w = weight_matrix(module)
         g = groups_of(module)
-        self.pattern_obj.validate_shape((w.shape[0] // g, w.shape[1]), name)
+        shape = (w.shape[0] // g, w.shape[1])
+        self.pattern_obj.validate_shape(shape, name)
+        if self.scope == "layer" and self.pattern_obj.prunes_all(shape, self.target_sparsity):
+            raise PruneError(f"{name}: sparsity {self.target_sparsity:g} would remove every "
+                             f"weight of its {shape[0]}x{shape[1]} matrix"
+                             f"{' row' if getattr(self.pattern_obj, 'per', '') == 'row' else ''}"
+                             f", which then computes nothing; lower the sparsity or exclude "
+                             f"{name}")
 
     # -- what a method defines ---------------------------------------------------------
 
