@@ -357,6 +357,8 @@ def test_bad_configs_and_missing_data(net):
         ALDS(params_ratio=0.5, flops_ratio=0.5)
     with pytest.raises(PruneError, match="sequential"):
         ALDS(sequential=True)
+    with pytest.raises(PruneError, match="tied='change' cannot hold for low rank"):
+        SVD(tied="change")
     with pytest.raises(PruneError, match="needs calibration data"):
         lowrank(dense, SVD(data_aware=True), progress=False)
     with pytest.raises(PruneError, match="low-rank config"):

@@ -90,6 +90,13 @@ class LowRankConfig(Transform):
 
     family: ClassVar[str] = "lowrank"
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tied == "change":
+            raise PruneError(f"{type(self).__name__}: tied='change' cannot hold for low rank: "
+                             f"a factorized layer is two new modules, so the other holders of "
+                             f"a tied weight would keep the old one; leave tied='skip'")
+
     def check_layer(self, name: str, module: nn.Module) -> None:
         if groups_of(module) > 1:
             raise PruneError(f"{name}: a grouped convolution (groups={groups_of(module)}) has "
