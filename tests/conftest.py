@@ -49,7 +49,8 @@ def _allocator_left_alone(monkeypatch):
 _DATA_HINTS = re.compile(
     r"pretrained=True|--pretrained|load_stsb|load_wikitext2|load_tinyshakespeare|"
     r"cifar10_tensors|calibration_images|calibration_text|calibration_sentences|"
-    r"calibration_batches\((?!\s*[\"']tiny-)(?!\s*[\"']digits)|minilm_layers|load_cifar10")
+    r"calibration_batches\((?!\s*[\"']tiny-)(?!\s*[\"']digits)|minilm_layers|load_cifar10|"
+    r"\[\"eval\", \"(?!digits)")
 
 
 def _module_sources(module) -> dict[str, str]:

@@ -140,3 +140,19 @@ def test_sparsity_for_speedup_meets_the_target():
         assert metrics.flops(m, pos)["theoretical_speedup"] == pytest.approx(target, rel=0.03)
     with pytest.raises(PruneError, match="cannot be met"):
         metrics.sparsity_for_speedup(model, pos, ["3"], 10.0)
+
+
+@pytest.mark.parametrize("option, words", [
+    ('keep_first = "no"', "keep_first must be true or false"),
+    ('blocksize = "64"', "blocksize must be an integer"),
+    ("blocksize = 0", "blocksize must be > 0"),
+    ("dampening = -1.0", "dampening must be >= 0"),
+])
+def test_method_option_types_are_checked_when_the_file_is_read(option, words):
+    """keep_first = "no" kept the first layer dense and blocksize = "64" failed every run at
+    run time; both are now refused when the file is read, with its line."""
+    text = BASE.replace("options = { blocksize = 16, exclude = [\"conv1\"] }",
+                        f"options = {{ {option} }}")
+    with pytest.raises(PruneError, match=words) as e:
+        parse_experiment(text, "exp.toml")
+    assert "exp.toml, line 13" in str(e.value)  # the options line

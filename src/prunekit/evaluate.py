@@ -22,21 +22,32 @@ from prunekit.progress import Progress
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  batch_size: int = 256, progress: bool = False) -> float:
-    """Top-1 accuracy in percent (the model is put in eval mode)."""
+def topk_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  ks: tuple[int, ...] = (1,), batch_size: int = 256,
+                  progress: bool = False) -> dict[int, float]:
+    """Top-k accuracies in percent for each k in ks, from one pass (the model is put in eval
+    mode): the one home of classification accuracy."""
     if len(images) != len(labels) or not len(images):
         raise PruneError(f"top-1 needs as many labels as images (at least one), got "
                          f"{len(images)} images and {len(labels)} labels")
     model.eval()
-    correct = 0
+    hits = dict.fromkeys(ks, 0)
     with Progress(enabled=progress) as bar:
         task = bar.add("top-1", total=len(images))
         for i in range(0, len(images), batch_size):
             logits = output_tensor(model(images[i:i + batch_size]))
-            correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
+            best = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+            hit = best == labels[i:i + batch_size, None]
+            for k in ks:
+                hits[k] += int(hit[:, :k].any(1).sum())
             bar.advance(task, len(logits))
-    return 100.0 * correct / len(images)
+    return {k: 100.0 * hits[k] / len(images) for k in ks}
+
+
+def top1_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  batch_size: int = 256, progress: bool = False) -> float:
+    """Top-1 accuracy in percent (the model is put in eval mode)."""
+    return topk_accuracy(model, images, labels, (1,), batch_size, progress)[1]
 
 
 @torch.no_grad()

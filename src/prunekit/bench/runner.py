@@ -41,7 +41,7 @@ def quality(model: nn.Module, spec: RunSpec) -> dict:
     """The model's standard metric on its dataset; image classifiers get top-1 and top-5 from
     one pass over the images."""
     from prunekit import data
-    from prunekit.evaluate import evaluate
+    from prunekit.evaluate import evaluate, topk_accuracy
 
     if spec.dataset in ("cifar10", "digits"):
         if spec.dataset == "cifar10":
@@ -49,15 +49,8 @@ def quality(model: nn.Module, spec: RunSpec) -> dict:
         else:
             x, y = data.load_digits("test")
             x, y = x[:spec.eval_limit], y[:spec.eval_limit]
-        model.eval()
-        top1 = top5 = 0
-        for i in range(0, len(x), 500):
-            logits = model(x[i:i + 500])
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = best == y[i:i + 500, None]
-            top1 += int(hit[:, 0].sum())
-            top5 += int(hit.any(1).sum())
-        return {"top1": 100.0 * top1 / len(x), "top5": 100.0 * top5 / len(x)}
+        acc = topk_accuracy(model, x, y, (1, 5), batch_size=500)
+        return {"top1": acc[1], "top5": acc[5]}
     return evaluate(model, spec.model, split=spec.eval_split, limit=spec.eval_limit)
 
 
