@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def provenance(args) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", None
     return {"command": "python " + " ".join(["benchmarks/equal_speedup.py", *sys.argv[1:]]),
-            "git_commit": commit, "git_dirty": dirty, "machine": machine_info(args.threads)}
+            "git_commit": commit, "git_dirty": dirty, "machine": machine_info(args.threads),
+            "load_average": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 class Store:
