@@ -19,12 +19,12 @@ from prunekit.lowrank import (
     Factorized,
     factor,
     factor_groups,
-    latency_costs,
     lowrank,
     lowrank_for_speedup,
     lowrank_layer,
     minimax_allocation,
 )
+from prunekit.lowrank.latency import latency_costs
 from prunekit.structured import count_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.budget.dp import Unreachable
 from prunekit.errors import PruneError
 from prunekit.layers import weight_matrix
 from prunekit.lowrank.base import LowRankConfig, factor_groups, factored_params, register
@@ -166,6 +165,8 @@ def minimax_allocation(options: list[list[tuple]], ratio: float) -> list[int]:
     budget = ratio * dense
     least = sum(float(c.min()) for c in costs)
     if least > budget * (1 + 1e-12):
+        from prunekit.budget.dp import Unreachable
+
         best = least / dense if dense else 1.0
         raise Unreachable(f"ALDS: a budget of {ratio:g} of the layers' cost cannot be met: the "
                           f"smallest factorization of every layer keeps {best:.4f}; give a "
