@@ -55,7 +55,8 @@ from prunekit.structured import count_flops, count_params
 
 RESULTS = Path(__file__).parent / "results" / "equal_speedup"
 RESNET_FAMILIES = ("uniform-l1", "dp-width", "amc", "alds", "svd-uniform", "sparse-1x16-spdy")
-MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "alds", "sparse-1x16-spdy")
+MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "svd-uniform", "alds",
+                   "sparse-1x16-spdy")
 STRUCTURED = ("uniform-l1", "uniform-width", "dp-width", "amc")
 
 
