@@ -296,6 +296,18 @@ def test_alds_is_no_worse_than_uniform_rank_in_its_largest_error(net):
     assert largest(ALDS(flops_ratio=0.4, groups=(1,))) <= largest(SVD(flops_ratio=0.4)) + 1e-6
 
 
+def test_data_aware_alds_is_no_worse_than_data_aware_uniform_rank(net):
+    dense, x = net
+    worst = {}
+    for cfg in (ALDS(flops_ratio=0.4, groups=(1,), data_aware=True, dampening=1e-6),
+                SVD(flops_ratio=0.4, data_aware=True, dampening=1e-6)):
+        report = lowrank(copy.deepcopy(dense), cfg, [x], progress=False)
+        worst[cfg.name] = max(lr.rel_error for lr in report.layers)
+    assert worst["alds"] <= worst["svd"] * (1 + 1e-3)
+    with pytest.raises(PruneError, match="groups=\\(1,\\)"):
+        ALDS(data_aware=True)
+
+
 def test_for_speedup_reaches_the_target_by_measure(net):
     dense, x = net
     model = copy.deepcopy(dense)
