@@ -34,7 +34,7 @@ from prunekit.layers import find_layers, weight_matrix
 from prunekit.lowrank.base import factored_params
 from prunekit.lowrank.modules import empty_factorized
 from prunekit.progress import Progress
-from prunekit.runtime.convert import layer_inputs, set_submodule
+from prunekit.runtime.convert import layer_inputs
 from prunekit.runtime.latency import time_calls
 
 
@@ -139,7 +139,7 @@ def _in_model(model, batch, layers, by_signature, options, repeats, chunk, gen,
                 for n in names:
                     if k < len(option_of[n]):
                         j, r = option_of[n][k]
-                        set_submodule(variant, n, _pair(layers[n], j, r, gen))
+                        variant.set_submodule(n, _pair(layers[n], j, r, gen))
                 variants[str(k)] = variant
             samples = timed_forwards(variants, names, batch, repeats)
             for n in names:

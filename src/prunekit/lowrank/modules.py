@@ -110,10 +110,8 @@ def factorized(module: nn.Module, u: torch.Tensor, v: torch.Tensor,
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` where `name` is in `model`; returns the module it replaced."""
-    from prunekit.runtime.convert import set_submodule  # runtime is heavy: on first use
-
     old = model.get_submodule(name)
-    set_submodule(model, name, new)
+    model.set_submodule(name, new)
     return old
 
 
