@@ -298,7 +298,7 @@ def test_in_model_table_times_layers_inside_the_pass(tmp_path, monkeypatch):
     only_dense = build_latency_table(model, x, (0.0,), repeats=3, progress=False)
     assert only_dense.times == {"square": [2.0], "head": [1.0]} and only_dense.other == 4.0
     passes = []
-    monkeypatch.setattr(lt_mod, "_timed_forwards", lambda *a: passes.append(1))
+    monkeypatch.setattr(lt_mod, "timed_forwards", lambda *a: passes.append(1))
     again = build_latency_table(model, x, (0.0,), repeats=3, progress=False)
     assert passes == [] and again.times == only_dense.times  # read from the cache
 
@@ -313,7 +313,7 @@ def test_in_model_table_charges_time_outside_the_layers_to_the_kernel(tmp_path, 
         sparse = {"total": [9.0], "layers.0": [1.0], "layers.1": [1.0]}  # outside: 7
         return {v: dense if v == "dense" else sparse for v in variants}
 
-    monkeypatch.setattr(lt_mod, "_timed_forwards", fake)
+    monkeypatch.setattr(lt_mod, "timed_forwards", fake)
     model, x = MLP((64, 256, 64)), torch.randn(8, 64)
     table = build_latency_table(model, x, (0.0, 0.9), pattern="1x16", timing="model",
                                 kernels=("dense", "csr"), progress=False)
@@ -329,8 +329,8 @@ def test_in_model_table_resumes_by_level_and_is_keyed_apart(tmp_path, monkeypatc
     torch.manual_seed(0)
     model, x, levels = MLP((64, 256, 64)), torch.randn(8, 64), (0.0, 0.5, 0.9)
     passes = []
-    real = lt_mod._timed_forwards
-    monkeypatch.setattr(lt_mod, "_timed_forwards",
+    real = lt_mod.timed_forwards
+    monkeypatch.setattr(lt_mod, "timed_forwards",
                         lambda variants, *a: passes.append(sorted(variants)) or real(variants, *a))
     drawn = []
     real_probe = lt_mod._probe_weights

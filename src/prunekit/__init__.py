@@ -1,6 +1,7 @@
 """prunekit: make neural networks smaller and faster by pruning, and measure what it buys."""
 
 from prunekit.errors import PruneError
+from prunekit.lowrank import ALDS, SVD, lowrank
 from prunekit.oneshot import (
     METHODS,
     OBS,
@@ -46,4 +47,5 @@ __all__ = [
     "Block1xN",
     "Pattern", "Unstructured", "get_pattern", "ChannelPrune", "ShrinkReport", "shrink",
     "GPTQ", "OBQ", "RTN", "Grid", "QuantizedWeight", "quantize", "quantize_layer",
+    "ALDS", "SVD", "lowrank",
 ]

@@ -198,7 +198,7 @@ def _monotone(times: list[float], chosen: list[str]) -> None:
             times[i], chosen[i] = times[i - 1], chosen[i - 1]
 
 
-def _timed_forwards(variants: dict[str, nn.Module], names, batch, repeats: int) -> dict:
+def timed_forwards(variants: dict[str, nn.Module], names, batch, repeats: int) -> dict:
     """Run the variants in interleaved rounds, timing each named layer inside the forward
     pass with hooks (a layer that runs twice in one pass is summed). Returns
     {variant: {"total": [seconds per pass], layer: [seconds per pass]}}."""
@@ -259,7 +259,7 @@ def _measure_in_model(model, batch, layers, levels, pattern, kernels, repeats, g
             served[kind] = [lc.name for lc in report.layers if lc.kernel == kind]
             if served[kind]:
                 variants[kind] = variant
-        t = _timed_forwards(variants, names, batch, repeats)
+        t = timed_forwards(variants, names, batch, repeats)
         med = {v: {k: statistics.median(x) for k, x in d.items()} for v, d in t.items()}
         # a kernel can change the time spent outside the layers too (the ops after a layer
         # read its output's memory layout): that change is charged to the layers the kernel
@@ -280,7 +280,7 @@ def _measure_in_model(model, batch, layers, levels, pattern, kernels, repeats, g
         atomic_write_text(path, json.dumps(state, indent=1))
         bar.advance(task)
     if len(levels) == 1 and "0" not in done:  # only the dense level: time the dense model
-        t = _timed_forwards({"dense": model}, names, batch, repeats)["dense"]
+        t = timed_forwards({"dense": model}, names, batch, repeats)["dense"]
         done["0"] = {"ratios": {}, "dense": {n: t[n] for n in names}, "total": t["total"]}
     # every dense pass of every level pooled: one in-model dense time per layer
     base = {n: statistics.median(x for d in done.values() for x in d["dense"][n])

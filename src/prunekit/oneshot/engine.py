@@ -44,7 +44,8 @@ from prunekit.progress import Progress
 from prunekit.registry import Registry
 
 #: Every one-shot method of every family (pruning, quantization, low rank), by name.
-METHODS = Registry("method", packages=("prunekit.oneshot.methods", "prunekit.quant.methods"))
+METHODS = Registry("method", packages=("prunekit.oneshot.methods", "prunekit.quant.methods",
+                                      "prunekit.lowrank.methods"))
 
 
 @dataclass

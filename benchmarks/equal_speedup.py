@@ -1,0 +1,492 @@
+"""Which compression family wins at equal measured speedup.
+
+Every cell is one family at one seed, compressed until its measured speedup over the dense
+model lands in [target, target x (1 + --band)] (batch --batch, --threads thread(s), freed
+memory kept, dense and compressed timed side by side: prunekit.budget.meet_measured_speedup
+and the loops built on it), then given the same short fine-tune, and timed again. A family
+that cannot reach the target records the best it measured.
+
+Sections (--sections):
+- layer_error: data-aware SVD against plain SVD at equal rank on every MiniLM layer, the
+  relative output error on the calibration rows and on held-out rows (target: >= 2x lower).
+- resnet56: ResNet-56 on CIFAR-10 at --target (1.5x): uniform L1 channels, the DP-width
+  budget, AMC, ALDS low-rank (measured-latency table), uniform-rank SVD (ALDS's baseline),
+  1x16 sparse with SPDY; then the same fine-tune (benchmarks/structured.py's: SGD, cosine,
+  standard augmentation, one pass over a class-balanced --train-images subset) for each,
+  top-1 on the first --test-images test images; --seeds seeds (calibration draw, fine-tune
+  subset and order, AMC's agent).
+- minilm: MiniLM on STS-B at --minilm-target (1.5x), no fine-tune: heads and neurons
+  shrunk (uniform and DP), data-aware low-rank SVD, ALDS, 1x16 sparse with SPDY; STS-B
+  test Spearman.
+- smollm2: pending until the real-LLM issue's SmolLM2 lands (recorded as such).
+
+Families that need the refactored structured package (uniform channels, DP widths, AMC)
+are recorded as pending where it is missing. Results go to --out-dir (one JSON per section,
+written atomically after every cell, and summary.md); a rerun with the same settings skips
+finished cells, so an interrupted run resumes. Provenance (command, git commit, torch, CPU,
+threads, allocator) is in every file.
+
+    python benchmarks/equal_speedup.py --sections layer_error
+    python benchmarks/equal_speedup.py --sections resnet56 --families alds,sparse-1x16-spdy
+    python benchmarks/equal_speedup.py            # everything: hours on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.budget import Unreachable, converted_speedup, prune_for_speedup
+from prunekit.commands.common import add_malloc_option, apply_malloc_option
+from prunekit.io import atomic_write_text
+from prunekit.lowrank import ALDS, SVD, lowrank_for_speedup
+from prunekit.runtime import machine_info, measure_latency
+from prunekit.structured import count_flops, count_params
+
+RESULTS = Path(__file__).parent / "results" / "equal_speedup"
+RESNET_FAMILIES = ("uniform-l1", "dp-width", "amc", "alds", "svd-uniform", "sparse-1x16-spdy")
+MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "svd-uniform", "alds",
+                   "alds-data-aware", "sparse-1x16-spdy")
+STRUCTURED = ("uniform-l1", "uniform-width", "dp-width", "amc")
+
+
+def provenance(args) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", None
+    return {"command": "python " + " ".join(["benchmarks/equal_speedup.py", *sys.argv[1:]]),
+            "git_commit": commit, "git_dirty": dirty, "machine": machine_info(args.threads),
+            "load_average": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class Store:
+    """One section's results file: cells by key, written atomically after each."""
+
+    def __init__(self, path: Path, settings: dict, args):
+        self.path = path
+        old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+        if old.get("settings") != settings:
+            old = {}  # other settings: start over rather than mix
+        self.data = old
+        self.data["settings"] = settings
+        runs = self.data.setdefault("runs", [])
+        runs.append(provenance(args))
+        self.data.setdefault("cells", {})
+
+    @property
+    def cells(self) -> dict:
+        return self.data["cells"]
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
+
+
+def speedup_of(dense, model, batch, repeats, sparse=False) -> float:
+    """Dense over compressed median time, side by side (sparse: converted to the fastest
+    kernel per layer first)."""
+    if sparse:
+        return converted_speedup(dense, model, batch, repeats=repeats)
+    r = measure_latency({"dense": dense, "model": model}, batch, repeats=repeats)
+    return r["dense"]["median_ms"] / r["model"]["median_ms"]
+
+
+def log(args, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+# -- compression by family ----------------------------------------------------------------
+
+def compress_lowrank(dense, config, calib, batch, target, args, budget):
+    model = copy.deepcopy(dense)
+    found = lowrank_for_speedup(model, config, calib, batch, target, budget=budget,
+                                rounds=args.rounds, band=args.band, confirm=args.confirm,
+                                repeats=args.repeats, progress=not args.quiet)
+    return model, {"measured": found.measured, "kept_share": found.kept,
+                   "budget": found.budget, "rounds": found.rounds,
+                   "ranks": {lr.name: [lr.detail.get("groups"), lr.detail.get("rank")]
+                             for lr in found.report.layers}}
+
+
+def compress_sparse(dense, calib, batch, target, args):
+    from prunekit import SparseGPT
+
+    model = copy.deepcopy(dense)
+    res = prune_for_speedup(model, SparseGPT(pattern="1x16"), calib, batch, target, "spdy",
+                            steps=args.spdy_steps, rounds=args.rounds, band=args.band,
+                            confirm=args.confirm, repeats=args.repeats,
+                            progress=not args.quiet)
+    return model, {"measured": res.measured, "predicted_target": res.predicted_target,
+                   "rounds": res.rounds, "budget_levels": res.budget,
+                   "skipped": list(res.skipped)}
+
+
+def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
+    """(model, info) for one family, or raise Unreachable / NotImplementedError."""
+    if family == "alds":
+        return compress_lowrank(dense, ALDS(rank_step=args.rank_step), calib, batch, target,
+                                args, "latency")
+    if family == "alds-data-aware":  # ALDS's allocation, data-aware errors (one group)
+        return compress_lowrank(dense, ALDS(rank_step=args.rank_step, groups=(1,),
+                                            data_aware=True), calib, batch, target, args,
+                                "latency")
+    if family == "svd-uniform":
+        return compress_lowrank(dense, SVD(round_to=args.rank_step), calib, batch, target,
+                                args, "flops")
+    if family == "svd-data-aware":
+        return compress_lowrank(dense, SVD(data_aware=True, round_to=args.rank_step), calib,
+                                batch, target, args, "flops")
+    if family == "sparse-1x16-spdy":
+        return compress_sparse(dense, calib, batch, target, args)
+    raise NotImplementedError(f"{family}: needs the refactored prunekit.structured (the "
+                              f"struct branch), not on this branch yet")
+
+
+# -- sections -------------------------------------------------------------------------------
+
+def section_layer_error(args) -> dict:
+    """Data-aware vs plain SVD at equal rank on every MiniLM layer."""
+    from prunekit.layers import find_layers
+    from prunekit.models import calibration_batches, create
+    from prunekit.oneshot.calibrate import collect_stats
+    from prunekit.oneshot.engine import layer_levels, relative_error
+
+    settings = {"calib": args.calib_sentences, "levels": args.rank_ratios}
+    store = Store(args.out_dir / "layer_error.json", settings, args)
+    if "layers" in store.cells:
+        return store.data
+    model = create("minilm", pretrained=True).eval()
+    calib = calibration_batches("minilm", n=args.calib_sentences, seed=0)
+    held = calibration_batches("minilm", n=args.calib_sentences, seed=1)
+    layers = find_layers(model)
+    held_stats = collect_stats(model, layers, held)
+    out = {}
+    t0 = time.perf_counter()
+    for aware in (False, True):
+        weights, errors = layer_levels(model, SVD(data_aware=aware), calib, args.rank_ratios,
+                                       progress=not args.quiet)
+        for name, module in layers.items():
+            w = module.weight.detach()
+            row = out.setdefault(name, {"shape": list(w.shape)})
+            row["data_aware" if aware else "plain"] = {
+                "calib": errors[name],
+                "held_out": [relative_error(w, new, held_stats[name], 1)
+                             for new in weights[name]]}
+    store.cells["layers"] = out
+    store.cells["seconds"] = time.perf_counter() - t0
+    ratios = {}
+    for where in ("calib", "held_out"):
+        for i, lv in enumerate(args.rank_ratios):
+            r = [row["plain"][where][i] / row["data_aware"][where][i] for row in out.values()
+                 if row["data_aware"][where][i] > 0]
+            total_p = sum(row["plain"][where][i] for row in out.values())
+            total_a = sum(row["data_aware"][where][i] for row in out.values())
+            ratios[f"{where}/{lv:g}"] = {"median": statistics.median(r), "min": min(r),
+                                         "geomean": statistics.geometric_mean(r),
+                                         "layers": len(r), "summed": total_p / total_a}
+    store.cells["ratios"] = ratios
+    store.save()
+    return store.data
+
+
+def resnet_data(args, seed):
+    from prunekit.data import cifar10_tensors
+    from prunekit.models import calibration_batches
+    from structured import balanced_subset
+
+    calib = calibration_batches("resnet56-cifar10", n=args.calib, seed=seed)
+    batch = calibration_batches("resnet56-cifar10", n=args.batch, seed=100 + seed,
+                                batch_size=args.batch)[0]
+    xtr, ytr = cifar10_tensors("train")
+    xtr, ytr = balanced_subset(xtr, ytr, args.train_images, seed)
+    return calib, batch, xtr, ytr
+
+
+def section_resnet56(args) -> dict:
+    from prunekit.data import cifar10_tensors
+    from prunekit.evaluate import top1_accuracy
+    from prunekit.models import create
+    from structured import fine_tune
+
+    settings = {k: getattr(args, k) for k in ("target", "batch", "threads", "calib",
+                                              "train_images", "test_images", "epochs",
+                                              "lr", "band", "rank_step", "spdy_steps",
+                                              "amc_episodes")}
+    store = Store(args.out_dir / "resnet56.json", settings, args)
+    dense = create("resnet56-cifar10", pretrained=True).eval()
+    example = torch.randn(1, 3, 32, 32)
+    xt, yt = cifar10_tensors("test", limit=args.test_images)
+    if "dense" not in store.cells:
+        store.cells["dense"] = {"top1": top1_accuracy(dense, xt, yt),
+                                "params": count_params(dense),
+                                "flops": count_flops(dense, example)}
+        store.save()
+    for seed in args.seeds:
+        calib, batch, xtr, ytr = resnet_data(args, seed)
+        for family in args.families:
+            if family not in RESNET_FAMILIES:
+                continue
+            key = f"{family}/seed{seed}"
+            if key in store.cells and ("top1_finetuned" in store.cells[key] or
+                                       "unreachable" in store.cells[key]):
+                continue
+            log(args, f"resnet56 {key}")
+            cell = {"family": family, "seed": seed}
+            t0 = time.perf_counter()
+            try:
+                model, info = compress(family, dense, calib, batch, args.target, args, seed)
+            except Unreachable as e:
+                cell.update(unreachable=str(e), best_measured=e.best,
+                            seconds=time.perf_counter() - t0)
+                store.cells[key] = cell
+                store.save()
+                continue
+            except NotImplementedError as e:
+                store.cells[key] = {**cell, "pending": str(e)}
+                store.save()
+                continue
+            sparse = family.startswith("sparse")
+            cell.update(info, compress_seconds=time.perf_counter() - t0,
+                        params=count_params(model), flops=count_flops(model, example),
+                        top1_compressed=top1_accuracy(model, xt, yt))
+            store.cells[key] = cell
+            store.save()
+            t0 = time.perf_counter()
+            holder = keep_zeros(model) if sparse else None
+            try:
+                fine_tune(model, xtr, ytr, args.epochs, 64, args.lr, seed, args.quiet)
+            finally:
+                if holder is not None:
+                    holder()
+            cell["finetune_seconds"] = time.perf_counter() - t0
+            cell["top1_finetuned"] = top1_accuracy(model, xt, yt)
+            cell["speedup_finetuned"] = speedup_of(dense, model, batch, args.repeats, sparse)
+            store.save()
+            log(args, f"resnet56 {key}: {cell['measured']:.3f}x, top-1 "
+                      f"{cell['top1_compressed']:.2f} -> {cell['top1_finetuned']:.2f}")
+    return store.data
+
+
+def keep_zeros(model: nn.Module):
+    """Keep every zero weight of the prunable layers at zero through any optimizer step (the
+    sparse family's fine-tune); returns the function that stops it."""
+    from prunekit.train import MaskHolder
+
+    holder = MaskHolder(model)
+    for name, w in holder.weights.items():
+        holder.set_mask(name, w != 0)
+    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *a: holder.apply())
+
+    def stop():
+        hook.remove()
+        holder.remove()
+    return stop
+
+
+def section_minilm(args) -> dict:
+    from prunekit.data import load_stsb
+    from prunekit.evaluate import stsb_spearman
+    from prunekit.models import calibration_batches, create
+
+    settings = {k: getattr(args, k) for k in ("minilm_target", "batch", "threads",
+                                              "calib_sentences", "band", "rank_step",
+                                              "spdy_steps")}
+    store = Store(args.out_dir / "minilm.json", settings, args)
+    dense = create("minilm", pretrained=True).eval()
+    tok = dense.tokenizer
+    pairs = load_stsb("test")
+    if "dense" not in store.cells:
+        store.cells["dense"] = {"stsb_spearman": stsb_spearman(dense, tok, pairs),
+                                "params": count_params(dense)}
+        store.save()
+    calib = calibration_batches("minilm", n=args.calib_sentences, seed=0)
+    batch = calibration_batches("minilm", n=args.batch, seed=1, batch_size=args.batch)[0]
+    store.data["timed_batch"] = {k: list(v.shape) for k, v in batch.items()}
+    for family in args.families:
+        if family not in MINILM_FAMILIES:
+            continue
+        key = family
+        if key in store.cells and ("stsb_spearman" in store.cells[key] or
+                                   "unreachable" in store.cells[key]):
+            continue
+        log(args, f"minilm {key}")
+        cell = {"family": family}
+        t0 = time.perf_counter()
+        try:
+            model, info = compress(family, dense, calib, batch, args.minilm_target, args, 0)
+        except Unreachable as e:
+            store.cells[key] = {**cell, "unreachable": str(e), "best_measured": e.best,
+                                "seconds": time.perf_counter() - t0}
+            store.save()
+            continue
+        except NotImplementedError as e:
+            store.cells[key] = {**cell, "pending": str(e)}
+            store.save()
+            continue
+        cell.update(info, compress_seconds=time.perf_counter() - t0,
+                    params=count_params(model), stsb_spearman=stsb_spearman(model, tok, pairs))
+        store.cells[key] = cell
+        store.save()
+        log(args, f"minilm {key}: {cell['measured']:.3f}x, STS-B {cell['stsb_spearman']:.4f}")
+    return store.data
+
+
+def section_smollm2(args) -> dict:
+    store = Store(args.out_dir / "smollm2.json", {}, args)
+    try:
+        from prunekit.models import get_info
+        get_info("smollm2")
+    except Exception as e:  # the registry names the models it has
+        store.cells["status"] = (f"pending: SmolLM2 is not a prunekit model on this branch "
+                                 f"(the real-LLM issue's branch has not landed): {e}")
+        store.save()
+        return store.data
+    store.cells["status"] = "pending: SmolLM2 rows are not written yet"
+    store.save()
+    return store.data
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def summary(results: dict) -> str:
+    lines = []
+    le = results.get("layer_error", {}).get("cells", {}).get("ratios")
+    if le:
+        lines.append("MiniLM layers: plain SVD error / data-aware SVD error at equal rank "
+                     "(per-layer ratios)")
+        lines.append(f"{'rows/rank ratio':<18}{'median':>8}{'geomean':>9}{'min':>7}"
+                     f"{'summed':>8}")
+        for k, v in le.items():
+            lines.append(f"{k:<18}{v['median']:>8.2f}{v['geomean']:>9.2f}{v['min']:>7.2f}"
+                         f"{v['summed']:>8.2f}")
+    r = results.get("resnet56", {}).get("cells", {})
+    if r:
+        d = r.get("dense", {})
+        lines.append("")
+        lines.append(f"ResNet-56 / CIFAR-10, target {results['resnet56']['settings']['target']}"
+                     f"x measured (dense top-1 {d.get('top1', float('nan')):.2f})")
+        lines.append(f"{'family':<18}{'seed':>5}{'speedup':>8}{'tuned x':>8}{'FLOPs x':>8}"
+                     f"{'top1 cut':>9}{'top1 tuned':>11}")
+        for k, c in r.items():
+            if k == "dense":
+                continue
+            lines.append(_resnet_row(c, d))
+        lines += _means(r)
+    m = results.get("minilm", {}).get("cells", {})
+    if m:
+        lines.append("")
+        lines.append(f"MiniLM / STS-B, target {results['minilm']['settings']['minilm_target']}"
+                     f"x measured, no fine-tune (dense Spearman "
+                     f"{m.get('dense', {}).get('stsb_spearman', float('nan')):.4f})")
+        for k, c in m.items():
+            if k == "dense":
+                continue
+            if "stsb_spearman" in c:
+                lines.append(f"{k:<18} speedup {c['measured']:.3f}x  params {c['params']:>9}  "
+                             f"STS-B {c['stsb_spearman']:.4f}")
+            else:
+                lines.append(f"{k:<18} {_missing(c)}")
+    s = results.get("smollm2", {}).get("cells", {})
+    if s:
+        lines += ["", f"SmolLM2: {s.get('status')}"]
+    return "\n".join(lines)
+
+
+def _missing(c) -> str:
+    if "unreachable" in c:
+        return f"target not reached: best measured {c['best_measured']:.3f}x"
+    return c.get("pending", "not run")
+
+
+def _resnet_row(c, d) -> str:
+    head = f"{c['family']:<18}{c['seed']:>5}"
+    if "top1_finetuned" not in c:
+        return head + "  " + _missing(c)
+    return (head + f"{c['measured']:>8.3f}{c['speedup_finetuned']:>8.3f}"
+            f"{c['flops'] / d['flops']:>8.3f}{c['top1_compressed']:>9.2f}"
+            f"{c['top1_finetuned']:>11.2f}")
+
+
+def _means(cells) -> list[str]:
+    by = {}
+    for k, c in cells.items():
+        if k != "dense" and "top1_finetuned" in c:
+            by.setdefault(c["family"], []).append(c)
+    out = ["mean over seeds:"] if by else []
+    for fam, cs in by.items():
+        t = [c["top1_finetuned"] for c in cs]
+        sd = statistics.stdev(t) if len(t) > 1 else 0.0
+        out.append(f"  {fam:<18} top-1 {statistics.mean(t):.2f} +- {sd:.2f} at "
+                   f"{statistics.mean(c['measured'] for c in cs):.3f}x ({len(cs)} seeds)")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="layer_error,resnet56,minilm,smollm2")
+    p.add_argument("--families", default=",".join(dict.fromkeys(RESNET_FAMILIES +
+                                                                 MINILM_FAMILIES)))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--target", type=float, default=1.5, help="ResNet-56 measured speedup")
+    p.add_argument("--minilm-target", type=float, default=1.5)
+    p.add_argument("--batch", type=int, default=64, help="batch the speedup is measured at")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--band", type=float, default=0.05)
+    p.add_argument("--confirm", type=int, default=1)
+    p.add_argument("--calib", type=int, default=256, help="ResNet-56 calibration images")
+    p.add_argument("--calib-sentences", type=int, default=128)
+    p.add_argument("--rank-ratios", default="0.125,0.25,0.375")
+    p.add_argument("--rank-step", type=int, default=2)
+    p.add_argument("--spdy-steps", type=int, default=60)
+    p.add_argument("--amc-episodes", type=int, default=200)
+    p.add_argument("--train-images", type=int, default=4000)
+    p.add_argument("--test-images", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    p.add_argument("--quiet", action="store_true")
+    add_malloc_option(p)
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.families = [f for f in args.families.split(",") if f]
+    args.rank_ratios = [float(x) for x in args.rank_ratios.split(",")]
+    args.out_dir = Path(args.out_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    apply_malloc_option(args)
+    torch.set_num_threads(args.threads)
+    sections = {"layer_error": section_layer_error, "resnet56": section_resnet56,
+                "minilm": section_minilm, "smollm2": section_smollm2}
+    for s in args.sections.split(","):
+        if s not in sections:
+            p.error(f"unknown section {s}; choose from {', '.join(sections)}")
+        sections[s](args)
+    results = {s: json.loads((args.out_dir / f"{s}.json").read_text())
+               for s in sections if (args.out_dir / f"{s}.json").exists()}
+    text = summary(results)
+    atomic_write_text(args.out_dir / "summary.md",
+                      "# Compression families at equal measured speedup\n\n"
+                      f"Latest command: `{provenance(args)['command']}`\n\n```\n{text}\n```\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
