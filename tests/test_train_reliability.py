@@ -247,6 +247,7 @@ def test_load_sparse_refuses_a_corrupt_file_before_changing_anything(tmp_path, c
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from prunekit.io import CHECKSUM_KEY
     from prunekit.train import load_sparse, save_sparse
 
     model = small_net()
@@ -255,6 +256,9 @@ def test_load_sparse_refuses_a_corrupt_file_before_changing_anything(tmp_path, c
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     corrupt(tensors)
+    # as another tool would write it: without the sha256 of the tensors (which alone would
+    # refuse the file), so the content checks are what must refuse it
+    meta.pop(CHECKSUM_KEY)
     save_file(tensors, str(path), metadata=meta)
     model2 = small_net()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
