@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prunekit.bench.store import ResultStore
 from prunekit.errors import PruneError
-from prunekit.io import atomic_write, atomic_write_text
+from prunekit.io import atomic_write, atomic_write_text, check_output
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -233,7 +233,8 @@ img{max-width:100%;display:block;margin:1em 0}code{background:#f4f4f4}"""
 
 def write_report(db: str | Path, out: str | Path, prefix: str = "") -> dict:
     """Read `db` (read-only), write PNGs and report.html under `out`; returns
-    {'text': terminal tables, 'html': path, 'pngs': [paths]}."""
+    {'text': terminal tables, 'html': path, 'pngs': [paths]}. `out` is checked first."""
+    check_output(out, "report folder", folder=True)
     with ResultStore(db, readonly=True) as store:
         rows = store.rows()
         failed = store.rows(status="failed")
