@@ -92,7 +92,7 @@ def test_a_wrong_type_is_refused_by_name_before_any_work(name, param, bad):
     (lambda m, o: L0(m, o, density=0.5, t_end=10, gate_lr=-1.0), "L0.gate_lr"),
     (lambda m, o: L0(m, o, density=0.5, t_end=10, dual_lr=0.0), "L0.dual_lr"),
     (lambda m, o: L0(m, o, density=0.5, t_end=10, zeta=float("inf")), "L0.zeta"),
-    (lambda m, o: SNIP(m, o, density=0.5, data=[batch()], num_batches=10 ** 30), "gave only"),
+    (lambda m, o: SNIP(m, o, density=0.5, data=[batch()], num_batches=10 ** 30), "num_batches"),
     (lambda m, o: GaP(m, o, density=0.5, delta_t=2, t_end=6, partitions=9), "partitions"),
     (lambda m, o: RigL(m, o, density=0.5, t_end=10, foo=1), "unexpected keyword"),
     (lambda m, o: RigL(m, o, density=0.5), "t_end"),
