@@ -313,7 +313,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_pickle: bool =
         if missing:
             raise PruneError(f"{path}: the model's tensor {missing[0]} is missing from the file "
                              f"({len(missing)} missing in all)")
-    check_loaded(path, state, own)
+    check_loaded(path, {k: v for k, v in state.items() if k in own}, own)
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
     return model
