@@ -47,30 +47,31 @@ def _snapshot(db):
         con.close()
 
 
-def test_sigkill_mid_sweep_then_resume(tmp_path):
-    exp = tmp_path / "sweep.toml"
-    exp.write_text(SWEEP)
-    db = tmp_path / "results.sqlite"
-    runs = parse_experiment(SWEEP)
+def _start_and_kill(exp, db, rows_at_least):
+    """Start a sweep in a subprocess and SIGKILL it once the store holds that many rows;
+    returns the rows it left."""
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(exp), str(db)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     rows = {}
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
         if db.exists():
             try:
                 rows = _snapshot(db)
             except sqlite3.OperationalError:  # schema not created yet
                 continue
-            if len(rows) >= 4:
+            if len(rows) >= rows_at_least:
                 break
     assert proc.poll() is None, "the sweep ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = _snapshot(db)
-    assert 4 <= len(before) < len(runs)
+    proc.stdout.close()
+    proc.stderr.close()
+    return _snapshot(db)
 
+
+def _resume_and_check(exp, db, runs, before):
     out = subprocess.run([sys.executable, "-c", DRIVER, str(exp), str(db)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -85,10 +86,38 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
 
-    # a third start finds nothing to do
+    # a last start finds nothing to do
     with ResultStore(db) as store:
         s = run_sweep(runs, store, progress=False)
     assert (s.skipped, s.finished, s.failed) == (len(runs), [], {})
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path):
+    exp = tmp_path / "sweep.toml"
+    exp.write_text(SWEEP)
+    db = tmp_path / "results.sqlite"
+    runs = parse_experiment(SWEEP)
+    before = _start_and_kill(exp, db, 4)
+    assert 4 <= len(before) < len(runs)
+    _resume_and_check(exp, db, runs, before)
+
+
+@pytest.mark.slow
+def test_sigkill_again_and_again_loses_and_repeats_nothing(tmp_path):
+    """Killed five times, each time a few runs further on (a kill can land anywhere: in a
+    run, in the store's transaction, in start-up), then resumed to the end."""
+    exp = tmp_path / "sweep.toml"
+    exp.write_text(SWEEP)
+    db = tmp_path / "results.sqlite"
+    runs = parse_experiment(SWEEP)
+    seen = {}
+    for kill in range(5):
+        rows = _start_and_kill(exp, db, len(seen) + 1 + kill % 3)
+        for key, row in seen.items():
+            assert rows[key] == row  # what was written stays as it was
+        assert len(rows) < len(runs)
+        seen = rows
+    _resume_and_check(exp, db, runs, seen)
 
 
 BACKENDS = """\

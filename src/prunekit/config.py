@@ -166,6 +166,8 @@ def coerce(tp, value, where: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise PruneError(f"{where} must be an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:  # torch and numpy take 64-bit integers
+            raise PruneError(f"{where} must fit in 64 bits, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

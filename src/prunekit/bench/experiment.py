@@ -138,6 +138,9 @@ def load_experiment(path: str | Path) -> list[RunSpec]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise PruneError(f"cannot read experiment file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise PruneError(f"experiment file {path} is not UTF-8 text (byte {e.start}); give a "
+                         f"TOML file") from e
     return parse_experiment(text, path)
 
 
@@ -211,7 +214,8 @@ def _list(opts, key, kind, lines):
     value = opts[key]
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
                                               for v in value):
-        raise lines.error(f"{key} must be a list of {kind.__name__}, got {value!r}", key)
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise lines.error(f"{key} must be a list of {names}, got {value!r}", key)
     return value
 
 
@@ -229,7 +233,7 @@ def _models(value, lines) -> list[tuple[str, str | None]]:
         name, dataset = (item, None) if isinstance(item, str) else (
             (item.get("name"), item.get("dataset")) if isinstance(item, dict) else (None, None))
         if not isinstance(name, str):
-            raise lines.error(f"bad model entry {item!r}: give a name or "
+            raise lines.error(f"models: bad entry {item!r}: give a name or "
                               f"{{ name = ..., dataset = ... }}", "models")
         try:
             info = get_info(name)
@@ -250,10 +254,10 @@ def _amounts(opts, lines) -> list[tuple[float | None, float | None]]:
     targets = _list(opts, "flops_targets", (int, float), lines) if opts["flops_targets"] else []
     for s in sparsities:
         if not 0 <= s < 1:
-            raise lines.error(f"sparsity {s!r} is outside [0, 1)", str(s))
+            raise lines.error(f"sparsities: {s!r} is outside [0, 1)", str(s))
     for t in targets:
-        if t < 1:
-            raise lines.error(f"FLOPs target {t!r} must be a speedup >= 1 (dense FLOPs / "
+        if not 1 <= t < float("inf"):
+            raise lines.error(f"flops_targets: {t!r} must be a speedup >= 1 (dense FLOPs / "
                               f"sparse FLOPs)", str(t))
     return [(float(s), None) for s in sparsities] + [(None, float(t)) for t in targets]
 
@@ -266,7 +270,10 @@ def _check_scalars(opts, lines) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key in (
                 "finetune_steps", "latency_warmup") else 1):
             raise lines.error(f"{key} must be a positive integer, got {v!r}", key)
+    if not isinstance(opts["name"], str):
+        raise lines.error(f"name must be a string, got {opts['name']!r}", "name")
     if opts["eval_limit"] is not None and (not isinstance(opts["eval_limit"], int)
+                                           or isinstance(opts["eval_limit"], bool)
                                            or opts["eval_limit"] < 1):
         raise lines.error(f"eval_limit must be a positive integer, got {opts['eval_limit']!r}",
                           "eval_limit")
@@ -275,8 +282,9 @@ def _check_scalars(opts, lines) -> None:
                           "eval_split")
     if not isinstance(opts["reestimate_bn"], bool):
         raise lines.error("reestimate_bn must be true or false", "reestimate_bn")
-    if not isinstance(opts["finetune_lr"], (int, float)) or opts["finetune_lr"] <= 0:
-        raise lines.error("finetune_lr must be a positive number", "finetune_lr")
+    lr = opts["finetune_lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+        raise lines.error(f"finetune_lr must be a positive number, got {lr!r}", "finetune_lr")
 
 
 def _method(entry, lines, models) -> tuple[str, dict, set | None]:

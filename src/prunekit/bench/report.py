@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prunekit.bench.store import ResultStore
 from prunekit.errors import PruneError
-from prunekit.io import atomic_write, atomic_write_text
+from prunekit.io import atomic_write, atomic_write_text, check_output
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -33,6 +33,60 @@ def _amount(config: dict) -> str:
     if config["flops_target"] is not None:
         return f"{config['flops_target']:g}x FLOPs"
     return "pattern"
+
+
+_NUM = (int, float, type(None))
+#: The shape of a row as a report reads it: a type (or tuple of types); {key: shape}, where
+#: the key `str` stands for every other key; [shape] for a list of that shape.
+CONFIG_SHAPE = {"model": str, "method": str, "pattern": str, "options": dict, "sparsity": _NUM,
+                "flops_target": _NUM, "seed": int, "latency_batch_sizes": [int],
+                "eval_limit": (int, type(None)), "dataset": (str, type(None)),
+                "eval_split": str, "calibration_samples": int}
+RESULT_SHAPE = {"metric": str, "quality_before": {str: _NUM}, "quality_after": {str: _NUM},
+                **{k: _NUM for k in ("sparsity", "compression", "compression_prunable",
+                                     "theoretical_speedup", "prune_seconds", "peak_rss_mb",
+                                     "peak_rss_growth_mb")},
+                "latency": {"threads": int}, "env": {str: (str, int, float, bool, type(None))},
+                "layers": [{"name": str, "sparsity": _NUM, "rel_error": _NUM}]}
+
+
+def _misfit(value, shape, where: str) -> str | None:
+    """The first place where `value` does not have `shape`, or None."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return where
+        for k, v in value.items() if str in shape else ():
+            if k not in shape and (bad := _misfit(v, shape[str], f"{where}.{k}")):
+                return bad
+        for k, sub in shape.items():
+            if k is not str and (k not in value or (bad := _misfit(value[k], sub,
+                                                                   f"{where}.{k}"))):
+                return f"{where}.{k}" if k not in value else bad
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return where
+        return next((bad for i, v in enumerate(value)
+                     if (bad := _misfit(v, shape[0], f"{where}[{i}]"))), None)
+    return None if isinstance(value, shape) else where
+
+
+def check_rows(rows: list[dict], db) -> None:
+    """Refuse, naming the database and the run, a row the report cannot read: one written by
+    another version of prunekit, or edited by hand."""
+    for row in rows:
+        c, r = row["config"], row["result"]
+        bad = _misfit(c, CONFIG_SHAPE, "config") or _misfit(r, RESULT_SHAPE, "result")
+        if bad is None:  # what the row's own config and metric name
+            speedups = {f"measured_speedup_b{b}": _NUM for b in c["latency_batch_sizes"]}
+            bad = next((f"result.{k}[{r['metric']!r}]" for k in ("quality_before",
+                                                                  "quality_after")
+                        if not isinstance(r[k].get(r["metric"]), (int, float))), None) \
+                or _misfit(r, speedups, "result")
+        if bad is not None:
+            raise PruneError(f"{db}: run {row['key']} has no readable {bad}; it was not "
+                             f"written by this version of prunekit. Delete the row or report "
+                             f"from another --db")
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
@@ -110,6 +164,11 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _log_scale(set_scale, values) -> None:
+    """A log axis where every value can be drawn on one (matplotlib refuses data <= 0)."""
+    set_scale("log" if all(v is not None and v > 0 for v in values) else "linear")
+
+
 def _series(items):
     """Plot series: one per method and pattern kind (unstructured sweeps vs fixed patterns)."""
     series = defaultdict(list)
@@ -148,7 +207,7 @@ def _plots(model: str, items: list[dict]) -> dict[str, bytes]:
                         marker="*" if fixed else "o", markersize=10 if fixed else 5,
                         linestyle="-" if joined and not fixed else "none")
         ax.axhline(dense, color="gray", linestyle="--", label="dense")
-        ax.set_xscale("log")
+        _log_scale(ax.set_xscale, [s[xkey][0] for s in items])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{metric} (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
@@ -210,7 +269,7 @@ def _plots(model: str, items: list[dict]) -> dict[str, bytes]:
                     yerr=[s["prune_seconds"][1] for s in ss], label=label, capsize=3,
                     color=colors[ss[0]["method"]], marker="*" if "(" in label else "o",
                     linestyle="none" if "(" in label else "-")
-    ax.set_yscale("log")
+    _log_scale(ax.set_yscale, [s["prune_seconds"][0] for s in items])
     ax.set_xlabel("sparsity")
     ax.set_ylabel("pruning wall time, s")
     ax.set_title(f"{model}: pruning time")
@@ -233,12 +292,14 @@ img{max-width:100%;display:block;margin:1em 0}code{background:#f4f4f4}"""
 
 def write_report(db: str | Path, out: str | Path, prefix: str = "") -> dict:
     """Read `db` (read-only), write PNGs and report.html under `out`; returns
-    {'text': terminal tables, 'html': path, 'pngs': [paths]}."""
+    {'text': terminal tables, 'html': path, 'pngs': [paths]}. `out` is checked first."""
+    check_output(out, "report folder", folder=True)
     with ResultStore(db, readonly=True) as store:
         rows = store.rows()
         failed = store.rows(status="failed")
     if not rows:
         raise PruneError(f"{db} holds no finished runs; run `prunekit bench FILE --db {db}`")
+    check_rows(rows, db)
     out = Path(out)
     per_model = group_rows(rows)
     text, body, pngs = [], [], []

@@ -35,10 +35,15 @@ CREATE TABLE IF NOT EXISTS runs (
 
 def _check_existing(path: Path) -> None:
     """Refuse a file that is not an empty file or a prunekit store, opening it read-only."""
+    if path.is_dir():
+        raise PruneError(f"{path} is a folder; give the results database's file name")
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, "rb") as f:
-        header = f.read(100)
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as e:
+        raise PruneError(f"cannot read results database {path}: {e.strerror or e}") from e
     if not header.startswith(b"SQLite format 3\x00"):
         raise PruneError(f"{path} is not an SQLite database (wrong header); it was left "
                          f"unchanged. Pass another --db path")
@@ -76,27 +81,38 @@ class ResultStore:
         if readonly and not self.path.exists():
             raise PruneError(f"results database {self.path} does not exist")
         _check_existing(self.path)
+        try:
+            self.con = self._open(readonly)
+        except (sqlite3.Error, OSError) as e:
+            raise PruneError(f"cannot open results database {self.path}: {e}; pass another "
+                             f"--db path") from e
+
+    def _open(self, readonly: bool) -> sqlite3.Connection:
         if readonly:
-            self.con = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
-                                       timeout=60)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.con.execute("PRAGMA busy_timeout = 60000")
-            self.con.execute("BEGIN IMMEDIATE")
-            try:
-                self.con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self.con.execute(stmt)
-                self.con.execute("COMMIT")
-            except BaseException:
-                self.con.execute("ROLLBACK")
-                raise
-            # after the marked header exists: WAL lets readers and writers work at once
-            self.con.execute("PRAGMA journal_mode = WAL")
-            self.con.execute("PRAGMA synchronous = NORMAL")
+            con = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                                  timeout=60)
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone():
+                con.execute("CREATE TEMP TABLE runs (key, experiment, config, status, result, "
+                            "error, finished)")  # an empty file: no results yet
+            return con
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        con.execute("PRAGMA busy_timeout = 60000")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        # after the marked header exists: WAL lets readers and writers work at once
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("PRAGMA synchronous = NORMAL")
+        return con
 
     def close(self) -> None:
         self.con.close()
@@ -107,9 +123,16 @@ class ResultStore:
     def __exit__(self, *exc):
         self.close()
 
+    def _query(self, sql: str, args=()) -> list[tuple]:
+        try:
+            return self.con.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise PruneError(f"cannot read results database {self.path}: {e}; it was left "
+                             f"unchanged") from e
+
     def done(self) -> set[str]:
         """Keys of the runs that finished successfully (they are never run again)."""
-        return {k for (k,) in self.con.execute("SELECT key FROM runs WHERE status = 'ok'")}
+        return {k for (k,) in self._query("SELECT key FROM runs WHERE status = 'ok'")}
 
     def put(self, spec, result: dict | None = None, error: str | None = None) -> bool:
         """Record a finished run in one transaction; True if this call wrote the row.
@@ -141,7 +164,7 @@ class ResultStore:
             sql += " WHERE status = ?"
             args = (status,)
         out = []
-        for key, exp, config, st, result, error, finished in self.con.execute(
+        for key, exp, config, st, result, error, finished in self._query(
                 sql + " ORDER BY finished, key", args):
             out.append({"key": key, "experiment": exp, "config": json.loads(config),
                         "status": st, "result": json.loads(result) if result else None,

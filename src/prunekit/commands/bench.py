@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from prunekit.commands import COMMANDS
+from prunekit.commands.common import count
 
 
 @COMMANDS.register("bench")
@@ -16,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the runs and stop")
     p.add_argument("--backend", default="inprocess", choices=("inprocess", "pool", "ray"),
                    help="where runs execute (default: this process)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=count(1), default=2,
                    help="worker processes (pool) or CPUs of a local Ray cluster")
     p.add_argument("--address", default=None,
                    help="address of a running Ray cluster to join (ray backend)")
@@ -28,11 +29,12 @@ def register(sub) -> None:
     p.add_argument("db", help="results database written by `prunekit bench`")
     p.add_argument("--out", default="bench-report", help="folder for report.html and PNGs")
     p.add_argument("--prefix", default="", help="prefix for the written file names")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, out_folder=True)
 
 
 def cmd_bench(args) -> int:
     from prunekit.bench import ResultStore, load_experiment, run_sweep
+    from prunekit.io import check_output
 
     runs = load_experiment(args.file)
     if args.dry_run:
@@ -46,6 +48,7 @@ def cmd_bench(args) -> int:
             print(f"{i:4d}  {r.key}  {r.label()}{state}")
         print(f"{len(runs)} runs")
         return 0
+    check_output(args.db, "--db")
     with ResultStore(args.db) as store:
         summary = run_sweep(runs, store, backend=args.backend, workers=args.workers,
                             address=args.address, progress=not args.quiet)
@@ -69,16 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     """These two commands on their own: `python -m prunekit.commands.bench bench FILE`."""
     import argparse
 
-    from prunekit.errors import PruneError
+    from prunekit.cli import run
 
     parser = argparse.ArgumentParser(prog="prunekit")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except PruneError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
-        return 2
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Options and output shared by the commands (and the timing benchmarks): threads, the
-allocator mode, and printing a report."""
+allocator mode, counts, and printing a report."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import sys
@@ -19,6 +20,22 @@ def print_result(args, data: dict, text: str) -> None:
     print(text)
     if args.out:
         print(f"wrote {args.out}")
+
+
+def count(least: int = 1):
+    """An argparse type: an integer >= least. A zero or negative count (--calib-samples 0,
+    --steps -1) is refused by argparse, which names the option, before any work; it would
+    otherwise reach torch as an empty or negative size."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
 
 
 def add_threads_option(p) -> None:

@@ -17,6 +17,7 @@ import time
 import torch
 
 from prunekit.commands import COMMANDS
+from prunekit.commands.common import count
 from prunekit.errors import PruneError
 
 
@@ -25,9 +26,9 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="prune pretrained MiniLM and ResNet-20 with every method")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the tables as JSON")
-    p.add_argument("--limit", type=int, default=2000,
+    p.add_argument("--limit", type=count(1), default=2000,
                    help="evaluate ResNet-20 on the first N test images (default 2000; all: 10000)")
-    p.add_argument("--calib", type=int, default=64,
+    p.add_argument("--calib", type=count(1), default=64,
                    help="calibration samples per model (sequences for MiniLM, images for "
                         "ResNet-20)")
     p.set_defaults(func=cmd_demo)

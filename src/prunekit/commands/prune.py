@@ -12,6 +12,7 @@ from prunekit.commands.common import (
     add_malloc_option,
     add_threads_option,
     apply_malloc_option,
+    count,
     print_result,
     with_threads,
 )
@@ -39,9 +40,9 @@ def register(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
-    p.add_argument("--calib-samples", type=int, default=None,
+    p.add_argument("--calib-samples", type=count(1), default=None,
                    help="calibration samples (default 128; causal LMs: 32 segments)")
-    p.add_argument("--calib-tokens", type=int, default=None,
+    p.add_argument("--calib-tokens", type=count(1), default=None,
                    help="tokens per calibration segment of a causal LM (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     p.add_argument("--speedup", type=float, default=None,
@@ -49,13 +50,13 @@ def register(sub) -> None:
                         "sparsity: per-layer budget, convert to sparse kernels, measure, repeat")
     p.add_argument("--budget", default="spdy", choices=BUDGETS.names(),
                    help="how --speedup spreads sparsity over the layers (default spdy)")
-    p.add_argument("--speedup-batch", type=int, default=64,
+    p.add_argument("--speedup-batch", type=count(1), default=64,
                    help="batch size the --speedup is measured at")
     p.add_argument("--timing", default="model", choices=TIMINGS,
                    help="how the latency table times a layer for --speedup: inside the whole "
                         "model (model, the default), alone with caches flushed (cold) or alone "
                         "call after call (hot)")
-    p.add_argument("--steps", type=int, default=100, help="SPDY search steps (--budget spdy)")
+    p.add_argument("--steps", type=count(1), default=100, help="SPDY search steps (--budget spdy)")
     p.add_argument("--out", help="write the pruned weights here (safetensors, atomic); for a "
                                  "causal LM a folder that transformers loads (config, "
                                  "safetensors, tokenizer)")

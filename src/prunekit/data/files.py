@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prunekit.errors import PruneError
-from prunekit.io import atomic_write
+from prunekit.io import atomic_write, tensors_sha256
 from prunekit.progress import Progress
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -179,17 +179,6 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def tensors_sha256(tensors: dict) -> str:
-    """Content hash of a state dict: names, dtypes, shapes and bytes, in name order (so the
-    file's metadata and layout do not matter)."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 

@@ -285,6 +285,9 @@ def check_layers(layers: Mapping[str, nn.Module], config: Transform,
         if w.device.type == "meta":
             raise PruneError(f"{name}.weight is on the meta device (no values); load the "
                              f"weights before transforming the model")
+        if w.numel() == 0:
+            raise PruneError(f"{name}.weight is empty (shape {tuple(w.shape)}); exclude "
+                             f"{name}")
         if not torch.isfinite(w).all():
             raise PruneError(f"{name}.weight holds NaN or Inf; fix the weights before pruning")
         check_writable(name, module)
@@ -482,6 +485,8 @@ def transform_layer(weight: torch.Tensor, calib: torch.Tensor | None, config: Tr
                          f"weight.reshape(out, -1)")
     if not weight.is_floating_point():
         raise PruneError(f"{name}: weight has dtype {weight.dtype}; give a floating matrix")
+    if weight.numel() == 0:
+        raise PruneError(f"{name}: weight is empty (shape {tuple(weight.shape)})")
     if not torch.isfinite(weight).all():
         raise PruneError(f"{name}: weight holds NaN or Inf")
     hessian = None

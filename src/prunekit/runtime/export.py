@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from prunekit.config import coerce
 from prunekit.errors import PruneError
-from prunekit.io import atomic_write, save_weights
+from prunekit.io import CHECKSUM_KEY, atomic_write, read_safetensors, save_weights, tensors_sha256
 from prunekit.runtime.latency import eval_mode
 
 MASK, VALUES, NEGZERO = ".__bitmask__", ".__values__", ".__negzero__"
@@ -103,6 +102,7 @@ def save_compressed(model_or_state, path: str | os.PathLike, min_sparsity: float
         meta[name] = json.dumps({"shape": list(t.shape), "dtype": str(t.dtype)})
         compressed.append(name)
     meta["__format__"] = "prunekit-bitmask-v1"
+    meta[CHECKSUM_KEY] = tensors_sha256(tensors)
     out = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     size = out.stat().st_size
     return {"path": str(out), "bytes": size, "dense_bytes": dense_bytes,
@@ -110,16 +110,12 @@ def save_compressed(model_or_state, path: str | os.PathLike, min_sparsity: float
 
 
 def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The exact state dict written by save_compressed."""
+    """The exact state dict written by save_compressed; a damaged file is a PruneError (the
+    sha256 of the stored tensors is checked, then every mask against its values)."""
     path = Path(path)
     if not path.exists():
         raise PruneError(f"compressed weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise PruneError(f"{path} is not a readable safetensors file: {e}") from e
+    raw, meta = read_safetensors(path)
     if meta.get("__format__") != "prunekit-bitmask-v1":
         raise PruneError(f"{path} is not a prunekit compressed file (no bitmask-v1 header); "
                          f"load it with prunekit.io.load_weights")
@@ -129,22 +125,36 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             continue
         state[name] = t
     for name, info in meta.items():
-        if name == "__format__":
+        if name in ("__format__", CHECKSUM_KEY):
             continue
-        info = json.loads(info)
-        shape, numel = info["shape"], int(np.prod(info["shape"]))
+        try:
+            shape = [int(n) for n in json.loads(info)["shape"]]
+            if min(shape, default=0) < 0:
+                raise ValueError("a negative size")
+        except (ValueError, TypeError, KeyError) as e:
+            raise PruneError(f"{path}: the header entry of tensor {name} is damaged ({e})") \
+                from e
+        numel = int(np.prod(shape))
         if name + MASK not in raw or name + VALUES not in raw:
             raise PruneError(f"{path}: tensor {name} lacks its bitmask or values")
-        nz = torch.from_numpy(np.unpackbits(raw[name + MASK].numpy(), count=numel).astype(bool))
+        packed = raw[name + MASK]
+        if packed.dtype != torch.uint8 or packed.numel() * 8 < numel:
+            raise PruneError(f"{path}: the bitmask of tensor {name} does not cover its "
+                             f"{numel} entries; the file is corrupt")
+        nz = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
         values = raw[name + VALUES]
         if int(nz.sum()) != values.numel():
             raise PruneError(f"{path}: tensor {name} has {values.numel()} values but its mask "
                              f"marks {int(nz.sum())}; the file is corrupt")
         full = torch.zeros(numel, dtype=values.dtype)
-        full[nz] = values
+        full[nz] = values.reshape(-1)
         if name + NEGZERO in raw:
             zeros = numel - values.numel()
-            neg = np.unpackbits(raw[name + NEGZERO].numpy(), count=zeros).astype(bool)
+            neg_packed = raw[name + NEGZERO]
+            if neg_packed.dtype != torch.uint8 or neg_packed.numel() * 8 < zeros:
+                raise PruneError(f"{path}: the sign bits of tensor {name} do not cover its "
+                                 f"{zeros} zeros; the file is corrupt")
+            neg = np.unpackbits(neg_packed.numpy(), count=zeros).astype(bool)
             full[(~nz).nonzero().squeeze(1)[torch.from_numpy(neg)]] = -0.0
         state[name] = full.reshape(shape)
     return state

@@ -31,7 +31,7 @@ from torch import nn
 
 from prunekit.config import coerce
 from prunekit.errors import PruneError
-from prunekit.io import read_weights, save_weights
+from prunekit.io import check_loaded, read_weights, save_weights
 from prunekit.patterns import Pattern
 from prunekit.registry import Registry
 from prunekit.train.masks import MaskHolder
@@ -211,19 +211,6 @@ def save_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -
     except TypeError as e:
         raise PruneError(f"{type(schedule).__name__} state is not JSON-serialisable: {e}") from e
     return save_weights(tensors, path, metadata=meta)
-
-
-def check_loaded(path, tensors: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
-    """Refuse, before anything is loaded, tensors that would load silently wrong: NaN or Inf
-    in floating ones, or a floating tensor where the model holds integers and vice versa
-    (load_state_dict would cast it)."""
-    for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise PruneError(f"{path}: tensor {k} holds NaN or Inf; the file is corrupt or the "
-                             f"run diverged")
-        if k in own and own[k].is_floating_point() != v.is_floating_point():
-            raise PruneError(f"{path}: tensor {k} has dtype {v.dtype}, the model's has "
-                             f"{own[k].dtype}; load it into the model it was saved from")
 
 
 def load_sparse(path: str | os.PathLike, model: nn.Module, schedule: Schedule) -> None:
