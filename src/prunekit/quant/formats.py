@@ -293,8 +293,9 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, qtype: str = "q4_0",
     """Write a llama.cpp GGUF of a transformers LlamaForCausalLM whose quantized layers lie on
     the type's grid (module docstring). round_float=True rounds the float linear layers
     (not lm_head or the embeddings) with gguf's own quantizer. tokenizer=False leaves the
-    tokenizer keys out (a weights-only file, for models without a BPE tokenizer). Returns {"path", "bytes",
-    "exact": [layers written from their codes], "rounded": [layers rounded here]}."""
+    tokenizer keys out (a weights-only file, for models without a BPE tokenizer). Returns
+    {"path", "bytes", "exact": [layers written from their codes],
+    "rounded": [layers rounded here]}."""
     import gguf
 
     qtype = qtype.lower()
