@@ -10,7 +10,8 @@ import pytest
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
 #: smaller runs than the defaults, so CI stays quick; the code path is the same
 QUICK = {"prune_resnet.py": ["--images", "300"], "prune_minilm.py": ["--pairs", "150"],
-         "rigl_training.py": ["--steps", "120"]}
+         "rigl_training.py": ["--steps", "120"],
+         "shrink_resnet56.py": ["--images", "300", "--steps", "30"]}
 
 
 @pytest.mark.slow
