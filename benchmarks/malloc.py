@@ -57,7 +57,7 @@ def models() -> dict:
     resnet = create("resnet56-cifar10", pretrained=True).eval()
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     small, _ = shrink(resnet, ChannelPrune(per_layer={"layer*.conv1": 0.5}), x[:1],
-                      measure_latency_=False)
+                      report_latency=False)
     small.eval()
     minilm = create("minilm", pretrained=True).eval()
     ids = torch.randint(1000, 20000, (64, 128), generator=torch.Generator().manual_seed(0))

@@ -207,7 +207,7 @@ def reproduces(base, example, fractions, kept, other) -> bool:
                     if d == 0 and p.endswith(".conv1.weight") and p[:-len(".weight")] in kept]
             scores[c.id] = float(any(hits))
     ours, _ = shrink(base, ChannelPrune(per_layer=fractions), example, graph=graph,
-                     scores=scores, measure_latency_=False)
+                     scores=scores, report_latency=False)
     a, b = ours.state_dict(), other.state_dict()
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k])
                                         for k in a)
@@ -248,13 +248,13 @@ def run_resnet(args, results, save):
         return fine_tune(model, xs, ys, 1, args.batch, args.lr, args.seed + step, True)
 
     kept = {}
-    runs = [(lib, crit, "", {"layer*.conv1": args.channel_ratio})
+    runs = [(lib, crit, "", {"layer*.conv1": 1 - args.channel_ratio})  # per_layer: kept
             for lib in libs for crit in ("l1", "taylor")]
     if args.stream_ratio:
         inner = 1 - (1 - args.channel_ratio) / (1 - args.stream_ratio)
         runs += [("prunekit", crit, f"-stream{args.stream_ratio:g}",
-                  {"conv1": args.stream_ratio, "layer*.conv2": args.stream_ratio,
-                   "layer*.conv1": inner}) for crit in ("l1", "taylor")]
+                  {"conv1": 1 - args.stream_ratio, "layer*.conv2": 1 - args.stream_ratio,
+                   "layer*.conv1": 1 - inner}) for crit in ("l1", "taylor")]
     for lib, crit, suffix, fractions in runs:
         key = f"{lib}-{crit}{suffix}"
         t0 = time.time()
@@ -263,7 +263,7 @@ def run_resnet(args, results, save):
                                                  importance=crit,
                                                  iterative_steps=args.steps),
                               example, calib=calib, between_steps=between,
-                              measure_latency_=False)
+                              report_latency=False)
         else:
             small = tp_prune(copy.deepcopy(base), crit, args.channel_ratio, calib, example,
                              args.steps, between)
@@ -325,9 +325,9 @@ def run_minilm(args, results, save):
     pairs = load_stsb("test")
     sents = [a for a, _, _ in load_stsb("dev")[:64]]
     example = dict(tok(sents[:4], padding=True, return_tensors="pt"))
-    cfg = ChannelPrune(per_layer={"*intermediate*": 0.25, "*attention.self*": 2 / 12},
+    cfg = ChannelPrune(per_layer={"*intermediate*": 0.75, "*attention.self*": 10 / 12},
                        importance=args.minilm_importance)
-    small, report = shrink(base, cfg, example, measure_latency_=False)
+    small, report = shrink(base, cfg, example, report_latency=False)
     if "dense" not in res:
         res["dense"] = {"stsb_spearman": stsb_spearman(base, tok, pairs),
                         "params": count_params(base)}

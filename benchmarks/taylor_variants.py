@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                                   held if "held-out" in name else calib, example)
             else:
                 pruned, _ = shrink(base, half, example, graph=graph, scores=scorer(),
-                                   measure_latency_=False)
+                                   report_latency=False)
             row = {"prune_seconds": round(time.time() - t0, 1),
                    "top1_pruned": top1_accuracy(pruned, xt, yt), "top1_finetuned": {}}
             for seed in args.ft_seeds:

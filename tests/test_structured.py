@@ -20,6 +20,7 @@ from prunekit.structured import (
     score,
     shrink,
     taylor_scores,
+    verify_graph,
 )
 from reference import masked_copy
 
@@ -120,7 +121,8 @@ def test_cut_tied_weights_stay_one_parameter(inplace):
 
     model = create("tiny-gpt2")
     x = {"input_ids": torch.randint(0, 128, (1, 10))}
-    stream = next(g for g in build_graph(model, x, verify="all").groups if g.reduced)
+    graph = verify_graph(model, build_graph(model, x), x, reduced=True)
+    stream = next(g for g in graph.groups if g.reduced)
     small = remove_slices(model, stream.classes[:3], inplace=inplace)
     assert small.lm_head.weight is small.transformer.wte.weight
     assert small.transformer.wte.weight.shape == (128, len(stream.classes) - 3)
@@ -363,13 +365,14 @@ def test_shrink_takes_your_own_scores():
     x = torch.randn(2, 3, 8, 8)
     graph = build_graph(net, x)
     l1 = score(net, graph, "l1")
-    cfg = ChannelPrune(ratio=0.5, importance="l2")
-    by_name, _ = shrink(net, ChannelPrune(ratio=0.5, importance="l1"), x, measure_latency_=False)
-    mine, report = shrink(net, cfg, x, measure_latency_=False, graph=graph, scores=l1)
+    cfg = ChannelPrune(channel_ratio=0.5, importance="l2")
+    by_name, _ = shrink(net, ChannelPrune(channel_ratio=0.5, importance="l1"), x,
+                        report_latency=False)
+    mine, report = shrink(net, cfg, x, report_latency=False, graph=graph, scores=l1)
     assert report.config["importance"] == "custom scores"
     for a, b in zip(by_name.state_dict().values(), mine.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    flipped, _ = shrink(net, cfg, x, measure_latency_=False, graph=graph,
+    flipped, _ = shrink(net, cfg, x, report_latency=False, graph=graph,
                         scores={k: -v for k, v in l1.items()})
     assert flipped.stem.out_channels == mine.stem.out_channels
     assert not torch.equal(flipped.stem.weight, mine.stem.weight)
@@ -397,12 +400,12 @@ def test_flops_params_and_ratio_budgets():
 
     model = create("resnet20-cifar10")
     x = torch.randn(1, 3, 32, 32)
-    small, rep = shrink(model, ChannelPrune(flops_ratio=0.6), x, measure_latency_=False)
+    small, rep = shrink(model, ChannelPrune(flops_ratio=0.6), x, report_latency=False)
     assert 0.5 < rep.flops_ratio <= 0.6
     assert rep.flops_after == count_flops(small, x)
-    small, rep = shrink(model, ChannelPrune(params_ratio=0.7), x, measure_latency_=False)
+    small, rep = shrink(model, ChannelPrune(params_ratio=0.7), x, report_latency=False)
     assert 0.6 < rep.params_ratio <= 0.7
-    small, rep = shrink(model, ChannelPrune(ratio=0.5, round_to=8), x, measure_latency_=False)
+    small, rep = shrink(model, ChannelPrune(channel_ratio=0.5, round_to=8), x, report_latency=False)
     for m in small.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels not in (16, 32, 64, 10):
             assert m.out_channels % 8 == 0
@@ -411,7 +414,7 @@ def test_flops_params_and_ratio_budgets():
     # out of reach: the most that can be removed is returned, with a warning naming the
     # FLOPs it leaves and the target asked for
     with pytest.warns(UserWarning, match="flops target not reached") as caught:
-        small, rep = shrink(model, ChannelPrune(flops_ratio=1e-3), x, measure_latency_=False)
+        small, rep = shrink(model, ChannelPrune(flops_ratio=1e-3), x, report_latency=False)
     least, asked = re.search(r"leaves (\S+) > (\S+)", str(caught[0].message)).groups()
     assert float(least) == pytest.approx(rep.flops_after, rel=1e-3)
     assert float(asked) == pytest.approx(1e-3 * rep.flops_before, rel=1e-3)
@@ -421,20 +424,54 @@ def test_flops_params_and_ratio_budgets():
 def test_per_layer_min_channels_and_clamp_warning():
     net = Net().eval()
     x = torch.randn(1, 3, 8, 8)
-    small, rep = shrink(net, ChannelPrune(per_layer={"stem": 0.9}, min_channels=3), x,
-                        measure_latency_=False)
+    small, rep = shrink(net, ChannelPrune(per_layer={"stem": 0.1}, min_channels=3), x,
+                        report_latency=False)
     assert small.stem.out_channels == 3  # 90% of 8 would leave 1 < min_channels
     assert small.b.out_channels == 6
-    small, rep = shrink(net, ChannelPrune(per_layer={"b": 0.99}), x, measure_latency_=False)
+    small, rep = shrink(net, ChannelPrune(per_layer={"b": 0.01}), x, report_latency=False)
     assert small.b.out_channels == 1
 
 
-@pytest.mark.parametrize("bad", [dict(ratio=1.0), dict(ratio=0.3, flops_ratio=0.5),
-                                 dict(flops_ratio=0), dict(importance="magic"),
-                                 dict(per_layer={"a": 1.5}), dict(round_to=0)])
-def test_bad_configs_are_refused(bad):
-    with pytest.raises(PruneError):
+@pytest.mark.parametrize("bad,field", [
+    (dict(channel_ratio=0.0), "channel_ratio=0.0 must be in \\(0, 1\\]: it is the fraction kept"),
+    (dict(channel_ratio=0.7, flops_ratio=0.5), "takes one budget, not channel_ratio, flops_ratio"),
+    (dict(flops_ratio=1.5), "flops_ratio=1.5"), (dict(channel_ratio="0.5"), "channel_ratio"),
+    (dict(importance="tayler"), "importance: unknown criterion 'tayler'; did you mean 'taylor'"),
+    (dict(per_layer={"a": 0.0}), "per_layer\\['a'\\]"), (dict(round_to=0), "round_to"),
+    (dict(ignore="classifier"), "ignore takes a list"), (dict(seed=1.5), "seed")])
+def test_bad_configs_are_refused_naming_the_field(bad, field):
+    """At construction, before any work; the config is frozen and every ratio is kept."""
+    with pytest.raises(PruneError, match=f"ChannelPrune.{field}"):
         ChannelPrune(**bad)
+    cfg = ChannelPrune()
+    assert cfg.flops_ratio == 0.5 and cfg.budget == "flops"
+    with pytest.raises(AttributeError):
+        cfg.flops_ratio = 0.3
+    assert ChannelPrune(per_layer={"b": 0.5}).budget is None
+
+
+def test_a_new_criterion_is_one_decorated_function(capsys):
+    """Registered, it is a valid importance, it scores, and the CLI offers it."""
+    from prunekit.cli import build_parser
+    from prunekit.structured import CRITERIA
+
+    @CRITERIA.register("negative_l1", needs="none")
+    def negative_l1(model, graph, batches, loss_fn, seed, micro_batch):
+        """Keeps the smallest weights (a throwaway test criterion)."""
+        l1 = CRITERIA.get("l1")(model, graph, batches, loss_fn, seed, micro_batch)
+        return {k: -v for k, v in l1.items()}
+
+    try:
+        net, x = Net().eval(), torch.randn(2, 3, 8, 8)
+        small, report = shrink(net, ChannelPrune(channel_ratio=0.5, importance="negative_l1"),
+                               x, report_latency=False)
+        assert report.config["importance"] == "negative_l1" and small.stem.out_channels == 4
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["shrink", "--help"])
+        assert "negative_l1: Keeps the smallest weights" in " ".join(
+            capsys.readouterr().out.split())
+    finally:
+        CRITERIA.remove("negative_l1")
 
 
 class Odd(nn.Module):
@@ -458,17 +495,17 @@ def test_unknown_op_names_module_and_ignore_fixes_it():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(2, 4)
     with pytest.raises(PruneError, match=r"odd: aten.sort.*ignore=\('odd',\)"):
-        shrink(net, ChannelPrune(ratio=0.5), x)
+        shrink(net, ChannelPrune(channel_ratio=0.5), x)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with pytest.raises(PruneError, match="no channel"):
-        shrink(net, ChannelPrune(ratio=0.5, ignore=("odd",)), x)  # a feeds odd: kept whole
+        shrink(net, ChannelPrune(channel_ratio=0.5, ignore=("odd",)), x)  # a feeds odd: kept whole
     with pytest.raises(PruneError, match="matches no module"):
-        shrink(net, ChannelPrune(ratio=0.5, ignore=("nothere",)), x)
+        shrink(net, ChannelPrune(channel_ratio=0.5, ignore=("nothere",)), x)
 
 
 def test_taylor_needs_calibration():
     with pytest.raises(PruneError, match="calib"):
-        shrink(Net().eval(), ChannelPrune(ratio=0.3, importance="taylor"),
+        shrink(Net().eval(), ChannelPrune(channel_ratio=0.7, importance="taylor"),
                torch.randn(1, 3, 8, 8))
 
 
@@ -477,8 +514,8 @@ def test_save_and_load_rebuild_from_the_original_constructor(tmp_path):
 
     model = create("tiny-gpt2")
     x = {"input_ids": torch.randint(0, 128, (1, 10))}
-    small, _ = shrink(model, ChannelPrune(per_layer={"*attn*": 0.5, "*mlp*": 0.3}), x,
-                      measure_latency_=False)
+    small, _ = shrink(model, ChannelPrune(per_layer={"*attn*": 0.5, "*mlp*": 0.7}), x,
+                      report_latency=False)
     path = tmp_path / "small.safetensors"
     save_shrunk(small, path)
     desc = read_description(path)
@@ -500,13 +537,13 @@ def test_iterative_steps_call_between_steps():
         seen.append((step, model.stem.out_channels))
         return model
 
-    small, rep = shrink(net, ChannelPrune(ratio=0.5, iterative_steps=2), x,
-                        between_steps=between, measure_latency_=False)
+    small, rep = shrink(net, ChannelPrune(channel_ratio=0.5, iterative_steps=2), x,
+                        between_steps=between, report_latency=False)
     assert [s for s, _ in seen] == [1]
     assert 4 <= seen[0][1] < 8 and small.stem.out_channels == 4
 
 
-@pytest.mark.parametrize("cfg", [dict(ratio=0.5), dict(per_layer={"stem": 0.5, "b": 0.34})])
+@pytest.mark.parametrize("cfg", [dict(channel_ratio=0.5), dict(per_layer={"stem": 0.5, "b": 0.66})])
 def test_iterative_steps_end_on_the_one_shot_shapes(cfg):
     """Five steps of a linear schedule must not lose channels to rounding on the way
     (8 channels: floor at every step would stop at 5 kept, not 4)."""
@@ -517,9 +554,9 @@ def test_iterative_steps_end_on_the_one_shot_shapes(cfg):
     def between(model, step):
         kept.append(model.stem.out_channels)
 
-    once, _ = shrink(net, ChannelPrune(**cfg), x, measure_latency_=False)
+    once, _ = shrink(net, ChannelPrune(**cfg), x, report_latency=False)
     steps, _ = shrink(net, ChannelPrune(**cfg, iterative_steps=5), x, between_steps=between,
-                      measure_latency_=False)
+                      report_latency=False)
     assert kept == sorted(kept, reverse=True) and kept[-1] < 8
     assert [m.weight.shape for m in steps.modules() if hasattr(m, "weight")] == \
         [m.weight.shape for m in once.modules() if hasattr(m, "weight")]
@@ -535,10 +572,10 @@ def test_iterative_global_ranking_removes_the_one_shot_count():
     def kept(model):
         return model.stem.out_channels + model.b.out_channels
 
-    once, _ = shrink(net, ChannelPrune(ratio=0.5, global_ranking=True), x,
-                     measure_latency_=False)
-    steps, _ = shrink(net, ChannelPrune(ratio=0.5, global_ranking=True, iterative_steps=5), x,
-                      measure_latency_=False)
+    once, _ = shrink(net, ChannelPrune(channel_ratio=0.5, global_ranking=True), x,
+                     report_latency=False)
+    steps, _ = shrink(net, ChannelPrune(channel_ratio=0.5, global_ranking=True,
+                                        iterative_steps=5), x, report_latency=False)
     assert kept(once) == kept(steps) == 14 - 7
 
 
@@ -560,6 +597,11 @@ def test_cli_shrink(tmp_path, capsys):
     assert "FLOPs" in printed and printed.rstrip().endswith(f"wrote {text}")
     saved = read_description(text)["extra"]["report"]
     assert saved["config"]["importance"] == "taylor_weight" and saved["flops_ratio"] <= 0.8
+    assert main(["shrink", "resnet20-cifar10", "--channel-ratio", "0.75", "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["channel_ratio"] == 0.75
+    assert all(g["removed"] == g["units"] // 4 for g in report["groups"] if not g["reduced"])
 
 
 class HardCoded(nn.Module):
@@ -587,17 +629,17 @@ class HardCoded(nn.Module):
 def test_verify_freezes_groups_that_break_and_names_them():
     torch.manual_seed(0)
     model, x = HardCoded().eval(), torch.randn(2, 8)
-    raw = build_graph(model, x, verify=False)
+    raw = build_graph(model, x)
     bad = [g for g in raw.groups if g.name == "a"]
     assert bad, "the trace no longer offers a's blocks: pick another hard-coded example"
     with pytest.raises(RuntimeError):
         remove_slices(model, bad[0].classes[:1])(x)
     with pytest.warns(UserWarning, match=r"left unpruned.*\ba \(RuntimeError"):
-        graph = build_graph(model, x)
+        graph = verify_graph(model, build_graph(model, x), x)
     assert {g.name for g in graph.groups} == {g.name for g in raw.groups} - {"a"}
     assert "a" in graph.frozen_reasons
     with pytest.warns(UserWarning, match="left unpruned"):
-        small, _ = shrink(model, ChannelPrune(ratio=0.5), x, measure_latency_=False)
+        small, _ = shrink(model, ChannelPrune(channel_ratio=0.5), x, report_latency=False)
     assert small.a.out_features == 12 and small.up[0].out_features == 3
     assert small(x).shape == model(x).shape
 
@@ -606,13 +648,15 @@ def test_verify_finds_one_bad_group_by_bisection():
     """One bad group among 33: far fewer forward passes than testing each group alone."""
     torch.manual_seed(0)
     model, x = HardCoded(branches=32).eval(), torch.randn(2, 8)
-    n = len(build_graph(model, x, verify=False).groups)
+    raw = build_graph(model, x)
+    n = len(raw.groups)
     assert n == 33
     HardCoded.calls = 0
     with pytest.warns(UserWarning, match="1 channel group"):
-        graph = build_graph(model, x)
+        graph = verify_graph(model, raw, x)
     assert len(graph.groups) == n - 1
-    traced = 2  # build_graph runs the model in eval and training mode
     # one check = the masked model + the shrunk one in eval and training mode; bisection down
     # to one bad group of 33 takes 1 + 2 * 6 checks, then one check of what is left
-    assert 0 < HardCoded.calls - traced <= 3 * (1 + 2 * 6 + 1) < 3 * n
+    assert 0 < HardCoded.calls <= 3 * (1 + 2 * 6 + 1) < 3 * n
+    calls = HardCoded.calls
+    assert verify_graph(model, graph, x) is graph and HardCoded.calls == calls  # once

@@ -1,13 +1,24 @@
 """Equivalence on every torchvision classification model and tiny BERT / GPT-2 / LLaMA: zero a
 random 30% of every coupled channel group, shrink the same channels away, and the smaller
-model's outputs equal the masked model's; the shrunk model trains (forward and backward)."""
+model's outputs equal the masked model's; the shrunk model trains (forward and backward).
+And generated from the criteria registry: every criterion shrinks every tiny model (and a
+small CNN) into a model whose outputs equal the masked model's."""
 
 import pytest
 import torch
 import torchvision
 from torch.utils._pytree import tree_flatten
 
-from prunekit.structured import CRITERIA, ChannelPrune, build_graph, remove_slices, shrink
+from prunekit.structured import (
+    CRITERIA,
+    ChannelPrune,
+    build_graph,
+    remove_slices,
+    score,
+    shrink,
+    verify_graph,
+)
+from prunekit.structured.plan import plan, removed_fraction
 from reference import masked_copy
 
 TV_MODELS = torchvision.models.list_models(module=torchvision.models)
@@ -92,7 +103,7 @@ def run(model, x):
 
 def check_equivalence(model, x, criterion):
     model = randomise(model)
-    graph = build_graph(model, x)
+    graph = verify_graph(model, build_graph(model, x), x)
     assert graph.groups, "no prunable group found"
     # the trace alone got every coupling right: verification had no group to take out
     assert not [r for r in graph.frozen_reasons.values() if "breaks the model" in r]
@@ -118,8 +129,8 @@ def check_equivalence(model, x, criterion):
     del small
     # each criterion scores and shrinks (rotated over the models to keep CI short)
     calib = x if isinstance(x, dict) else [x]
-    _, report = shrink(model.eval(), ChannelPrune(ratio=0.3, importance=criterion), x,
-                       calib=calib, measure_latency_=False, graph=graph)
+    _, report = shrink(model.eval(), ChannelPrune(channel_ratio=0.7, importance=criterion), x,
+                       calib=calib, report_latency=False, graph=graph)
     del _
     assert report.params_after < report.params_before
     assert report.flops_after < report.flops_before
@@ -127,8 +138,13 @@ def check_equivalence(model, x, criterion):
     assert small_trained == trained_params(model, x)
 
 
+# the fast tier runs a few small models of distinct structure (residual, depthwise and
+# squeeze-excitation, channel shuffle and split, concat); the slow set runs them all
+FAST = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1"}
+
+
 def _params(name):
-    marks = [pytest.mark.slow] if name in HEAVY else []
+    marks = [] if name in FAST else [pytest.mark.slow]
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -137,20 +153,84 @@ def test_torchvision_equivalence(name):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **BUILD.get(name, {})).eval()
     s = SIZE.get(name, 64)
-    criterion = CRITERIA[TV_MODELS.index(name) % len(CRITERIA)]
+    criteria = CRITERIA.names()
+    criterion = criteria[TV_MODELS.index(name) % len(criteria)]
     if criterion == "sosp" and name in HEAVY:  # three gradient passes: 14 GB on vit_h_14
         criterion = "taylor"
     check_equivalence(model, torch.randn(BATCH.get(name, 1), 3, s, s), criterion)
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("criterion", CRITERIA)
-def test_transformers_equivalence(name, criterion):
+TINY = ["tiny-bert", "tiny-gpt2", "tiny-llama"]
+
+
+def tiny_input():
+    return {"input_ids": torch.randint(0, 128, (2, 12),
+                                       generator=torch.Generator().manual_seed(0))}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_transformers_equivalence(name):
     from prunekit.models import create
 
-    model = create(name)
-    x = {"input_ids": torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))}
-    check_equivalence(model, x, criterion)
+    check_equivalence(create(name), tiny_input(), "l1")
+
+
+class SmallCNN(torch.nn.Module):
+    """conv-BN-ReLU stem, a residual block, a concat branch, global pooling, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12),
+                                   nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.side = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.Linear(14, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        h = torch.cat([h, self.side(h)], 1)
+        return self.head(h.mean((2, 3)))
+
+
+_PREPARED: dict = {}
+
+
+def prepared(name):
+    """(model, example input, verified graph), built once per model for all criteria."""
+    if name not in _PREPARED:
+        from prunekit.models import create
+
+        torch.manual_seed(0)
+        model = randomise(SmallCNN()) if name == "small-cnn" else create(name).eval()
+        x = torch.randn(4, 3, 12, 12) if name == "small-cnn" else tiny_input()
+        _PREPARED[name] = (model, x, verify_graph(model, build_graph(model, x), x))
+    return _PREPARED[name]
+
+
+@pytest.mark.parametrize("name", ["small-cnn", *TINY])
+@pytest.mark.parametrize("criterion", CRITERIA.names())
+def test_every_criterion_shrinks_to_the_masked_model(name, criterion):
+    """Generated from CRITERIA: a new criterion function appears here with no other edit.
+    shrink(importance=criterion) keeps 70% of every group; its model equals the original with
+    the classes the criterion ranks lowest zeroed."""
+    model, x, graph = prepared(name)
+    calib = x if isinstance(x, dict) else [x]
+    cfg = ChannelPrune(channel_ratio=0.7, importance=criterion)
+    small, report = shrink(model, cfg, x, calib=calib, graph=graph, report_latency=False)
+    # shrink scores its first step with seed + 1
+    scores = score(model, graph, criterion, calib=calib, seed=cfg.seed + 1)
+    assert set(scores) == {c.id for g in graph.groups for c in g.classes}
+    assert all(v == v and abs(v) < float("inf") for v in scores.values())  # no NaN or Inf
+    chosen = plan(graph, scores, removed_fraction(cfg.channel_ratio), cfg, [])
+    assert chosen and report.params_after < report.params_before
+    masked = masked_copy(model, chosen)
+    with torch.no_grad():
+        y_small, y_mask = out_tensor(run(small, x)), out_tensor(run(masked, x))
+    scale = y_mask.abs().max().clamp_min(1e-12)
+    assert y_small.shape == y_mask.shape
+    assert ((y_small - y_mask).abs().max() / scale) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
@@ -174,8 +254,8 @@ def test_transformer_heads_and_neurons(name):
             assert sum(1 for p, d, _ in c.slices if p.endswith(qparam) and d == qdim) == per_head
     assert any(g.reduced for g in graph.groups)
     small, report = shrink(model, ChannelPrune(per_layer={"*attn*": 0.5, "*attention*": 0.5,
-                                                          "*mlp*": 0.25, "*intermediate*": 0.25}),
-                           x, measure_latency_=False)
+                                                          "*mlp*": 0.75, "*intermediate*": 0.75}),
+                           x, report_latency=False)
     with torch.no_grad():
         small(**x)
     assert report.params_after < report.params_before

@@ -22,13 +22,19 @@ def register(sub) -> None:
     p = sub.add_parser("shrink", help="remove whole channels, heads and neurons; save the "
                                       "smaller model (safetensors + its new shapes)")
     p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, help="fraction of channels removed per group")
-    budget.add_argument("--flops-ratio", type=float, help="FLOPs left, as a fraction")
-    budget.add_argument("--params-ratio", type=float, help="parameters left, as a fraction")
-    budget.add_argument("--latency-ratio", type=float, help="measured latency left")
-    p.add_argument("--importance", default="l1",
-                   help="l1, l2, bn_scale, taylor, taylor_weight, sosp or random")
+    from prunekit.structured.importance import CRITERIA
+
+    budget = p.add_mutually_exclusive_group()  # every ratio is the fraction KEPT
+    budget.add_argument("--channel-ratio", type=float,
+                        help="fraction of the channels of every group kept")
+    budget.add_argument("--flops-ratio", type=float,
+                        help="FLOPs kept, as a fraction (the default: 0.5)")
+    budget.add_argument("--params-ratio", type=float, help="parameters kept, as a fraction")
+    budget.add_argument("--latency-ratio", type=float, help="measured latency kept")
+    p.add_argument("--importance", default="l1", choices=CRITERIA.names(),
+                   help="; ".join(f"{e.name}: {e.summary.rstrip('.')}" + (
+                       f", needs {e.meta['needs']}" if e.meta.get("needs") != "none" else "")
+                       for e in CRITERIA.entries()))
     p.add_argument("--round-to", type=int, default=1, help="keep multiples of 8 or 16")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
@@ -40,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--weights", help="safetensors weights to load first")
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--calib-samples", type=int, default=64,
-                   help="calibration samples for taylor, taylor_weight and sosp")
+                   help="calibration samples for the criteria that need gradients")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the shrunk model here (safetensors, atomic)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -65,11 +71,12 @@ def _example_inputs(info, model):
 
 def cmd_shrink(args) -> int:
     from prunekit.models import calibration_batches, get_info, load_model
-    from prunekit.structured import ChannelPrune, save_shrunk, shrink
+    from prunekit.structured import CRITERIA, ChannelPrune, save_shrunk, shrink
 
     apply_malloc_option(args)
     config = ChannelPrune(
-        ratio=args.ratio, flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
+        channel_ratio=args.channel_ratio, flops_ratio=args.flops_ratio,
+        params_ratio=args.params_ratio,
         latency_ratio=args.latency_ratio, importance=args.importance, round_to=args.round_to,
         min_channels=args.min_channels, ignore=tuple(args.ignore),
         global_ranking=args.global_ranking, include_reduced=args.include_reduced,
@@ -80,7 +87,7 @@ def cmd_shrink(args) -> int:
                          f"use prunekit.structured.shrink from Python")
     info = get_info(args.model)
     calib = None
-    if config.importance in ("taylor", "taylor_weight", "sosp"):
+    if CRITERIA.entry(config.importance).meta.get("needs") != "none":
         calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
     if not args.quiet:
         print(f"shrinking {args.model} ({config.importance})...", file=sys.stderr)

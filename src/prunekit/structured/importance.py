@@ -1,20 +1,14 @@
 """Importance of each prunable channel class, scored over all slices coupled in it.
 
-l1 / l2: norm of the coupled weight slices (Li et al. 2017, summed over the group).
-bn_scale: |gamma| of the batch norms in the class (network slimming, Liu et al. 2017);
-  classes with no batch norm fall back to l1.
-taylor: (sum of gradient x weight over the slices that read the channel)^2, summed over
-  micro-batches (Molchanov et al. 2019, gate form). That sum is exactly the derivative of the
-  loss with respect to a gate on the channel's output, the first-order loss change of
-  removing it; its producers (the filter, the norm) describe the same removal, so adding
-  them counts it again. Classes that nothing reads use the whole group.
-taylor_weight: sum over every weight of the group of (gradient x weight)^2, per micro-batch
-  (Molchanov et al. 2019's per-parameter form, each weight's own first-order change squared,
-  summed over the coupled group).
-sosp: second-order, SOSP-H style (Nonnenmacher et al. 2022): |-g.theta_s + theta_s.(H theta)|,
-  where H theta comes from one Hessian-vector product per batch (central finite difference of
-  gradients), so each class sees its coupling with all other structures.
-random: a seeded baseline.
+Every criterion is one function registered in `CRITERIA` with what it needs ("none", or
+"gradients": calibration batches and a loss); `score` looks it up, checks the calibration
+data once, and calls it. A new criterion is one decorated function here: the config, the
+CLI's choices and help, and the generated tests (tests/test_structured_models.py) read the
+registry. Higher scores are kept.
+
+    @CRITERIA.register("name", needs="none")
+    def name(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+        \"\"\"One line for the CLI help (the paper it follows).\"\"\"
 """
 
 from __future__ import annotations
@@ -24,10 +18,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from prunekit.batches import as_batches, run_batch
 from prunekit.errors import PruneError
-from prunekit.structured.graph import DependencyGraph, run_model
+from prunekit.registry import Registry
+from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.measure import modes_restored
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "taylor_weight", "sosp", "random")
+#: Importance criteria: name -> function(model, graph, batches, loss_fn, seed, micro_batch)
+#: returning {class id: score}; metadata `needs`: "none" or "gradients".
+CRITERIA = Registry("criterion")
 # which slices a Taylor form sums g x w over, and where it squares
 TAYLOR_FORMS = {"taylor": "gate", "taylor_weight": "weight"}
 
@@ -79,7 +78,7 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
                                                ids[:, 1:].reshape(-1))
         hidden = getattr(out, "last_hidden_state", out)
         return hidden.float().pow(2).mean()
-    out = run_model(model, batch)
+    out = run_batch(model, batch)
     out = getattr(out, "logits", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -91,38 +90,77 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
 def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
           loss_fn: Callable | None = None, seed: int = 0,
           micro_batch: int = 8) -> dict[int, float]:
-    """Score every class of `graph` (higher = more important). The Taylor criteria square per
-    micro-batch of `micro_batch` examples (tensor, tuple or dict batches are split)."""
-    if criterion not in CRITERIA:
-        raise PruneError(f"unknown importance {criterion!r}; choose from {', '.join(CRITERIA)}")
+    """Score every class of `graph` with a criterion of CRITERIA (higher = more important).
+    Gradient criteria need `calib` (a batch or an iterable of batches: tensors, (inputs,
+    targets) or dicts) and use `loss_fn(model, batch)` (default_loss); the Taylor criteria
+    square per micro-batch of `micro_batch` examples."""
+    entry = CRITERIA.entry(criterion)
+    batches = _batch_list(calib, entry.name) if entry.meta.get("needs") == "gradients" else []
+    return entry.obj(model, graph, batches=batches, loss_fn=loss_fn or default_loss,
+                     seed=seed, micro_batch=micro_batch)
+
+
+@CRITERIA.register("l1", needs="none")
+def l1(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """Sum of |w| over the class's weight slices (Li et al. 2017; over the coupled group)."""
+    mats = {n: p.detach().abs() for n, p in model.named_parameters() if p.dim() >= 2}
+    return _class_scores(graph, _per_dim(mats, _keys(graph)))
+
+
+@CRITERIA.register("l2", needs="none")
+def l2(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """Euclidean norm of the class's weight slices taken together."""
+    mats = {n: p.detach().pow(2) for n, p in model.named_parameters() if p.dim() >= 2}
+    return {k: v ** 0.5 for k, v in _class_scores(graph, _per_dim(mats, _keys(graph))).items()}
+
+
+@CRITERIA.register("bn_scale", needs="none")
+def bn_scale(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """|gamma| of the class's batch norms (network slimming, Liu et al. 2017).
+
+    Classes with no batch norm fall back to l1."""
     params = dict(model.named_parameters())
+    bn = {f"{n}.weight" for n, m in model.named_modules()
+          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None}
+    gam = {n: params[n].detach().abs() for n in bn if n in params}
+    s_bn = _class_scores(graph, _per_dim(gam, _keys(graph)))
+    has_bn = {c.id for g in graph.groups for c in g.classes
+              if any(p in bn for p, _, _ in c.slices)}
+    if len(has_bn) < sum(len(g.classes) for g in graph.groups):
+        norm1 = l1(model, graph, batches, loss_fn, seed, micro_batch)
+        return {k: (s_bn[k] if k in has_bn else norm1[k]) for k in s_bn}
+    return s_bn
+
+
+@CRITERIA.register("taylor", needs="gradients")
+def taylor(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """First-order Taylor, gate form (Molchanov et al. 2019).
+
+    (sum of g x w over the slices that read the channel)^2, summed over micro-batches. That
+    sum is exactly the derivative of the loss with respect to a gate on the channel's
+    output, the first-order loss change of removing it; its producers (the filter, the
+    norm) describe the same removal, so adding them counts it again. Classes that nothing
+    reads use the whole group."""
+    return _taylor(model, graph, batches, "gate", loss_fn, micro_batch)
+
+
+@CRITERIA.register("taylor_weight", needs="gradients")
+def taylor_weight(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """First-order Taylor, per-weight form (Molchanov et al. 2019).
+
+    The sum over every weight of the coupled group of (g x w)^2, per micro-batch."""
+    return _taylor(model, graph, batches, "weight", loss_fn, micro_batch)
+
+
+@CRITERIA.register("sosp", needs="gradients")
+def sosp(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """Second order, SOSP-H style (Nonnenmacher et al. 2022).
+
+    |-g.theta_s + theta_s.(H theta)|, where H theta comes from one Hessian-vector product
+    per batch (a central finite difference of gradients), so each class sees its coupling
+    with all other structures."""
     keys = _keys(graph)
-    if criterion == "random":
-        gen = torch.Generator().manual_seed(seed)
-        return {c.id: float(torch.rand((), generator=gen)) for g in graph.groups
-                for c in g.classes}
-    if criterion in ("l1", "l2"):
-        mats = {n: p.detach().abs() if criterion == "l1" else p.detach().pow(2)
-                for n, p in params.items() if p.dim() >= 2}
-        scores = _class_scores(graph, _per_dim(mats, keys))
-        if criterion == "l2":
-            scores = {k: v ** 0.5 for k, v in scores.items()}
-        return scores
-    if criterion == "bn_scale":
-        bn = {f"{n}.weight" for n, m in model.named_modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None}
-        gam = {n: params[n].detach().abs() for n in bn}
-        s_bn = _class_scores(graph, _per_dim(gam, keys))
-        has_bn = {c.id for g in graph.groups for c in g.classes
-                  if any(p in bn for p, _, _ in c.slices)}
-        if len(has_bn) < sum(len(g.classes) for g in graph.groups):
-            l1 = score(model, graph, "l1")
-            return {k: (s_bn[k] if k in has_bn else l1[k]) for k in s_bn}
-        return s_bn
-    if criterion in TAYLOR_FORMS:
-        return taylor_scores(model, graph, calib, TAYLOR_FORMS[criterion], loss_fn, micro_batch)
     totals: dict[int, float] = {c.id: 0.0 for g in graph.groups for c in g.classes}
-    loss_fn = loss_fn or default_loss
 
     def add_sosp(batch, names, plist, grads):
         hv = _hvp(model, batch, loss_fn, plist)
@@ -130,8 +168,16 @@ def score(model: nn.Module, graph: DependencyGraph, criterion: str, calib=None,
         for k, v in _class_scores(graph, _per_dim(term, keys)).items():
             totals[k] += v
 
-    _each_gradient(model, graph, _batch_list(calib, criterion), loss_fn, add_sosp)
+    _each_gradient(model, graph, batches, loss_fn, add_sosp)
     return {k: abs(v) for k, v in totals.items()}
+
+
+@CRITERIA.register("random", needs="none")
+def random(model, graph, batches, loss_fn, seed, micro_batch) -> dict[int, float]:
+    """Seeded uniform random scores: the baseline every criterion must beat."""
+    gen = torch.Generator().manual_seed(seed)
+    return {c.id: float(torch.rand((), generator=gen)) for g in graph.groups
+            for c in g.classes}
 
 
 def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "gate",
@@ -145,7 +191,13 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "
     if form not in ("gate", "weight", "group"):
         raise PruneError(f"unknown Taylor form {form!r}; choose gate, weight or group")
     name = {"gate": "taylor", "weight": "taylor_weight"}.get(form, "taylor")
-    batches = [m for b in _batch_list(calib, name) for m in _micro_batches(b, micro_batch)]
+    return _taylor(model, graph, _batch_list(calib, name), form, loss_fn or default_loss,
+                   micro_batch)
+
+
+def _taylor(model, graph, batches, form: str, loss_fn: Callable,
+            micro_batch: int) -> dict[int, float]:
+    batches = [m for b in batches for m in _micro_batches(b, micro_batch)]
     keys = _keys(graph)
     counted = {c.id: (c.readers or c.slices) if form == "gate" else c.slices
                for g in graph.groups for c in g.classes}
@@ -163,7 +215,7 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, calib, form: str = "
             v = sum(float(gw[(p, d)][i]) for p, d, i in slices if (p, d) in gw)
             totals[k] += v * v
 
-    _each_gradient(model, graph, batches, loss_fn or default_loss, add_taylor)
+    _each_gradient(model, graph, batches, loss_fn, add_taylor)
     return totals
 
 
@@ -171,10 +223,7 @@ def _batch_list(calib, criterion: str) -> list:
     if calib is None:
         raise PruneError(f"importance={criterion!r} needs calibration batches (calib=...): "
                          f"it uses gradients of the loss")
-    batches = [calib] if torch.is_tensor(calib) or isinstance(calib, dict) else list(calib)
-    if not batches:
-        raise PruneError("the calibration set is empty; give at least one batch")
-    return batches
+    return as_batches(calib)
 
 
 def _each_gradient(model: nn.Module, graph: DependencyGraph, batches: list,
@@ -186,15 +235,12 @@ def _each_gradient(model: nn.Module, graph: DependencyGraph, batches: list,
     params = dict(model.named_parameters())
     names = [n for n, p in params.items() if p.requires_grad and any(n == k[0] for k in keys)]
     plist = [params[n] for n in names]
-    was = model.training
-    model.eval()
-    try:
+    with modes_restored(model):
+        model.eval()
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch), plist, allow_unused=True)
             use(batch, names, plist, [torch.zeros_like(p) if g is None else g
                                       for p, g in zip(plist, grads)])
-    finally:
-        model.train(was)
 
 
 def _micro_batches(batch, size: int) -> list:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from prunekit.layers import is_hf_conv1d
-from prunekit.structured.graph import ChannelClass
+from prunekit.structured.graph import ChannelClass, tensor_aliases
 
 #: Module attributes that describe shapes; saved with a shrunk model and restored on load.
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
@@ -30,15 +30,20 @@ def drops_of(classes: Iterable[ChannelClass]) -> dict[str, dict[int, set[int]]]:
 
 
 def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
-                  inplace: bool = False) -> nn.Module:
+                  inplace: bool = False, share_uncut: bool = False) -> nn.Module:
     """Return a model with every slice of `classes` cut out (a copy unless inplace).
 
     The copy never holds a full-size duplicate of a tensor that is cut: the cut tensors are
     made from the original first and handed to deepcopy, so peak memory stays near the
-    original plus the smaller model (it matters for models of billions of parameters)."""
+    original plus the smaller model (it matters for models of billions of parameters).
+    Every alias of a cut tensor (a tied embedding and LM head) gets the same cut tensor.
+    `share_uncut`: the copy uses the original's parameters that are not cut instead of
+    copies (buffers are still copied): a cheap model to run for a measurement or a check,
+    never to train or keep."""
     drops = drops_of(classes)
-    named = dict(model.named_parameters(remove_duplicate=True))
-    named.update(dict(model.named_buffers(remove_duplicate=True)))
+    recompute_hook_weights(model)  # the old weight norm's w: a leaf again, that deepcopy takes
+    named = dict(_named_tensors(model))
+    tied = {a: names for names in tensor_aliases(model).tied for a in names}
     cut: dict[int, torch.Tensor] = {}  # id(original tensor) -> its cut replacement
     with torch.no_grad():
         for name, dims in drops.items():
@@ -47,11 +52,16 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
             for d, idx in dims.items():
                 keep = torch.tensor(sorted(set(range(t.shape[d])) - idx), dtype=torch.long)
                 new = new.index_select(d, keep.to(new.device))  # a new tensor
-            # tied parameters share one id, so every owner gets the same new Parameter
-            cut[id(t)] = (nn.Parameter(new, requires_grad=t.requires_grad)
-                          if isinstance(t, nn.Parameter) else new)
+            for alias in tied.get(name, [name]):  # one object, or several on one storage
+                a = named[alias]
+                if id(a) not in cut:
+                    cut[id(a)] = (nn.Parameter(new, requires_grad=a.requires_grad)
+                                  if isinstance(a, nn.Parameter) else new)
     if not inplace:
-        model = copy.deepcopy(model, memo=dict(cut))
+        memo = dict(cut)
+        if share_uncut:
+            memo.update({id(p): p for p in model.parameters() if id(p) not in cut})
+        model = copy.deepcopy(model, memo=memo)
     old_attrs = {m: _shape_attrs(m) for m in model.modules()}  # deepcopy kept the old values
     if inplace:
         for m in model.modules():
@@ -59,9 +69,50 @@ def remove_slices(model: nn.Module, classes: Iterable[ChannelClass],
                 for k, t in store.items():
                     if t is not None and id(t) in cut:
                         store[k] = cut[id(t)]
+    recompute_hook_weights(model)
     for m in reversed(list(model.modules())):  # children first: parents read their shapes
         fix_shape_attrs(m, old_attrs.get(m, {}))
     return model
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the meta device: every parameter and buffer has its shape and
+    dtype but no data, so it costs no memory and its FLOPs and parameter counts are those of
+    the real model (tied tensors stay tied)."""
+    memo: dict[int, torch.Tensor] = {}
+    tied = {a: names[0] for names in tensor_aliases(model).tied for a in names}
+    named = dict(_named_tensors(model))
+    first: dict[str, torch.Tensor] = {}
+    for name, t in named.items():
+        if id(t) in memo:
+            continue
+        owner = tied.get(name, name)
+        if owner in first:
+            memo[id(t)] = first[owner]
+            continue
+        new = torch.empty_like(t, device="meta")
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        memo[id(t)] = first[owner] = new
+    return copy.deepcopy(model, memo=memo)
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def recompute_hook_weights(model: nn.Module) -> None:
+    """The old hook form of weight norm (torch.nn.utils.weight_norm) keeps the weight as a
+    plain attribute that a pre-hook recomputes on every call: recompute it now from the cut
+    parameters, so the shapes read from it below are the new ones."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                with torch.no_grad():
+                    setattr(m, hook.name, hook.compute_weight(m))
 
 
 def _shape_attrs(m: nn.Module) -> dict:

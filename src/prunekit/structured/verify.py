@@ -1,7 +1,11 @@
 """Safety net for the traced graph: shrink each group on the example inputs and check that the
 smaller model still runs and equals the masked model. Groups that break (a module reshapes
 with a size read from another tensor, which the tracer cannot see) are found by bisection, in
-O(k log n) forward passes for k bad groups out of n, and frozen with a warning."""
+O(k log n) forward passes for k bad groups out of n, and frozen with a warning.
+
+`build_graph` only traces; `shrink` calls `verify_graph` on every graph it uses (once: a
+graph remembers that it was verified), and users who build a graph themselves call it to get
+the same guarantee."""
 
 from __future__ import annotations
 
@@ -10,15 +14,11 @@ import warnings
 import torch
 from torch import nn
 
-from prunekit.structured.graph import (
-    ChannelClass,
-    ChannelGroup,
-    DependencyGraph,
-    plain_outputs,
-    run_model,
-    tensors_in,
-)
-from prunekit.structured.remove import remove_slices
+from prunekit.batches import plain_outputs, run_batch
+from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph
+from prunekit.structured.measure import modes_restored
+from prunekit.structured.remove import recompute_hook_weights, remove_slices
+from prunekit.structured.tracer import tensors_in
 
 #: Relative tolerance (to the largest output) between the shrunk and the masked model.
 RTOL = 1e-4
@@ -40,20 +40,23 @@ def _masked_outputs(model: nn.Module, classes: list[ChannelClass], example_input
     """Outputs (eval mode) with every slice of `classes` zeroed; the model is restored."""
     named = dict(model.named_parameters())
     named.update(dict(model.named_buffers()))
+    kept = _normed_directions(model)
     saved = []
     with torch.no_grad():
         try:
             for c in classes:
                 for p, d, i in c.slices:
-                    if p.endswith("running_var"):
-                        continue  # a zero variance would divide by zero; the scale is zero
+                    if p.endswith("running_var") or kept.get(p) == d:
+                        continue  # a zero variance or norm would divide by zero; the scale
+                        # (batch norm's, weight norm's g) is zeroed instead
                     s = named[p].select(d, i)
                     saved.append((s, s.clone()))
                     s.zero_()
-            return _floats(run_model(model, example_inputs))
+            return _floats(run_batch(model, example_inputs))
         finally:
             for s, v in reversed(saved):
                 s.copy_(v)
+            recompute_hook_weights(model)  # the old weight norm keeps w from the last call
 
 
 def _shrinks_cleanly(model: nn.Module, groups: list[ChannelGroup], example_inputs,
@@ -66,11 +69,11 @@ def _shrinks_cleanly(model: nn.Module, groups: list[ChannelGroup], example_input
     exact = not any(g.reduced for g in groups)
     try:
         ref = _masked_outputs(model, classes, example_inputs)
-        small = remove_slices(model, classes)
+        small = remove_slices(model, classes, share_uncut=True)  # only cut tensors are new
         with torch.no_grad():
-            got = _floats(run_model(small.eval(), example_inputs))
+            got = _floats(run_batch(small.eval(), example_inputs))
             if train_runs:  # training mode may run more (auxiliary heads)
-                run_model(small.train(), example_inputs)
+                run_batch(small.train(), example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure means this shrink is unsafe
         return f"{type(e).__name__}: {str(e)[:200]}"
     if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
@@ -100,25 +103,26 @@ def _bad_groups(model, groups, example_inputs, train_runs, found: dict) -> None:
 
 
 def verify_graph(model: nn.Module, graph: DependencyGraph, example_inputs,
-                 train_runs: bool = True, reduced: bool = False) -> DependencyGraph:
+                 reduced: bool = False) -> DependencyGraph:
     """Freeze (drop from `graph.groups`, in place) every group whose shrink breaks the model
     on `example_inputs`, with a warning naming its modules; return the graph. Reduced groups
-    (pruned only with include_reduced) are checked only when `reduced`."""
-    testable = [g for g in graph.groups if probe(g) and (reduced or not g.reduced)]
-    if not testable:
+    (pruned only with include_reduced) are checked only when `reduced`. Each check holds one
+    smaller model that shares the original's uncut weights; the model is left as it was
+    (weights, buffers and every module's mode)."""
+    level = "all" if reduced else "exact"
+    if graph.verified in (level, "all"):
         return graph
-    was_training = model.training
-    model.eval()
+    testable = [g for g in graph.groups if probe(g) and (reduced or not g.reduced)]
     found: dict[int, str] = {}
-    try:
+    with modes_restored(model):
+        model.eval()
         for _ in range(3):  # re-check what is left: interactions between groups
             left = [g for g in testable if id(g) not in found]
             n = len(found)
-            _bad_groups(model, left, example_inputs, train_runs, found)
+            _bad_groups(model, left, example_inputs, graph.train_runs, found)
             if len(found) == n:
                 break
-    finally:
-        model.train(was_training)
+    graph.verified = level
     if not found:
         return graph
     bad = [g for g in graph.groups if id(g) in found]
@@ -131,3 +135,24 @@ def verify_graph(model: nn.Module, graph: DependencyGraph, example_inputs,
                   f"model on the example inputs: {names}{more}; pass such modules in ignore=... "
                   f"to silence this", stacklevel=3)
     return graph
+
+
+def _normed_directions(model: nn.Module) -> dict[str, int]:
+    """{name of a weight-normed direction v: its norm dim} (nn.utils.parametrizations and
+    the old hook form): zeroing a slice of v along that dim would divide 0 by 0, zeroing the
+    matching slice of g removes the channel (w = g * v / ||v||)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    out = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if parametrize.is_parametrized(m):
+            for tname, plist in m.parametrizations.items():
+                for p in plist:
+                    if type(p).__name__ == "_WeightNorm" and p.dim != -1:
+                        out[f"{prefix}parametrizations.{tname}.original1"] = p.dim
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm) and hook.dim not in (None, -1):
+                out[f"{prefix}{hook.name}_v"] = hook.dim
+    return out
