@@ -55,7 +55,8 @@ from prunekit.structured import count_flops, count_params
 
 RESULTS = Path(__file__).parent / "results" / "equal_speedup"
 RESNET_FAMILIES = ("uniform-l1", "dp-width", "amc", "alds", "svd-uniform", "sparse-1x16-spdy")
-MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "alds", "sparse-1x16-spdy")
+MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "svd-uniform", "alds",
+                   "alds-data-aware", "sparse-1x16-spdy")
 STRUCTURED = ("uniform-l1", "uniform-width", "dp-width", "amc")
 
 
@@ -140,6 +141,10 @@ def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
     if family == "alds":
         return compress_lowrank(dense, ALDS(rank_step=args.rank_step), calib, batch, target,
                                 args, "latency")
+    if family == "alds-data-aware":  # ALDS's allocation, data-aware errors (one group)
+        return compress_lowrank(dense, ALDS(rank_step=args.rank_step, groups=(1,),
+                                            data_aware=True), calib, batch, target, args,
+                                "latency")
     if family == "svd-uniform":
         return compress_lowrank(dense, SVD(round_to=args.rank_step), calib, batch, target,
                                 args, "flops")

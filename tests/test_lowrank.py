@@ -19,12 +19,12 @@ from prunekit.lowrank import (
     Factorized,
     factor,
     factor_groups,
-    latency_costs,
     lowrank,
     lowrank_for_speedup,
     lowrank_layer,
     minimax_allocation,
 )
+from prunekit.lowrank.latency import latency_costs
 from prunekit.structured import count_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -294,6 +294,18 @@ def test_alds_is_no_worse_than_uniform_rank_in_its_largest_error(net):
                 out = max(out, float((w - m.product()).square().sum() / w.square().sum()))
         return out
     assert largest(ALDS(flops_ratio=0.4, groups=(1,))) <= largest(SVD(flops_ratio=0.4)) + 1e-6
+
+
+def test_data_aware_alds_is_no_worse_than_data_aware_uniform_rank(net):
+    dense, x = net
+    worst = {}
+    for cfg in (ALDS(flops_ratio=0.4, groups=(1,), data_aware=True, dampening=1e-6),
+                SVD(flops_ratio=0.4, data_aware=True, dampening=1e-6)):
+        report = lowrank(copy.deepcopy(dense), cfg, [x], progress=False)
+        worst[cfg.name] = max(lr.rel_error for lr in report.layers)
+    assert worst["alds"] <= worst["svd"] * (1 + 1e-3)
+    with pytest.raises(PruneError, match="groups=\\(1,\\)"):
+        ALDS(data_aware=True)
 
 
 def test_for_speedup_reaches_the_target_by_measure(net):

@@ -1,6 +1,7 @@
 """prunekit: make neural networks smaller and faster by pruning, and measure what it buys."""
 
 from prunekit.errors import PruneError
+from prunekit.lowrank import ALDS, SVD, lowrank
 from prunekit.oneshot import (
     METHODS,
     OBS,
@@ -41,4 +42,5 @@ __all__ = [
     "OBS", "Magnitude", "PruneConfig", "Random", "SparseGPT", "Wanda", "WoodFisher", "NM",
     "Block1xN",
     "Pattern", "Unstructured", "get_pattern", "ChannelPrune", "ShrinkReport", "shrink",
+    "ALDS", "SVD", "lowrank",
 ]

@@ -5,11 +5,10 @@ prunekit.structured.save_shrunk."""
 
 from prunekit.lowrank.api import LowRankSpeedup, lowrank, lowrank_for_speedup, lowrank_layer
 from prunekit.lowrank.base import LowRankConfig, factor, factor_groups
-from prunekit.lowrank.latency import latency_costs, option_key
 from prunekit.lowrank.methods.alds import ALDS, minimax_allocation
 from prunekit.lowrank.methods.svd import SVD
 from prunekit.lowrank.modules import Factorized, describe, factorized, rebuild
 
 __all__ = ["LowRankSpeedup", "lowrank", "lowrank_for_speedup", "lowrank_layer",
-           "LowRankConfig", "factor", "factor_groups", "latency_costs", "option_key", "ALDS",
+           "LowRankConfig", "factor", "factor_groups", "ALDS",
            "minimax_allocation", "SVD", "Factorized", "describe", "factorized", "rebuild"]

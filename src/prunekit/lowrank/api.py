@@ -11,13 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.budget.dp import Unreachable
-from prunekit.budget.measured import meet_measured_speedup
 from prunekit.errors import PruneError
 from prunekit.lowrank.base import LowRankConfig
 from prunekit.lowrank.modules import describe, replace_module
 from prunekit.oneshot.engine import LayerResult, Report, run, transform_layer
-from prunekit.runtime.latency import measure_latency
 
 
 def _check(config) -> LowRankConfig:
@@ -85,8 +82,11 @@ def lowrank_for_speedup(model: nn.Module, config: LowRankConfig, calib, batch,
     (prunekit.budget.meet_measured_speedup). `kept` in the result is that share. Raises
     Unreachable with the best measured speedup when no round reaches the target; the model
     is then left as it was."""
+    from prunekit.budget.dp import Unreachable
+    from prunekit.budget.measured import meet_measured_speedup
     from prunekit.lowrank.latency import latency_costs
     from prunekit.lowrank.methods.alds import ALDS
+    from prunekit.runtime.latency import measure_latency
 
     config = _check(config)
     if speedup < 1:

@@ -17,7 +17,6 @@ from torch import nn
 
 from prunekit.errors import PruneError
 from prunekit.layers import is_hf_conv1d
-from prunekit.runtime.convert import set_submodule
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -111,6 +110,8 @@ def factorized(module: nn.Module, u: torch.Tensor, v: torch.Tensor,
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` where `name` is in `model`; returns the module it replaced."""
+    from prunekit.runtime.convert import set_submodule  # runtime is heavy: on first use
+
     old = model.get_submodule(name)
     set_submodule(model, name, new)
     return old

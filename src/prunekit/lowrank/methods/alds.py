@@ -26,10 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.budget.dp import Unreachable
 from prunekit.errors import PruneError
 from prunekit.layers import weight_matrix
-from prunekit.lowrank.base import LowRankConfig, factor_groups, factored_params, register
+from prunekit.lowrank.base import (
+    LowRankConfig,
+    factor,
+    factor_groups,
+    factored_params,
+    register,
+)
+from prunekit.oneshot.hessian import cholesky_lower, damped_hessian
 
 BUDGETS = ("params_ratio", "flops_ratio", "latency_ratio")
 
@@ -46,6 +52,8 @@ class ALDS(LowRankConfig):
     groups: the candidate j (a convolution's input channels must divide by j; a Linear
         takes j = 1). rank_step: candidate ranks are its multiples (8 or 16 suit vector
         units).
+    data_aware: errors and factors on the calibration rows, as SVD(data_aware=True) (not in
+        the paper; one group only, since a grouped V cannot follow the full H).
     """
 
     params_ratio: float | None = None
@@ -54,13 +62,15 @@ class ALDS(LowRankConfig):
     costs: dict[str, dict[str, float]] | None = None
     groups: tuple[int, ...] = (1, 2, 4, 8)
     rank_step: int = 1
+    data_aware: bool = False
+    dampening: float = 0.01
 
     name = "alds"
     example = "ALDS(flops_ratio=0.5)"
 
     @property
     def needs(self) -> str:
-        return "hessian" if self.flops_ratio is not None else "none"
+        return "hessian" if self.flops_ratio is not None or self.data_aware else "none"
 
     def check(self) -> None:
         given = [k for k in BUDGETS if getattr(self, k) is not None]
@@ -75,6 +85,8 @@ class ALDS(LowRankConfig):
                 raise PruneError(f"ALDS.{k} is the kept share in (0, 1], got {v}")
         if not self.groups or any(j < 1 for j in self.groups):
             raise PruneError(f"ALDS.groups must list group counts >= 1, got {self.groups}")
+        if self.data_aware and tuple(self.groups) != (1,):
+            raise PruneError("ALDS(data_aware=True) factorizes whole layers: give groups=(1,)")
         if self.rank_step < 1:
             raise PruneError(f"ALDS.rank_step must be >= 1, got {self.rank_step}")
         if self.sequential:
@@ -85,15 +97,21 @@ class ALDS(LowRankConfig):
     def ratio(self) -> float:
         return self.flops_ratio or self.params_ratio or self.latency_ratio or 0.5
 
-    def candidates(self, name: str, module: nn.Module, scale: float = 1.0) -> list[tuple]:
+    def candidates(self, name: str, module: nn.Module, scale: float = 1.0,
+                   hessian: torch.Tensor | None = None) -> list[tuple]:
         """(cost, relative error, j, r) of every way to factorize `module`, the dense layer
         first as (cost, 0, 0, 0). The cost is the option's weights times `scale` (output
-        positions), or under latency_ratio its time in `costs` (only timed options)."""
+        positions), or under latency_ratio its time in `costs` (only timed options). Given
+        the layer's Hessian (data_aware), the error is the output error on its rows."""
         w = weight_matrix(module).detach().double()
         out, inputs = w.shape
         conv = isinstance(module, nn.modules.conv._ConvNd)
         channels = module.in_channels if conv else inputs
-        norm = float(w.square().sum())
+        whitened = w
+        if hessian is not None:
+            h = damped_hessian(hessian, w.clone(), self.dampening, name)
+            whitened = w @ cholesky_lower(h, name, self.dampening)
+        norm = float(whitened.square().sum())
         timed = None
         if self.latency_ratio is not None:
             timed = self.costs.get(name)
@@ -105,8 +123,8 @@ class ALDS(LowRankConfig):
             if channels % j or (j > 1 and not conv):
                 continue
             cols = inputs // j
-            s2 = torch.stack([torch.linalg.svdvals(w[:, g * cols:(g + 1) * cols]).square()
-                              for g in range(j)]).sum(0)
+            s2 = torch.stack([torch.linalg.svdvals(whitened[:, g * cols:(g + 1) * cols])
+                              .square() for g in range(j)]).sum(0)
             tail = torch.flip(torch.cumsum(torch.flip(s2, (0,)), 0), (0,))  # sum over i >= r
             tail = torch.cat([tail, tail.new_zeros(1)])
             for r in range(self.rank_step, min(out, cols) + 1, self.rank_step):
@@ -126,7 +144,13 @@ class ALDS(LowRankConfig):
             if missing:
                 raise PruneError(f"ALDS(flops_ratio=...) counts FLOPs on calibration data; "
                                  f"layer {missing[0]} did not run on it")
-        options = [self.candidates(n, m, stats[n].rows if self.flops_ratio is not None else 1.0)
+        if self.data_aware:
+            missing = [n for n in layers if n not in stats]
+            if missing:
+                raise PruneError(f"ALDS(data_aware=True): layer {missing[0]} did not run on "
+                                 f"the calibration data")
+        options = [self.candidates(n, m, stats[n].rows if self.flops_ratio is not None else 1.0,
+                                   stats[n].hessian[0] if self.data_aware else None)
                    for n, m in layers.items()]
         choice = minimax_allocation(options, self.ratio)
         return {n: torch.tensor(options[i][choice[i]][2:]) for i, n in enumerate(layers)}
@@ -138,7 +162,10 @@ class ALDS(LowRankConfig):
         if j == 0:
             return self.kept(w, "left dense: every factorization within the budget has a "
                                 "larger error than the largest one ALDS allows")
-        u, v = factor_groups(w, r, j)
+        if self.data_aware:
+            u, v = factor(w, r, hessian, self.dampening, layer)
+        else:
+            u, v = factor_groups(w, r, j)
         return self.result(u, v, r, j)
 
     def at_flops(self, ratio):
@@ -166,6 +193,8 @@ def minimax_allocation(options: list[list[tuple]], ratio: float) -> list[int]:
     budget = ratio * dense
     least = sum(float(c.min()) for c in costs)
     if least > budget * (1 + 1e-12):
+        from prunekit.budget.dp import Unreachable
+
         best = least / dense if dense else 1.0
         raise Unreachable(f"ALDS: a budget of {ratio:g} of the layers' cost cannot be met: the "
                           f"smallest factorization of every layer keeps {best:.4f}; give a "
@@ -204,4 +233,4 @@ def minimax_allocation(options: list[list[tuple]], ratio: float) -> list[int]:
             return choice
 
 
-register(ALDS, needs="hessian if flops_ratio")
+register(ALDS, needs="hessian if flops_ratio or data_aware")

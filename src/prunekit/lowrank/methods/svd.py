@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.budget.dp import Unreachable
 from prunekit.config import positive
 from prunekit.errors import PruneError
 from prunekit.lowrank.base import (
@@ -109,6 +108,8 @@ class SVD(LowRankConfig):
         budget = self.flops_ratio * dense
         least, ranks = flops(0.0)
         if least > budget * (1 + 1e-12):
+            from prunekit.budget.dp import Unreachable
+
             raise Unreachable(f"SVD: flops_ratio={self.flops_ratio:g} cannot be met: the "
                               f"lowest ranks keep {least / dense:.4f} of the layers' FLOPs; "
                               f"give flops_ratio >= {least / dense:.4f}", least / dense)
