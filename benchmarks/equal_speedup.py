@@ -136,8 +136,69 @@ def compress_sparse(dense, calib, batch, target, args):
                    "skipped": list(res.skipped)}
 
 
-def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
-    """(model, info) for one family, or raise Unreachable / NotImplementedError."""
+def compress_structured(family, dense, batch, target, args, seed, cut, labelled, loss_fn,
+                        evaluate):
+    """Uniform widths, DP widths or AMC, each moved until the measured speedup lands."""
+    from prunekit.budget.measured import meet_measured_speedup
+    from prunekit.structured import ChannelPrune, build_graph, remove_slices, score
+    from prunekit.structured.widths import amc_widths, shrink_for_speedup, width_table
+
+    say = (lambda line: None) if args.quiet else (lambda line: log(args, f"  {line}"))
+    if family in ("uniform-l1", "uniform-width", "dp-width"):
+        dp = family == "dp-width"
+        cfg = ChannelPrune(importance="l1", cut=cut, allocation="dp" if dp else "uniform")
+        found = shrink_for_speedup(dense, cfg, batch, target, labelled if dp else None,
+                                   loss_fn, step=args.width_step, rounds=args.rounds,
+                                   band=args.band, confirm=args.confirm, repeats=args.repeats,
+                                   progress=not args.quiet)
+        info = {"measured": found.measured, "predicted_target": found.predicted_target,
+                "rounds": found.rounds, "widths": found.widths}
+        if found.table is not None:
+            info["table"] = {"groups": [g.name for g in found.table.groups],
+                             "widths": found.table.widths, "errors": found.table.errors,
+                             "saving_s": found.table.saving["latency"],
+                             "dense_s": found.table.base["latency"]}
+        return found.model, info
+    if family != "amc":
+        raise ValueError(family)
+    cfg = ChannelPrune(importance="l1", cut=cut)
+    graph = build_graph(dense, batch)
+    scores = score(dense, graph, "l1")
+    table = width_table(dense, graph, scores, batch, cfg, metrics=("latency",),
+                        step=args.width_step, repeats=args.repeats, log=say)
+    searches = []
+
+    def build(t: float) -> dict:
+        try:
+            result, widths = amc_widths(dense, table, scores, evaluate, "latency",
+                                        table.base["latency"] / t, episodes=args.amc_episodes,
+                                        seed=seed, max_seconds=60 * args.amc_minutes,
+                                        progress=not args.quiet)
+        except Unreachable as e:  # a time out of reach is a speedup out of reach
+            raise Unreachable(str(e), table.base["latency"] / e.best) from None
+        searches.append({"predicted_target": t, "seconds": result.seconds,
+                         "episodes": len(result.history), "best_reward_accuracy":
+                         result.accuracy, "stopped": result.stopped,
+                         "history": [{k: h[k] for k in ("episode", "accuracy", "cost")}
+                                     for h in result.history]})
+        chosen = [c for g, w in zip(table.groups, widths)
+                  for c in sorted(g.classes, key=lambda c: scores[c.id])[:len(g.classes) - w]]
+        return {"model": remove_slices(dense, chosen), "widths": widths}
+
+    def measure(c: dict) -> float:
+        return speedup_of(dense, c["model"], batch, args.repeats)
+
+    found = meet_measured_speedup(build, measure, target, rounds=args.amc_rounds,
+                                  band=args.band, confirm=args.confirm, log=say)
+    return found.model["model"], {"measured": found.measured,
+                                  "predicted_target": found.predicted_target,
+                                  "rounds": found.rounds, "widths": found.model["widths"],
+                                  "amc": searches}
+
+
+def compress(family, dense, calib, batch, target, args, seed, structured=None):
+    """(model, info) for one family, or raise Unreachable / NotImplementedError.
+    structured: (cut, labelled calibration, loss_fn, evaluate) for the width families."""
     if family == "alds":
         return compress_lowrank(dense, ALDS(rank_step=args.rank_step), calib, batch, target,
                                 args, "latency")
@@ -153,8 +214,20 @@ def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
                                 batch, target, args, "flops")
     if family == "sparse-1x16-spdy":
         return compress_sparse(dense, calib, batch, target, args)
-    raise NotImplementedError(f"{family}: needs the refactored prunekit.structured (the "
-                              f"struct branch), not on this branch yet")
+    if family in STRUCTURED:
+        if not _have_widths():
+            raise NotImplementedError(f"{family}: needs prunekit.structured.widths (the "
+                                      f"refactored structured package), not on this branch")
+        return compress_structured(family, dense, batch, target, args, seed, *structured)
+    raise ValueError(f"unknown family {family}")
+
+
+def _have_widths() -> bool:
+    try:
+        import prunekit.structured.widths  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -212,9 +285,14 @@ def resnet_data(args, seed):
     calib = calibration_batches("resnet56-cifar10", n=args.calib, seed=seed)
     batch = calibration_batches("resnet56-cifar10", n=args.batch, seed=100 + seed,
                                 batch_size=args.batch)[0]
-    xtr, ytr = cifar10_tensors("train")
-    xtr, ytr = balanced_subset(xtr, ytr, args.train_images, seed)
-    return calib, batch, xtr, ytr
+    x, y = cifar10_tensors("train")
+    xtr, ytr = balanced_subset(x, y, args.train_images, seed)
+    # the width families' sensitivity batches and AMC's held-out reward batch: other
+    # balanced draws of the train set
+    xs, ys = balanced_subset(x, y, args.calib, 1000 + seed)
+    xh, yh = balanced_subset(x, y, args.amc_images, 2000 + seed)
+    labelled = list(zip(xs.split(64), ys.split(64), strict=True))
+    return calib, batch, xtr, ytr, labelled, (xh, yh)
 
 
 def section_resnet56(args) -> dict:
@@ -226,7 +304,7 @@ def section_resnet56(args) -> dict:
     settings = {k: getattr(args, k) for k in ("target", "batch", "threads", "calib",
                                               "train_images", "test_images", "epochs",
                                               "lr", "band", "rank_step", "spdy_steps",
-                                              "amc_episodes")}
+                                              "amc_episodes", "amc_images", "width_step")}
     store = Store(args.out_dir / "resnet56.json", settings, args)
     dense = create("resnet56-cifar10", pretrained=True).eval()
     example = torch.randn(1, 3, 32, 32)
@@ -237,7 +315,9 @@ def section_resnet56(args) -> dict:
                                 "flops": count_flops(dense, example)}
         store.save()
     for seed in args.seeds:
-        calib, batch, xtr, ytr = resnet_data(args, seed)
+        calib, batch, xtr, ytr, labelled, (xh, yh) = resnet_data(args, seed)
+        structured = (("layer*.conv1",), labelled, None,
+                      lambda m, xh=xh, yh=yh: top1_accuracy(m, xh, yh))
         for family in args.families:
             if family not in RESNET_FAMILIES:
                 continue
@@ -249,7 +329,8 @@ def section_resnet56(args) -> dict:
             cell = {"family": family, "seed": seed}
             t0 = time.perf_counter()
             try:
-                model, info = compress(family, dense, calib, batch, args.target, args, seed)
+                model, info = compress(family, dense, calib, batch, args.target, args, seed,
+                                       structured)
             except Unreachable as e:
                 cell.update(unreachable=str(e), best_measured=e.best,
                             seconds=time.perf_counter() - t0)
@@ -317,6 +398,17 @@ def section_minilm(args) -> dict:
     calib = calibration_batches("minilm", n=args.calib_sentences, seed=0)
     batch = calibration_batches("minilm", n=args.batch, seed=1, batch_size=args.batch)[0]
     store.data["timed_batch"] = {k: list(v.shape) for k, v in batch.items()}
+    refs: dict[int, torch.Tensor] = {}
+
+    def embedding_loss(model, b):
+        """1 - cosine of the sentence embeddings with the unpruned model's (the MiniLM
+        width sensitivity)."""
+        if id(b) not in refs:
+            with torch.no_grad():
+                refs[id(b)] = dense(**b)
+        return (1 - (model(**b) * refs[id(b)]).sum(-1)).mean()
+
+    structured = (("*",), calib, embedding_loss, None)
     for family in args.families:
         if family not in MINILM_FAMILIES:
             continue
@@ -328,7 +420,8 @@ def section_minilm(args) -> dict:
         cell = {"family": family}
         t0 = time.perf_counter()
         try:
-            model, info = compress(family, dense, calib, batch, args.minilm_target, args, 0)
+            model, info = compress(family, dense, calib, batch, args.minilm_target, args, 0,
+                                   structured)
         except Unreachable as e:
             store.cells[key] = {**cell, "unreachable": str(e), "best_measured": e.best,
                                 "seconds": time.perf_counter() - t0}
@@ -455,7 +548,13 @@ def main(argv=None) -> int:
     p.add_argument("--rank-ratios", default="0.125,0.25,0.375")
     p.add_argument("--rank-step", type=int, default=2)
     p.add_argument("--spdy-steps", type=int, default=60)
-    p.add_argument("--amc-episodes", type=int, default=200)
+    p.add_argument("--amc-episodes", type=int, default=120,
+                   help="AMC episodes per search (a quarter random warm-up)")
+    p.add_argument("--amc-rounds", type=int, default=3,
+                   help="AMC searches at most, each moved by the measured speedup")
+    p.add_argument("--amc-minutes", type=float, default=30, help="time limit per AMC search")
+    p.add_argument("--amc-images", type=int, default=500, help="AMC's held-out reward batch")
+    p.add_argument("--width-step", type=int, default=8, help="candidate widths' step")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=1)
