@@ -392,3 +392,27 @@ def test_an_error_midway_puts_every_replaced_layer_back(net, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lowrank(dense, SVD(rank=2), progress=False)
     unchanged(dense, state)
+
+
+def test_cli_lowrank_on_a_registry_model(tmp_path, capsys):
+    """`prunekit lowrank` as a user types it: data-aware SVD of tiny GPT-2 (its Conv1D
+    layers become Linear pairs; the LM head tied to the embedding is left as it is)."""
+    import json
+
+    from prunekit.cli import main
+    from prunekit.models import calibration_batches, create
+
+    out = tmp_path / "g.safetensors"
+    assert main(["lowrank", "tiny-gpt2", "--method", "svd", "-o", "rank_ratio=0.25",
+                 "-o", "data_aware=true", "--calib-samples", "8", "--out", str(out),
+                 "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params_after"] < report["params_before"]
+    assert "lm_head" in report["skipped"] and out.exists()
+    assert all(lr["detail"].get("rank") for lr in report["layers"])
+    model = create("tiny-gpt2")
+    lowrank(model, SVD(rank_ratio=0.25), progress=False)
+    model(**calibration_batches("tiny-gpt2", n=2)[0])  # the factorized model runs
+    assert main(["lowrank", "tiny-gpt2", "--method", "wanda", "--quiet"]) != 0
+    assert "wanda is not a low-rank method; low-rank methods are: alds, svd" in \
+        capsys.readouterr().err
