@@ -497,7 +497,60 @@ def summary(results: dict) -> str:
     s = results.get("smollm2", {}).get("cells", {})
     if s:
         lines += ["", f"SmolLM2: {s.get('status')}"]
+    lines += [""] + targets(results)
     return "\n".join(lines)
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, each with its numbers and met / NOT met / open."""
+    out = ["Targets:"]
+
+    def verdict(ok):
+        return "open (cells missing)" if ok is None else "met" if ok else "NOT met"
+
+    le = results.get("layer_error", {}).get("cells", {}).get("ratios", {})
+    for k, v in le.items():
+        out.append(f"  data-aware SVD >= 2x lower layer error than plain, MiniLM {k}: median "
+                   f"{v['median']:.2f}x, summed {v['summed']:.2f}x: {verdict(v['median'] >= 2)}")
+    r = results.get("resnet56", {}).get("cells", {})
+    mean = {}
+    for fam in RESNET_FAMILIES:
+        cs = [c for k, c in r.items() if k != "dense" and c.get("family") == fam]
+        done = [c["top1_finetuned"] for c in cs if "top1_finetuned" in c]
+        best = max((c.get("best_measured", 0) for c in cs), default=None)
+        mean[fam] = (statistics.mean(done) if done else None, len(done), best, len(cs))
+    u, d = mean.get("uniform-l1"), mean.get("dp-width")
+    if u and d and u[3] and d[3]:
+        reach = d[1] > 0 and u[1] == 0
+        beats = d[0] is not None and u[0] is not None and d[0] >= u[0] + 0.5
+        out.append(f"  ResNet-56 DP widths reach the target where uniform does not "
+                   f"({d[1]}/{d[3]} vs {u[1]}/{u[3]} cells reached), or beat it by 0.5 "
+                   f"(top-1 {_fmt(d[0])} vs {_fmt(u[0])}): {verdict(reach or beats)}")
+    a, s = mean.get("alds"), mean.get("svd-uniform")
+    if a and s and a[3] and s[3]:
+        ok = None if a[0] is None or s[0] is None else a[0] >= s[0]
+        out.append(f"  ResNet-56 ALDS level with uniform rank: top-1 {_fmt(a[0])} vs "
+                   f"{_fmt(s[0])} (best measured {_fmt(a[2], 'x')} vs {_fmt(s[2], 'x')}): "
+                   f"{verdict(ok) if a[1] and s[1] else 'neither reached the target'}")
+    m = mean.get("amc")
+    if m and u and m[3]:
+        ok = None if m[0] is None or u[0] is None else m[0] >= u[0]
+        secs = [sum(x["seconds"] for x in c.get("amc", [])) for k, c in r.items()
+                if c.get("family") == "amc"]
+        out.append(f"  ResNet-56 AMC level with uniform: top-1 {_fmt(m[0])} vs {_fmt(u[0])}: "
+                   f"{verdict(ok)}; search {max(secs, default=0) / 60:.1f} min (< 30: "
+                   f"{verdict(max(secs, default=0) < 1800)})")
+    mm = results.get("minilm", {}).get("cells", {})
+    if "alds" in mm and "svd-uniform" in mm:
+        a, s = mm["alds"].get("stsb_spearman"), mm["svd-uniform"].get("stsb_spearman")
+        ok = None if a is None or s is None else a >= s
+        out.append(f"  MiniLM ALDS level with uniform rank: STS-B {_fmt(a)} vs {_fmt(s)}: "
+                   f"{verdict(ok)}")
+    return out
+
+
+def _fmt(v, unit="") -> str:
+    return "-" if v is None else f"{v:.3f}{unit}" if unit else f"{v:.2f}"
 
 
 def _missing(c) -> str:
