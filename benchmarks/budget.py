@@ -19,7 +19,8 @@ Part 2: WoodFisher at 70% and 90% global sparsity on ResNet-20 against global ma
 
     python benchmarks/budget.py                          # everything (long on 2 cores)
     python benchmarks/budget.py --models resnet20 --eval-limit 2000 --steps 60
-    python benchmarks/budget.py --models minilm --pattern 1x16 --out budget_1x16.json
+    python benchmarks/budget.py --models minilm --pattern 1x16 \
+        --out benchmarks/results/budget/budget_1x16.json
 
 The latency table times each layer inside the whole model (see
 prunekit.budget.build_latency_table); --timing cold times each layer alone with the caches
@@ -28,15 +29,15 @@ flushed, as the tables of budget_1x16.json and budget_1x16_b1.json were.
 --pattern 1xN prunes N-row blocks (SparseGPT supports it) and adds the 1xN block kernel to
 the latency table and the conversion, so high levels can buy more speed than CSR gives.
 
-Rows are written to benchmarks/results/budget.json as they finish; a rerun skips them. The
-latency table is cached per machine (prunekit.budget.build_latency_table).
+Rows are written to benchmarks/results/budget/budget.json (--out) as they finish, with the
+run's provenance; a rerun skips them, and refuses to add rows timed under another allocator.
+The latency table is cached per machine (prunekit.budget.build_latency_table).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from prunekit import Magnitude, SparseGPT, prune
+from prunekit.bench.provenance import load_result, provenance, recorded, write_result
 from prunekit.budget import (
     Unreachable,
     build_database,
@@ -55,12 +57,11 @@ from prunekit.budget import (
 from prunekit.budget.latency_table import TIMINGS
 from prunekit.commands.common import add_malloc_option, allocator_conflict, apply_malloc_option
 from prunekit.errors import PruneError
-from prunekit.io import atomic_write_text
 from prunekit.layers import find_layers
 from prunekit.patterns import Block1xN, get_pattern
-from prunekit.runtime.latency import machine_info, num_threads
+from prunekit.runtime.latency import num_threads
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "budget"
 LEVELS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 NAMES = {"resnet20": "resnet20-cifar10", "minilm": "minilm"}
 
@@ -236,20 +237,17 @@ def main(argv=None) -> int:
     except PruneError as e:
         p.error(f"--pattern: {e}")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["command"] = "python " + " ".join(["benchmarks/budget.py", *sys.argv[1:]])
-    commands = results.setdefault("commands", [])  # rows kept from earlier (partial) runs
-    if results["command"] not in commands:
-        commands.append(results["command"])
+    results = load_result(out)  # rows kept from earlier runs keep those runs' provenance
     apply_malloc_option(args)
-    conflict = results.get("rows") and allocator_conflict(results.get("machine"), out)
+    conflict = results.get("rows") and allocator_conflict(
+        {"malloc": recorded(results, "allocator")}, out)
     if conflict:
         p.error(conflict)
-    results["machine"] = machine_info(args.threads)
+    prov = provenance(argv, script=__file__, threads=args.threads)
     results.setdefault("rows", {})
 
     def save():
-        atomic_write_text(out, json.dumps(results, indent=1, default=str))
+        write_result(out, results, prov)
 
     with num_threads(args.threads):
         for m in filter(None, args.models.split(",")):  # --models "" runs only WoodFisher

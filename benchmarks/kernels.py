@@ -20,29 +20,30 @@ results) it also times 2:4 semi-structured sparsity in fp16 against dense fp16.
     python benchmarks/kernels.py                 # all shapes, 1 thread
     python benchmarks/kernels.py --threads 2 --shapes 384x384,768x768
     python benchmarks/kernels.py --quick         # two small shapes, batch 1 and 16
-    python benchmarks/kernels.py --convs --out benchmarks/results/kernels_conv.json
+    python benchmarks/kernels.py --convs --out benchmarks/results/kernels/kernels_conv.json
 
-Finished rows are kept in the results file; a rerun skips them.
+Results go to benchmarks/results/kernels/kernels.json (--out) with the run's provenance.
+Finished rows are kept in the results file; a rerun skips them, and refuses to add rows timed
+under another allocator.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from prunekit.bench.provenance import load_result, provenance, recorded, write_result
 from prunekit.commands.common import add_malloc_option, allocator_conflict, apply_malloc_option
-from prunekit.io import atomic_write_text
 from prunekit.patterns import Block1xN
 from prunekit.runtime.kernels import BlockWeight, CSRWeight, SparseLinear, sparse_module
-from prunekit.runtime.latency import machine_info, num_threads, time_calls
+from prunekit.runtime.latency import num_threads, time_calls
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "kernels"
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072),
           (4096, 4096)]
 SPARSITIES = (0.5, 0.7, 0.9, 0.95)
@@ -158,23 +159,27 @@ def main(argv=None) -> int:
     if args.quick:
         shapes, batches = [(384, 384), (768, 768)], (1, 16)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results["command"] = "python " + " ".join(["benchmarks/kernels.py", *sys.argv[1:]])
+    results = load_result(out)  # rows kept from earlier runs keep those runs' provenance
     apply_malloc_option(args)
-    conflict = results.get("rows") and allocator_conflict(results.get("machine"), out)
+    conflict = results.get("rows") and allocator_conflict(
+        {"malloc": recorded(results, "allocator")}, out)
     if conflict:
         p.error(conflict)
-    results["machine"] = machine_info(args.threads)
+    prov = provenance(argv, script=__file__, threads=args.threads)
     rows = results.setdefault("rows", {})
     gen = torch.Generator().manual_seed(0)
-    print(f"machine: {results['machine']['cpu']}, {args.threads} thread(s), "
-          f"torch {torch.__version__}")
+    print(f"machine: {prov['cpu']}, {args.threads} thread(s), torch {prov['torch']}, "
+          f"{prov['allocator']} allocator")
+
+    def save():
+        write_result(out, results, prov)
+
     if args.convs:
-        return run_convs(args, results, rows, out, gen)
+        return run_convs(args, rows, save, gen)
     print(f"{'shape':>10} {'sparsity':>8} {'batch':>5} {'dense ms':>9} {'csr':>6} "
           f"{'1x16':>6} {'csr@1x16':>8}   (speedup over dense)")
     with num_threads(args.threads):
-        sweep(rows, out, results, shapes, batches, _row_key, measure, args.repeats, gen,
+        sweep(rows, save, shapes, batches, _row_key, measure, args.repeats, gen,
               lambda r: f"{r['shape']:>10}")
         gpu = []
         for shape in shapes:
@@ -186,13 +191,13 @@ def main(argv=None) -> int:
         results["semi_structured_2_4"] = gpu or (
             "not measured: no CUDA GPU with compute capability 8.0+ was available in this "
             "session; the 2:4 path is guarded and falls back to dense")
-        atomic_write_text(out, json.dumps(results, indent=1))
+        save()
     print("2:4:", results["semi_structured_2_4"] if not gpu else f"{len(gpu)} rows")
     print(f"wrote {out}")
     return 0
 
 
-def sweep(rows, out, results, specs, batches, key, measure_row, repeats, gen, label):
+def sweep(rows, save, specs, batches, key, measure_row, repeats, gen, label):
     """Measure every (spec, sparsity, batch) row not yet in `rows` (saved after each one)
     and print them all."""
     for spec in specs:
@@ -201,21 +206,21 @@ def sweep(rows, out, results, specs, batches, key, measure_row, repeats, gen, la
                 k = key(spec, s, batch)
                 if k not in rows:
                     rows[k] = measure_row(spec, s, batch, repeats, gen)
-                    atomic_write_text(out, json.dumps(results, indent=1))
+                    save()
                 r = rows[k]
                 print(f"{label(r)} {s:>8.2f} {batch:>5} {r['dense_ms']:>9.3f} "
                       f"{r['csr_speedup']:>5.2f}x {r['block_1x16_speedup']:>5.2f}x "
                       f"{r['csr_on_1x16_speedup']:>7.2f}x", flush=True)
 
 
-def run_convs(args, results, rows, out, gen) -> int:
+def run_convs(args, rows, save, gen) -> int:
     print(f"{'conv':>20} {'taps read (1x16)':>16} {'sparsity':>8} {'batch':>5} "
           f"{'dense ms':>9} {'csr':>6} {'1x16':>6} {'csr@1x16':>8}   (speedup over dense)")
     with num_threads(args.threads):
-        sweep(rows, out, results, CONVS, CONV_BATCHES, lambda c, s, b: f"conv/{c}/{s}/{b}",
+        sweep(rows, save, CONVS, CONV_BATCHES, lambda c, s, b: f"conv/{c}/{s}/{b}",
               measure_conv, args.repeats, gen,
               lambda r: f"{r['conv']:>20} {r['taps_read_1x16']:>7}/{r['taps_all']:<8}")
-    atomic_write_text(out, json.dumps(results, indent=1))
+    save()
     return 0
 
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,9 +35,9 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.io import atomic_write_text
+from prunekit.bench.provenance import load_result, provenance, recorded, write_result
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "layer_prune"
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 768), (3072, 768), (768, 3072),
           (4096, 4096)]
 SETTINGS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("2:4", None, "2:4")]
@@ -174,18 +172,17 @@ def main(argv=None) -> int:
     shapes = SHAPES[:3] if args.quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    previous = []
-    if Path(args.out).exists():
-        old = json.loads(Path(args.out).read_text())
-        if old.get("rows") == args.rows and old.get("threads") == args.threads:
-            previous = old["results"]
+    prov = provenance(argv, script=__file__)
+    payload, previous = {}, []
+    old = load_result(args.out)
+    if old.get("rows") == args.rows and recorded(old, "threads") == args.threads:
+        previous = old["results"]  # kept with the record of the run that measured them
+        payload = {k: old[k] for k in ("provenance", "earlier_provenance") if k in old}
     try:
         real = minilm_layers(args.rows)
     except (prunekit.PruneError, ImportError) as e:
         print(f"MiniLM or WikiText-2 unavailable ({e}); MiniLM shapes use synthetic data")
         real = {}
-    command = "python benchmarks/layer_prune.py " + " ".join(argv if argv is not None
-                                                              else sys.argv[1:])
     results = list(previous)
 
     def done(shape, source, label, method):
@@ -193,11 +190,8 @@ def main(argv=None) -> int:
                      == (f"{shape[0]}x{shape[1]}", source, label, method)), None)
 
     def save():
-        payload = dict(command=command, threads=torch.get_num_threads(),
-                       machine=platform.processor() or platform.machine(),
-                       torch=torch.__version__, rows=args.rows, results=results,
-                       side_by_side=side, orders=orders)
-        atomic_write_text(args.out, json.dumps(payload, indent=2))
+        payload.update(rows=args.rows, results=results, side_by_side=side, orders=orders)
+        write_result(args.out, payload, prov, indent=2)
 
     side, orders = [], []
     header = (f"{'shape':>10} {'source':<42} {'setting':>7} {'method':>10} {'time s':>8} "

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import prunekit
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.io import atomic_write_text
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "oneshot_quality"
 
 
 def _settings(model: str):
@@ -118,16 +119,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    state = json.loads(out.read_text()) if out.exists() else {"runs": [], "dense": {}}
-    state["command"] = "python benchmarks/oneshot_quality.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    state = load_result(out) or {"runs": [], "dense": {}}
+    prov = provenance(argv, script=__file__)
     tasks = {"minilm": MiniLMTask, "resnet20": ResNetTask}
     names = ["minilm", "resnet20"] if args.model == "both" else [args.model]
     for name in names:
         task = tasks[name]()
         if name not in state["dense"]:
             state["dense"][name] = task.quality(task.dense)
-            atomic_write_text(out, json.dumps(state, indent=2))
+            write_result(out, state, prov, indent=2)
         print(f"{name} dense: {state['dense'][name]}", flush=True)
         for seed in args.seeds:
             calib = task.calib(seed)
@@ -144,10 +144,11 @@ def main(argv=None) -> int:
                 row = dict(key, sparsity=report.sparsity, prune_seconds=seconds,
                            **task.quality(model))
                 state["runs"].append(row)
-                atomic_write_text(out, json.dumps(state, indent=2))
+                write_result(out, state, prov, indent=2)
                 print(json.dumps(row), flush=True)
+    write_result(out, state, prov, indent=2)
     print(summary(state))
-    atomic_write_text(out.with_suffix(".md"), summary(state) + f"\n\n`{state['command']}`\n")
+    atomic_write_text(out.with_suffix(".md"), summary(state) + f"\n\n`{prov['command']}`\n")
     return 0
 
 

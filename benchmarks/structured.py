@@ -23,12 +23,14 @@
 Budget: on 2 shared CPU cores a full CIFAR epoch per model does not fit, so the fine-tune
 is one epoch over a class-balanced subset of the train set (--train-images) and top-1 is
 measured on the first --test-images test images; both are recorded in the results. Every
-finished entry is written (atomically) to the results file at once, and a rerun with the
-same settings skips it, so an interrupted run resumes.
+finished entry is written (atomically, with the run's provenance) to the results file
+(benchmarks/results/structured/structured.json, --out) at once, and a rerun with the same
+settings skips it, so an interrupted run resumes.
 
     python benchmarks/structured.py                  # defaults below
     python benchmarks/structured.py --train-images 50000 --test-images 10000   # full
-    python benchmarks/structured.py --steps 5 --out benchmarks/results/structured_iterative.json
+    python benchmarks/structured.py --steps 5 \
+        --out benchmarks/results/structured/structured_iterative.json
 
 With --steps N both libraries prune iteratively: N equal steps (linear in channels of the
 original), Taylor scores recomputed before each, and after each step but the last one pass
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -54,17 +55,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text
 from prunekit.models import create
 from prunekit.progress import Progress
-from prunekit.runtime import machine_info, time_calls
+from prunekit.runtime import time_calls
 from prunekit.runtime.convert import layer_inputs
 from prunekit.structured import ChannelPrune, count_flops, count_params, shrink
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "structured"
 
 
 def balanced_subset(x, y, n, seed=0):
@@ -497,20 +499,19 @@ def main(argv=None) -> int:
     # stream entries are named by ratio; the allocator changes only the timings
     out = Path(args.out)
     results = {}
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
+    if not args.fresh:
+        old = load_result(out)
         old_config = dict(old.get("config", {}))
         old_config.setdefault("steps", 1)  # results written before --steps existed
         if old_config == config:
-            results = old
+            results = old  # entries kept from earlier runs keep those runs' provenance
     results["config"] = config
-    if not (args.skip_resnet and args.skip_minilm):  # else: only rewrite the summary
-        results["command"] = "python " + " ".join(sys.argv)
-        results["torch_threads"] = torch.get_num_threads()
-        results["malloc"] = machine_info()["malloc"]
+    prov = provenance(argv, script=__file__)
+    if args.skip_resnet and args.skip_minilm and "provenance" in results:
+        prov = results["provenance"]  # only the summary is rewritten: nothing was measured
 
     def save():
-        atomic_write_text(out, json.dumps(results, indent=2))
+        write_result(out, results, prov, indent=2)
 
     if not args.skip_resnet:
         run_resnet(args, results, save)
@@ -520,8 +521,8 @@ def main(argv=None) -> int:
     results["summary"] = text
     save()
     atomic_write_text(out.with_suffix(".md"), "# Structured pruning benchmark\n\n"
-                      f"`{results.get('command', '')}`, {results.get('torch_threads')} "
-                      f"thread(s), {results.get('malloc', 'system')} malloc\n\n"
+                      f"`{prov.get('command', '')}`, {prov.get('threads')} "
+                      f"thread(s), {prov.get('allocator')} malloc\n\n"
                       f"```\n{text}\n```\n")
     print(text)
     return 0

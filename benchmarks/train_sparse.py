@@ -21,10 +21,11 @@ Training FLOPs count the multiply-accumulates of the prunable layers (x2 for FLO
 masks in force at each step: forward f, backward 2f (both sparse), plus for RigL a dense
 gradient at each update step, as in Evci et al. 2020, appendix H; dense = 3 * f_dense per image.
 
-Finished runs are cached one file per run in benchmarks/results/train_sparse_runs/ (written
-atomically), so an interrupted benchmark resumes with the runs that are left. The table goes
-to benchmarks/results/train_sparse.json and .md, and top-1 against training FLOPs to .png,
-with the command that made them.
+Finished runs are cached one file per run, each with its provenance, in
+benchmarks/results/train_sparse/train_sparse_runs/ (--out DIR, --name; written atomically),
+so an interrupted benchmark resumes with the runs that are left. The table goes to
+train_sparse.json (with this run's provenance and the run file of each row) and .md there,
+and top-1 against training FLOPs to .png.
 
     python benchmarks/train_sparse.py --methods rigl,gmp,static,rigl2x --steps 800 \
         --train-size 50000 --test-size 10000 --threads 1      # the results (~50 min)
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from prunekit.bench.provenance import provenance, write_result
 from prunekit.data import cifar10_tensors
 from prunekit.evaluate import top1_accuracy
 from prunekit.io import atomic_write_text
@@ -51,7 +53,7 @@ from prunekit.models import create
 from prunekit.progress import Progress
 from prunekit.train import GMP, RigL, Static
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "train_sparse"
 
 
 def layer_macs(model) -> dict[str, int]:
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--delta-t", type=int, default=20, help="RigL update / GMP pruning period")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="train_sparse", help="results file stem")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -206,21 +209,23 @@ def main(argv=None) -> int:
     xtr, ytr = cifar10_tensors("train", limit=args.train_size)
     xte, yte = cifar10_tensors("test", limit=args.test_size)
     config = {k: v for k, v in vars(args).items()
-              if k not in ("quiet", "name", "methods", "threads")}
+              if k not in ("quiet", "name", "methods", "threads", "out")}
     key = "-".join(f"{k}={v}" for k, v in sorted(config.items()))
-    cache = RESULTS / f"{args.name}_runs"
-    rows = []
+    cache = args.out / f"{args.name}_runs"
+    prov = provenance(argv, script=__file__)
+    rows, run_files = [], {}
     for method in args.methods.split(","):
         path = cache / f"{method}--{key}.json"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
+        run_files[method] = path.relative_to(args.out).as_posix()
+        if path.exists():  # the run's own provenance stays in its file
+            rows.append({k: v for k, v in json.loads(path.read_text()).items()
+                         if k not in ("provenance", "earlier_provenance")})
             print(f"{method}: cached ({path.name})", file=sys.stderr)
             continue
         row = run(method, args, (xtr, ytr, xte, yte))
-        atomic_write_text(path, json.dumps(row, indent=1))
+        write_result(path, dict(row), prov)
         rows.append(row)
         print(f"{method}: top-1 {row['top1']:.2f}% in {row['seconds']:.0f} s", file=sys.stderr)
-    command = "python benchmarks/train_sparse.py " + " ".join(argv or sys.argv[1:])
     by = {r["method"]: r for r in rows}
     ratios = {}
     if "static" in by:
@@ -230,11 +235,10 @@ def main(argv=None) -> int:
     for m in ("rigl", "rigl2x"):
         if m in by and "gmp" in by:
             ratios[f"{m}_minus_gmp_top1"] = by[m]["top1"] - by["gmp"]["top1"]
-    out = {"command": command.strip(), "config": config, "results": rows, "comparisons": ratios,
-           "torch": torch.__version__, "threads": torch.get_num_threads()}
-    atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(out, indent=1))
+    out = {"config": config, "results": rows, "comparisons": ratios, "run_files": run_files}
+    write_result(args.out / f"{args.name}.json", out, prov)
     lines = [f"# Sparse training, ResNet-20 / CIFAR-10, density {args.density}", "",
-             f"Command: `{out['command']}`", "",
+             f"Command: `{prov['command']}`", "",
              f"Budget: {args.steps} steps x batch {args.batch} on the first {args.train_size} "
              f"train images; top-1 on the first {args.test_size} test images; seed {args.seed}.",
              "", "| method | top-1 % | sparsity | train FLOPs | vs dense training | "
@@ -244,8 +248,8 @@ def main(argv=None) -> int:
                      f"{r['train_flops']:.3e} | {r['train_flops_vs_dense']:.3f} | "
                      f"{r['inference_flops_vs_dense']:.3f} | {r['seconds']:.0f} |")
     lines += ["", *(f"- {k}: {v:+.2f} points" for k, v in ratios.items())]
-    atomic_write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
-    plot(rows, RESULTS / f"{args.name}.png", args)
+    atomic_write_text(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
+    plot(rows, args.out / f"{args.name}.png", args)
     print("\n".join(lines))
     return 0
 

@@ -3,7 +3,7 @@ and batch-norm re-estimation after pruning.
 
 `evaluate(model, name)` gives a registry model's standard metric on its own data set:
 {"top1": percent} for image classifiers, {"stsb_spearman": x100} for the sentence encoder,
-{"perplexity": ...} for causal LMs.
+{"perplexity": ...} for causal LMs (WikiText-2 or TinyShakespeare, `lm_perplexity`).
 """
 
 from __future__ import annotations
@@ -139,6 +139,64 @@ def perplexity(model: nn.Module, tokenizer_or_ids, text: str | None = None,
     return math.exp(nll / count)
 
 
+def lm_windows(ids: torch.Tensor, seq_len: int = 1024, windows: int | None = None
+               ) -> torch.Tensor:
+    """The token stream cut into non-overlapping windows of seq_len tokens (a last, partial
+    window is dropped), as (k, seq_len); with `windows` = N, only windows floor(i * n / N)
+    for i = 0..N-1, spread evenly over the n there are."""
+    ids = torch.as_tensor(ids).reshape(-1)
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise PruneError(f"perplexity windows need at least 2 tokens, got seq_len={seq_len!r}")
+    n = len(ids) // seq_len
+    if n == 0:
+        raise PruneError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}; "
+                         f"use a shorter --seq-len")
+    cut = ids[:n * seq_len].reshape(n, seq_len)
+    if windows is None:
+        return cut
+    if not isinstance(windows, int) or not 0 < windows <= n:
+        raise PruneError(f"windows must be in 1..{n} (the text has {n} windows of {seq_len} "
+                         f"tokens), got {windows!r}")
+    return cut[[i * n // windows for i in range(windows)]]
+
+
+def lm_seq_len(model: nn.Module, seq_len: int | None = None) -> int:
+    """The perplexity window for `model`: seq_len (default 1024, or the model's context when
+    that is shorter), checked against the model's context."""
+    from prunekit.models.llm import context_length
+
+    context = context_length(model)
+    if seq_len is None:
+        return min(1024, context) if context else 1024
+    if context is not None and seq_len > context:
+        raise PruneError(f"windows of {seq_len} tokens are longer than the model's context "
+                         f"({context} positions); use --seq-len {context} or less")
+    return seq_len
+
+
+@torch.no_grad()
+def lm_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int | None = None,
+                  windows: int | None = None, batch_size: int = 1,
+                  progress: bool = False) -> float:
+    """Perplexity as LLM pruning papers report it: the whole text tokenized once (`ids`), cut
+    into non-overlapping windows of seq_len tokens (lm_windows; `windows` = N keeps N spread
+    evenly), each window scored on its own: exp of the mean next-token loss over every
+    predicted token of every window (seq_len - 1 per window)."""
+    seq_len = lm_seq_len(model, seq_len)
+    cut = lm_windows(ids, seq_len, windows)
+    model.eval()
+    nll, count = 0.0, 0
+    with Progress(enabled=progress) as bar:
+        task = bar.add("perplexity", total=len(cut))
+        for batch in cut.split(max(1, batch_size)):
+            logits = output_tensor(model(input_ids=batch))[:, :-1].float()
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+            bar.advance(task, len(batch))
+    return math.exp(nll / count)
+
+
 @torch.no_grad()
 def fidelity(dense: nn.Module, pruned: nn.Module, batches) -> dict:
     """How close the pruned model's outputs stay to the dense model's on the same inputs:
@@ -208,16 +266,19 @@ def reestimate_bn(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor
 
 #: metric name per data set
 METRICS = {"cifar10": "top1", "digits": "top1", "stsb": "stsb_spearman",
-           "wikitext2": "perplexity"}
+           "wikitext2": "perplexity", "tinyshakespeare": "perplexity"}
 
 
 def evaluate(model: nn.Module, name_or_info=None, split: str = "test",
              limit: int | None = None, batch_size: int | None = None,
-             dataset: str | None = None, progress: bool = False) -> dict:
+             dataset: str | None = None, progress: bool = False, seq_len: int | None = None,
+             windows: int | None = None) -> dict:
     """The standard quality metric of a model on its data set: a registry name or ModelInfo
-    says which, or `dataset` ('cifar10', 'digits', 'stsb', 'wikitext2') for any model.
-    split 'test' (default) or the train/validation side; limit keeps the first N examples
-    (tokens for perplexity)."""
+    says which, or `dataset` ('cifar10', 'digits', 'stsb', 'wikitext2', 'tinyshakespeare')
+    for any model. split 'test' (default) or the train/validation side; limit keeps the first
+    N examples (tokens for perplexity). Perplexity takes windows of seq_len tokens (default
+    1024, capped by a shorter context) and `windows` = N of them spread evenly (lm_perplexity).
+    """
     from prunekit import data
 
     if dataset is None:
@@ -249,10 +310,10 @@ def evaluate(model: nn.Module, name_or_info=None, split: str = "test",
         pairs = data.load_stsb(split)[:limit]
         return {"stsb_spearman": stsb_spearman(model, tokenizer, pairs, batch_size or 128,
                                                progress=progress)}
-    split = _check_split(dataset, split, ("test", "valid"))
-    text = data.load_wikitext2(split)
-    return {"perplexity": perplexity(model, tokenizer, text, max_tokens=limit,
-                                     batch_size=batch_size or 8, progress=progress)}
+    split = _check_split(dataset, split, data.LM_SPLITS[dataset])
+    ids = data.lm_tokens(tokenizer, dataset, split)[:limit]
+    return {"perplexity": lm_perplexity(model, ids, seq_len, windows, batch_size or 1,
+                                        progress=progress)}
 
 
 def _check_split(dataset: str, split: str, allowed: tuple[str, str]) -> str:

@@ -21,7 +21,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D: weight stored as (in, out), y = x @ W + b."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    # by the class chain: a parametrized module's class is a subclass named Parametrized...
+    return (any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+            and hasattr(module, "nf") and hasattr(module, "weight"))
 
 
 def is_prunable(module: nn.Module) -> bool:

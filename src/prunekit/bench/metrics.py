@@ -166,15 +166,9 @@ def environment() -> dict:
     import numpy
 
     import prunekit
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from prunekit.runtime.latency import cpu_name
+
+    cpu = cpu_name()
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "prunekit": getattr(prunekit, "__version__", "?"),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),

@@ -1,4 +1,4 @@
-"""Per-layer sparsity budgets: uniform, global by score, ERK, and latency-aware SPDY (measured
+"""Per-layer sparsity budgets: uniform, global by score, ERK, OWL, and latency-aware SPDY (measured
 latency table, one-shot sensitivity database, DP, local search), and a loop that turns a
 predicted speedup into a measured one."""
 
@@ -22,6 +22,7 @@ from prunekit.budget.measured import (
     prune_for_speedup,
     unfit_layers,
 )
+from prunekit.budget.owl import outlier_ratios, owl
 from prunekit.budget.spdy import (
     Allocation,
     Database,
@@ -39,5 +40,5 @@ __all__ = [
     "solve", "DEFAULT_LEVELS", "LatencyTable", "build_latency_table", "Allocation", "Database",
     "Target", "build_database", "cost_matrix", "for_speedup", "layer_macs", "spdy_search",
     "MeasuredSpeedup", "SpeedupResult", "converted_speedup", "meet_measured_speedup",
-    "prune_for_speedup", "unfit_layers",
+    "prune_for_speedup", "unfit_layers", "outlier_ratios", "owl",
 ]

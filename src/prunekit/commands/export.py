@@ -28,6 +28,8 @@ def cmd_export(args) -> int:
     from prunekit.models import load_model
     from prunekit.runtime import export_onnx, save_compressed, save_dense
 
+    if args.format == "onnx" and args.batch_size < 1:
+        raise PruneError(f"--batch-size must be >= 1, got {args.batch_size}")
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
     if args.format == "dense":
         result = save_dense(model, args.out)
@@ -36,8 +38,6 @@ def cmd_export(args) -> int:
     else:
         from prunekit.commands.latency import sample_batch
 
-        if args.batch_size < 1:
-            raise PruneError(f"--batch-size must be >= 1, got {args.batch_size}")
         batch = sample_batch(args.model, args.batch_size)
         if isinstance(batch, dict):
             batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}

@@ -9,6 +9,8 @@ import sys
 from prunekit.commands import COMMANDS
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.errors import PruneError
+from prunekit.runtime.kernels import KERNELS
+from prunekit.runtime.latency import check_count, check_threads
 
 
 @COMMANDS.register("latency")
@@ -24,6 +26,9 @@ def register(sub) -> None:
     p.add_argument("--sparse", action="store_true",
                    help="also convert to sparse kernels (chosen per layer by measurement) "
                         "and report the speedup")
+    p.add_argument("--kernels", default=None, metavar="NAMES",
+                   help="with --sparse: the kernels to try, comma-separated (default: all). "
+                        + KERNELS.help())
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_malloc_option(p)
@@ -56,9 +61,18 @@ def sample_batch(model_name: str, batch_size: int):
 def cmd_latency(args) -> int:
     from prunekit.models import load_model
     from prunekit.runtime import convert, measure_latency
+    from prunekit.runtime.convert import check_kernels
 
-    apply_malloc_option(args)
     sizes = _batch_sizes(args.batch_sizes)
+    check_threads(args.threads)
+    check_count(args.warmup, "--warmup", least=0)
+    check_count(args.repeats, "--repeats")
+    kernels = None
+    if args.kernels is not None:
+        if not args.sparse:
+            raise PruneError("--kernels chooses the kernels of --sparse; add --sparse")
+        kernels = check_kernels([k.strip() for k in args.kernels.split(",") if k.strip()])
+    apply_malloc_option(args)
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
     rows = []
     for b in sizes:
@@ -66,8 +80,8 @@ def cmd_latency(args) -> int:
         models = {"dense": model}
         report = None
         if args.sparse:
-            models["sparse"], report = convert(model, batch, threads=args.threads,
-                                               progress=not args.quiet)
+            models["sparse"], report = convert(model, batch, kernels=kernels,
+                                               threads=args.threads, progress=not args.quiet)
         r = measure_latency(models, batch, warmup=args.warmup, repeats=args.repeats,
                             threads=args.threads)
         row = {"batch": b, "dense_ms": r["dense"]["median_ms"],

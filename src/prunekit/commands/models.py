@@ -15,16 +15,23 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("eval", help="evaluate a model on its standard data set")
-    p.add_argument("model", help="registry name (see `prunekit models`), tv:<name>, or "
-                                 "module:function (then give --dataset)")
+    p.add_argument("model", help="registry name (see `prunekit models`), tv:<name>, a .gguf "
+                                 "file or transformers causal-LM folder, or module:function "
+                                 "(then give --dataset)")
     p.add_argument("--weights", help="safetensors weights to evaluate (e.g. a pruned model); "
                                      "without it a registry model's pretrained weights are used")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
-    p.add_argument("--dataset", choices=("cifar10", "digits", "stsb", "wikitext2"),
+    p.add_argument("--dataset", choices=("cifar10", "digits", "stsb", "wikitext2",
+                                         "tinyshakespeare"),
                    help="data set to evaluate on (default: the model's own)")
     p.add_argument("--split", default="test",
                    help="test (default), or the train / dev (valid) side")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="perplexity window in tokens (default 1024; 2048 is the other usual one)")
+    p.add_argument("--windows", type=int, default=None, metavar="N",
+                   help="perplexity on N windows spread evenly over the text (quick runs); "
+                        "default all")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate the first N examples (N tokens for perplexity)")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
@@ -56,10 +63,12 @@ def cmd_models(args) -> int:
 
 def cmd_eval(args) -> int:
     from prunekit.errors import PruneError
-    from prunekit.evaluate import evaluate, reestimate_bn
+    from prunekit.evaluate import evaluate, lm_seq_len, reestimate_bn
     from prunekit.models import get_info, load_model
+    from prunekit.models.llm import is_model_path
 
-    custom = ":" in args.model and not args.model.startswith("tv:")
+    custom = ":" in args.model and not args.model.startswith("tv:") \
+        and not is_model_path(args.model)
     info = None if custom else get_info(args.model)
     if info is not None and args.dataset is None and info.dataset is None:
         raise PruneError(f"{info.name} has no standard data set; give --dataset")
@@ -75,10 +84,15 @@ def cmd_eval(args) -> int:
                       progress=not args.quiet)
     metrics = evaluate(model, info, split=args.split, limit=args.limit,
                        batch_size=args.batch_size, dataset=args.dataset,
-                       progress=not args.quiet)
+                       progress=not args.quiet, seq_len=args.seq_len, windows=args.windows)
+    extra = {}
+    if "perplexity" in metrics:
+        extra = dict(dataset=args.dataset or info.dataset, seq_len=lm_seq_len(model, args.seq_len),
+                     windows=args.windows)
     if args.json:
         print(json.dumps(dict(model=args.model, weights=args.weights, split=args.split,
-                              limit=args.limit, bn_reestimate=args.bn_reestimate, **metrics)))
+                              limit=args.limit, bn_reestimate=args.bn_reestimate, **extra,
+                              **metrics)))
     else:
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}")

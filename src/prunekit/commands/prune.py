@@ -27,7 +27,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("prune", help="prune a model one-shot and save its weights")
-    p.add_argument("model", help="registry name (see `prunekit models`) or module:function")
+    p.add_argument("model", help="registry name (see `prunekit models`), a .gguf file, a "
+                                 "transformers causal-LM folder, or module:function")
     p.add_argument("--method", default="sparsegpt",
                    help="one of: " + ", ".join(METHODS.where(family="prune")))
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to remove")
@@ -38,7 +39,10 @@ def register(sub) -> None:
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle checkpoint for --weights (runs code: trusted files only)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration samples (default 128; causal LMs: 32 segments)")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help="tokens per calibration segment of a causal LM (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
     p.add_argument("--speedup", type=float, default=None,
                    help="prune for this measured speedup on this machine instead of a "
@@ -52,7 +56,9 @@ def register(sub) -> None:
                         "model (model, the default), alone with caches flushed (cold) or alone "
                         "call after call (hot)")
     p.add_argument("--steps", type=int, default=100, help="SPDY search steps (--budget spdy)")
-    p.add_argument("--out", help="write the pruned weights here (safetensors, atomic)")
+    p.add_argument("--out", help="write the pruned weights here (safetensors, atomic); for a "
+                                 "causal LM a folder that transformers loads (config, "
+                                 "safetensors, tokenizer)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_malloc_option(p)
@@ -117,19 +123,36 @@ def cmd_prune(args) -> int:
     if args.speedup is not None and args.sparsity is not None:
         raise PruneError("give --sparsity or --speedup, not both: --speedup chooses each "
                          "layer's sparsity")
-    config = make_config(args.method, args.sparsity, args.pattern, args.option)
-    model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
+    from prunekit.models.llm import is_model_path
+
+    custom = ":" in args.model and not is_model_path(args.model)
+    info = None if custom else get_info(args.model)
+    causal = info is not None and info.task == "causal-lm"
+    options = list(args.option)
+    if causal:  # the tied head and the embeddings stay dense; LLMs calibrate block by block
+        defaults = ["exclude=lm_head"] + (["sequential=true"]
+                                          if get_method(args.method).needs != "none" else [])
+        given = {o.partition("=")[0].strip() for o in options}
+        options = [d for d in defaults if d.partition("=")[0] not in given] + options
+    config = make_config(args.method, args.sparsity, args.pattern, options)
+    model = load_model(args.model, weights=args.weights,
+                       pretrained=args.pretrained or (causal and info.pretrained_available),
                        allow_pickle=args.allow_pickle)
     calib = None
     if config.needs != "none" or config.sequential:
-        if ":" in args.model:
+        if custom:
             raise PruneError(f"{config.method} needs calibration data, which prunekit can draw "
                              f"only for registry models; use the Python API for {args.model}")
-        calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed)
+        calib = calibration_batches(info, n=args.calib_samples, seed=args.seed,
+                                    seq_len=args.calib_tokens,
+                                    tokenizer=getattr(model, "tokenizer", None))
     if args.speedup is not None:
         return _prune_for_speedup(args, model, config, calib)
     report = prune(model, config, calib, progress=not args.quiet)
-    if args.out:
+    if args.out and causal and hasattr(model, "save_pretrained"):
+        from prunekit.models.llm import save_pretrained
+        save_pretrained(model, args.out)
+    elif args.out:
         save_weights(model, args.out, metadata={"prunekit_report": report.to_dict()})
     print_result(args, report.to_dict(), str(report))
     return 0

@@ -1,4 +1,5 @@
-"""Real datasets: CIFAR-10, STS Benchmark, WikiText-2, TinyShakespeare, scikit-learn digits.
+"""Real datasets: CIFAR-10, STS Benchmark, WikiText-2, TinyShakespeare, scikit-learn digits;
+language-model text and calibration segments in `prunekit.data.text`.
 
 Files are found in `data_dir()` ($PRUNEKIT_DATA, else ../shared/data) and checked against
 their sha256 before use; `download=True` fetches a missing file from its official source
@@ -26,6 +27,14 @@ from prunekit.data.files import (
     read_npz,
     stsb_csv_to_tsv,
 )
+from prunekit.data.text import (
+    LM_SPLITS,
+    calibration_segments,
+    lm_text,
+    lm_tokens,
+    tokenize_stream,
+    wikitext2_test_rows,
+)
 from prunekit.errors import PruneError
 
 __all__ = [
@@ -33,7 +42,8 @@ __all__ = [
     "convert_akamaster", "data_dir", "fetch", "path_of", "stsb_csv_to_tsv", "load_cifar10",
     "cifar10_tensors", "augment_cifar", "calibration_images", "load_stsb", "load_wikitext2",
     "load_tinyshakespeare", "load_digits", "calibration_text", "calibration_sentences",
-    "IMAGENET_MEAN", "IMAGENET_STD",
+    "IMAGENET_MEAN", "IMAGENET_STD", "LM_SPLITS", "calibration_segments", "lm_text", "lm_tokens",
+    "tokenize_stream", "wikitext2_test_rows",
     "CIFAR_MEAN", "CIFAR_STD",
 ]
 

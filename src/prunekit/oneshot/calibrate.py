@@ -273,6 +273,8 @@ class Blockwise:
 
             def post(mod, args, out, i=i):
                 seen_out.setdefault(i, _first_output(out))
+                if i == len(self.blocks) - 1:
+                    raise _StopForward  # what follows (an LM head's logits) is not needed
 
             handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(b.register_forward_hook(post))

@@ -13,12 +13,14 @@ from prunekit.runtime.kernels import (
     KERNELS,
     BlockWeight,
     CSRWeight,
+    DenseWeight,
     SparseConv2d,
     SparseLinear,
     make_kernel,
     sparse_module,
 )
 from prunekit.runtime.latency import (
+    eval_mode,
     keep_freed_memory,
     machine_info,
     measure_latency,
@@ -29,6 +31,7 @@ from prunekit.runtime.latency import (
 __all__ = [
     "ConversionReport", "LayerChoice", "convert", "export_onnx", "load_compressed",
     "save_compressed", "save_dense", "verify_onnx", "KERNELS", "BlockWeight", "CSRWeight",
-    "SparseConv2d", "SparseLinear", "make_kernel", "sparse_module", "keep_freed_memory",
+    "DenseWeight", "SparseConv2d", "SparseLinear", "make_kernel", "sparse_module",
+    "eval_mode", "keep_freed_memory",
     "machine_info", "measure_latency", "num_threads", "time_calls",
 ]

@@ -1,9 +1,10 @@
 """Convert a pruned model for speed, layer by layer, by measurement.
 
-For each prunable layer the layer's real input (from one forward pass of a sample batch) is
-run through every kernel that can serve the layer's weights; a kernel whose output differs
-from the dense layer's is rejected, and the fastest of the rest replaces the layer. Layers
-no kernel can serve stay dense, with a note saying why.
+For each prunable layer the layer's real input (from one forward pass of a sample batch, in
+eval mode) is run through every kernel that can serve the layer's weights; a kernel whose
+output differs from the dense layer's is rejected, and the fastest of the rest replaces the
+layer. Layers no kernel can serve stay dense, with a note saying why. Every module keeps
+its own train/eval mode; the input model is not changed unless inplace=True.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import torch
 from torch import nn
 
 from prunekit.batches import first_calls
+from prunekit.config import coerce
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
 from prunekit.progress import Progress
-from prunekit.runtime.kernels import KERNELS, sparse_module, unsupported_reason
-from prunekit.runtime.latency import machine_info, num_threads, time_calls
+from prunekit.runtime.kernels import KERNELS, rtol, sparse_module, unsupported_reason
+from prunekit.runtime.latency import (
+    check_count,
+    check_threads,
+    eval_mode,
+    machine_info,
+    num_threads,
+    time_calls,
+)
 
 
 @dataclass
@@ -70,16 +79,8 @@ def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict:
     return first_calls(model, layers, batch, lambda m, x: x.detach())
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]):
     """({kernel: module} that serve the layer with matching output, [notes])."""
-    from prunekit.runtime.kernels import semi_structured_unavailable
-
     out, notes = {"dense": module}, []
     w = weight_matrix(module).detach()
     if bool((w != 0).all()):
@@ -91,45 +92,56 @@ def candidate_kernels(module: nn.Module, x: torch.Tensor, kernels: Sequence[str]
         ref = module(x)
     scale = float(ref.abs().max()) + 1e-12
     for kind in kernels:
-        if kind == "dense":
-            continue
-        if kind == "2:4" and semi_structured_unavailable(w.float()):
-            notes.append(semi_structured_unavailable(w.float()))
+        if kind == "dense":  # the layer itself: the reference the others must match
             continue
         try:
             cand = sparse_module(module, kind)
         except PruneError as e:
-            notes.append(f"{kind}: {e}")
+            notes.append(str(e))
             continue
         with torch.inference_mode():
             err = float((cand(x).float() - ref.float()).abs().max())
-        if err > 1e-4 * scale + (1e-2 * scale if kind == "2:4" else 0.0):
-            notes.append(f"{kind}: output differs by {err:.3g}; rejected")
+        if err > rtol(kind) * scale:
+            notes.append(f"{kind} kernel: output differs by {err:.3g}; rejected")
             continue
         out[kind] = cand
     return out, notes
 
 
-def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "block", "2:4"),
+def check_kernels(kernels) -> tuple[str, ...]:
+    """A non-empty list of registered kernel names, lower case (close matches on a typo)."""
+    kernels = coerce(tuple[str, ...], kernels, "kernels")
+    if not kernels:
+        raise PruneError(f"kernels is empty; choose from {', '.join(KERNELS.names())}")
+    return tuple(KERNELS.entry(k).name for k in kernels)
+
+
+def convert(model: nn.Module, batch, kernels: Sequence[str] | None = None,
             include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
             threads: int | None = None, repeats: int = 9, inplace: bool = False,
             progress: bool = True, choose: str = "fastest") -> tuple[nn.Module, ConversionReport]:
     """Replace each prunable layer by its fastest kernel, measured on its input from `batch`.
 
+    kernels: names from prunekit.runtime.KERNELS (default: all of them).
     choose="first" times nothing: each layer takes the first of `kernels` that serves it
     (output still checked against the dense layer), or stays dense. That builds a model with
     one given kernel wherever it fits, as latency tables and benchmarks need.
-    Returns (converted model, report). The original model is untouched unless inplace=True.
+    Returns (converted model, report). The input model is not changed at all (weights,
+    modules, train/eval modes) unless inplace=True; the converted model keeps each module's
+    mode (the sample batch runs in eval mode).
     """
-    bad = [k for k in kernels if k not in KERNELS]
-    if bad:
-        raise PruneError(f"unknown kernel {bad[0]!r}; choose from {', '.join(KERNELS)}")
+    if not isinstance(model, nn.Module):
+        raise PruneError(f"convert takes a torch.nn.Module, got {type(model).__name__}")
+    kernels = check_kernels(KERNELS.names() if kernels is None else kernels)
     if choose not in ("fastest", "first"):
         raise PruneError(f"choose must be 'fastest' or 'first', got {choose!r}")
-    model.eval()
+    check_threads(threads)
+    check_count(repeats, "repeats")
+    coerce(bool, inplace, "inplace")
     target = model if inplace else copy.deepcopy(model)
     layers = find_layers(target, include, exclude)
-    inputs = layer_inputs(target, layers, batch)
+    with eval_mode(target):
+        inputs = layer_inputs(target, layers, batch)
     choices = []
     with num_threads(threads), Progress(enabled=progress) as bar:
         task = bar.add("converting layers", total=len(layers))
@@ -150,7 +162,8 @@ def convert(model: nn.Module, batch, kernels: Sequence[str] = ("dense", "csr", "
                 ms = {k: 1e3 * v["median"] for k, v in times.items()}
                 best = min(ms, key=ms.get)
             if best != "dense":
-                set_submodule(target, name, cands[best])
+                cands[best].train(module.training)
+                target.set_submodule(name, cands[best])
             choices.append(LayerChoice(name, tuple(module.weight.shape), sparsity, best, ms,
                                        notes))
             bar.advance(task)

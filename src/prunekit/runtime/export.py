@@ -21,8 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from prunekit.config import coerce
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write, save_weights
+from prunekit.runtime.latency import eval_mode
 
 MASK, VALUES, NEGZERO = ".__bitmask__", ".__values__", ".__negzero__"
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -76,6 +78,10 @@ def save_compressed(model_or_state, path: str | os.PathLike, min_sparsity: float
     the mask costs more than it saves). Returns {"path", "bytes", "dense_bytes", "ratio",
     "compressed": [names]}.
     """
+    min_sparsity = coerce(float, min_sparsity, "save_compressed min_sparsity")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise PruneError(f"save_compressed min_sparsity must be in [0, 1] (the zero fraction "
+                         f"from which a tensor is compressed), got {min_sparsity!r}")
     state = _state(model_or_state)
     tensors, meta, compressed, dense_bytes = {}, {}, [], 0
     for name, t in state.items():
@@ -167,10 +173,12 @@ def export_onnx(model: nn.Module, batch, path: str | os.PathLike, verify: bool =
     """Export to ONNX (TorchScript exporter) atomically and, with verify, check that
     onnxruntime's outputs on `batch` are allclose to PyTorch's.
 
-    The batch dimension (and for dict inputs the sequence dimension) is dynamic. Returns
-    {"path", "bytes", "max_abs_diff"}; raises PruneError if the outputs differ.
+    The batch dimension (and for dict inputs the sequence dimension) is dynamic. The model
+    is exported and checked in eval mode and gets its own modes back. Returns {"path",
+    "bytes", "max_abs_diff"}; raises PruneError if the outputs differ.
     """
-    model.eval()
+    check_tolerances(rtol, atol)
+    opset = coerce(int, opset, "export_onnx opset")
     args, kwargs = _as_args(batch)
     names = list(kwargs) if kwargs else [f"input_{i}" for i in range(len(args))]
     values = tuple(kwargs.values()) if kwargs else args
@@ -185,7 +193,7 @@ def export_onnx(model: nn.Module, batch, path: str | os.PathLike, verify: bool =
         def forward(self, *xs):
             return self.inner(**dict(zip(names, xs))) if kwargs else self.inner(*xs)
 
-    wrapper = _Positional(model).eval()
+    wrapper = _Positional(model)
 
     def write(tmp):
         with warnings.catch_warnings(), torch.no_grad():
@@ -193,24 +201,34 @@ def export_onnx(model: nn.Module, batch, path: str | os.PathLike, verify: bool =
             torch.onnx.export(wrapper, values, tmp, input_names=names, dynamic_axes=dynamic,
                               opset_version=opset, dynamo=False)
 
-    out = atomic_write(path, write)
+    with eval_mode(wrapper):  # the wrapper's modules are the model's
+        out = atomic_write(path, write)
     result = {"path": str(out), "bytes": out.stat().st_size, "max_abs_diff": None}
     if verify:
         result["max_abs_diff"] = verify_onnx(model, batch, out, rtol, atol)
     return result
 
 
+def check_tolerances(rtol, atol) -> None:
+    """Relative and absolute tolerances: finite numbers >= 0."""
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if coerce(float, v, name) < 0:
+            raise PruneError(f"{name} must be >= 0, got {v!r}")
+
+
 def verify_onnx(model: nn.Module, batch, path, rtol: float = 1e-4, atol: float = 1e-5
                 ) -> float:
-    """Run the ONNX file with onnxruntime on `batch`; raise unless allclose to PyTorch.
-    Returns the largest absolute difference."""
+    """Run the ONNX file with onnxruntime on `batch`; raise unless allclose to PyTorch (run
+    in eval mode; the model gets its own modes back). Returns the largest absolute
+    difference."""
+    check_tolerances(rtol, atol)
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise PruneError("ONNX verification needs onnxruntime (pip install "
                          "onnxruntime==1.32.0)") from e
     args, kwargs = _as_args(batch)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         ref = _flat_outputs(model(*args, **kwargs))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = [i.name for i in sess.get_inputs()]

@@ -21,14 +21,43 @@ from prunekit.batches import run_batch
 from prunekit.errors import PruneError
 
 
+def check_threads(n) -> int | None:
+    """A thread count: None (torch's setting) or an integer >= 1."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PruneError(f"threads must be an integer >= 1 (or None for torch's setting), "
+                         f"got {n!r}")
+    return n
+
+
+def check_count(value, what: str, least: int = 1) -> int:
+    """An integer option such as repeats or warm-up calls, at least `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise PruneError(f"{what} must be an integer >= {least}, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Run the body with every module of `models` in eval mode, and give each module its own
+    train/eval mode back afterwards, whatever happens: a BatchNorm frozen in eval inside a
+    training model stays frozen, and a model in training stays in training."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 @contextlib.contextmanager
 def num_threads(n: int | None):
     """Run the body with torch.set_num_threads(n) (None leaves the setting alone)."""
+    check_threads(n)
     if n is None:
         yield
         return
-    if n < 1:
-        raise PruneError(f"threads must be >= 1, got {n}")
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -61,7 +90,7 @@ def keep_freed_memory() -> bool:
     forward pass may map and zero its activations again on every call. MiniLM at batch 64
     x 128 tokens paid 195,000 page faults per call (1.15x its time with memory kept), and
     its 95% 1x16 block-sparse version 289,000 (1.49x): its speedup over dense measured
-    1.52x instead of 1.96x (benchmarks/malloc.py). Timing tools call this first
+    1.52x instead of 1.96x (benchmarks/studies/malloc.py). Timing tools call this first
     (`--system-malloc` opts out). The price: the process keeps its peak memory."""
     if _MALLOC["mode"] == "kept":
         return True
@@ -128,8 +157,8 @@ def time_calls(calls: Mapping[str, Callable[[], object]], warmup: int = 2, repea
     is one call, and before() runs, untimed, ahead of it. Returns {name: {"median", "p10",
     "p90", "samples"}}.
     """
-    if repeats < 1 or warmup < 0:
-        raise PruneError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    check_count(repeats, "repeats")
+    check_count(warmup, "warmup", least=0)
     inner = {}
     for name, fn in calls.items():
         for _ in range(max(warmup, 1)):
@@ -159,20 +188,25 @@ def measure_latency(models: nn.Module | Mapping[str, nn.Module], batch, warmup: 
     """Time model(batch) (or several models side by side) under torch.inference_mode.
 
     Returns {name: {"median_ms", "p10_ms", "p90_ms"}} ("model" for a single model) plus
-    "machine" with the thread count used. It leaves the allocator as it is: call
-    keep_freed_memory() first for the steadier timings the CLI takes.
+    "machine" with the thread count used. The models run in eval mode and get their own
+    modes back afterwards. It leaves the allocator as it is: call keep_freed_memory() first
+    for the steadier timings the CLI takes.
     """
     if isinstance(models, nn.Module):
         models = {"model": models}
-    for m in models.values():
-        m.eval()
+    if not isinstance(models, Mapping) or not models or not all(
+            isinstance(m, nn.Module) for m in models.values()):
+        raise PruneError("measure_latency takes a model or a non-empty {name: model} mapping")
+    check_count(warmup, "warmup", least=0)
+    check_count(repeats, "repeats")
+    check_threads(threads)
 
     def call(m):
         def f():
             return run_batch(m, batch)
         return f
 
-    with num_threads(threads), torch.inference_mode():
+    with num_threads(threads), eval_mode(*models.values()), torch.inference_mode():
         times = time_calls({k: call(m) for k, m in models.items()}, warmup, repeats,
                            min_sample_s=0.0)
         info = machine_info(threads)

@@ -7,10 +7,12 @@
 
 Every schedule keeps pruned weights at exactly zero through the optimizer (MaskHolder),
 reports `.sparsity()` and `.next_event()`, and saves with `.state_dict()` or `save_sparse`.
+`SCHEDULES` holds them all by name with what each needs and supports; a new schedule is one
+file here with one `@SCHEDULES.register(...)` decorator.
 `prunekit.train.lightning.SparsityCallback` runs any schedule inside PyTorch Lightning.
 """
 
-from prunekit.train.base import Schedule, load_sparse, save_sparse
+from prunekit.train.base import ANY_PATTERN, SCHEDULES, Schedule, load_sparse, save_sparse
 from prunekit.train.gap import GaP
 from prunekit.train.gmp import GMP, cubic_sparsity
 from prunekit.train.l0 import L0
@@ -21,9 +23,6 @@ from prunekit.train.smcp import SMCP
 from prunekit.train.snip import SNIP, snip_scores
 from prunekit.train.static import Static
 
-SCHEDULES = {"gmp": GMP, "snip": SNIP, "lottery": LotteryTicket, "rigl": RigL, "gap": GaP,
-             "smcp": SMCP, "l0": L0, "static": Static}
-
-__all__ = ["GMP", "L0", "SCHEDULES", "SMCP", "SNIP", "GaP", "LotteryTicket", "MaskHolder",
-           "RigL", "Schedule", "Static", "cubic_sparsity", "layer_densities", "load_sparse",
-           "save_sparse", "snip_scores"]
+__all__ = ["ANY_PATTERN", "GMP", "L0", "SCHEDULES", "SMCP", "SNIP", "GaP", "LotteryTicket",
+           "MaskHolder", "RigL", "Schedule", "Static", "cubic_sparsity", "layer_densities",
+           "load_sparse", "save_sparse", "snip_scores"]

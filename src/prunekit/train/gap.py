@@ -11,12 +11,13 @@ dense-training time while the model is never more than one partition away from s
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_positive_int, check_span, layer_densities
-from prunekit.train.static import initial_density, random_masks
+from prunekit.train.base import ANY_PATTERN, SCHEDULES, Schedule
+from prunekit.train.masks import check_positive_int, check_seed, check_span, final_density
 
 
 def split_partitions(sizes: dict[str, int], k: int) -> list[list[str]]:
@@ -35,6 +36,9 @@ def split_partitions(sizes: dict[str, int], k: int) -> list[list[str]]:
     return parts
 
 
+@SCHEDULES.register("gap", summary="grow-and-prune: one partition of layers dense at a time, "
+                    "cycled (Ma et al. 2022)", needs=(), patterns=ANY_PATTERN,
+                    example={"density": 0.5, "delta_t": 2, "t_end": 6, "partitions": 2})
 class GaP(Schedule):
     """prunekit.train.GaP(model, optimizer, density=0.1, partitions=4, delta_t=..., t_end=...).
 
@@ -43,27 +47,28 @@ class GaP(Schedule):
     """
 
     def __init__(self, model, optimizer, density: float | None = 0.1, *, delta_t: int,
-                 t_end: int, partitions: int = 4, distribution: str = "uniform",
-                 seed: int = 0, **layers):
-        super().__init__(model, optimizer, **layers)
-        self.density = initial_density(self.holder, density)
-        self.delta_t = check_positive_int(delta_t, "GaP delta_t")
-        check_span(0, t_end, "GaP")
+                 t_end: int, partitions: int = 4,
+                 distribution: Literal["uniform", "erk", "er"] = "uniform", seed: int = 0,
+                 **layers):
+        self.delta_t = check_positive_int(delta_t, "GaP.delta_t")
+        check_span(0, t_end, "GaP", ("start", "t_end"))
         if t_end < delta_t:
             raise PruneError(f"GaP: t_end {t_end} is before the first switch at delta_t "
                              f"{delta_t}")
-        check_positive_int(partitions, "GaP partitions")
+        check_positive_int(partitions, "GaP.partitions")
+        check_seed(seed, "GaP.seed")
+        super().__init__(model, optimizer, **layers)
+        self.density = final_density(self.holder.pattern, density, "GaP")
         self.t_end = t_end
-        if self.holder.pattern.implied_sparsity is not None:
-            distribution = "uniform"
-        self.densities = layer_densities(self.holder.layers, self.density, distribution)
+        self.densities = self.holder.densities(self.density, distribution)
         self.partitions = split_partitions(
             {n: w.numel() for n, w in self.holder.weights.items()}, partitions)
-        random_masks(self.holder, self.densities, torch.Generator().manual_seed(seed))
-        for n in self.partitions[0]:
-            self.holder.masks[n].fill_(True)  # starts dense with its initial weights
+        # the first partition starts dense with all its initial weights (density 1 keeps
+        # every weight and draws from the generator like the others); the rest random
+        first = set(self.partitions[0])
+        self.holder.random_masks({n: 1.0 if n in first else d
+                                  for n, d in self.densities.items()}, seed)
         self.dense = 0
-        self.holder.apply()
 
     @torch.no_grad()
     def _event(self, step: int) -> None:

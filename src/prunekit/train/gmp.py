@@ -9,11 +9,13 @@ pruned.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_density, check_positive_int, check_span, layer_densities
+from prunekit.train.base import ANY_PATTERN, SCHEDULES, Schedule
+from prunekit.train.masks import check_density, check_positive_int, check_span, final_density
 
 
 def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int,
@@ -25,6 +27,9 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1.0 - (t - start) / (end - start)) ** 3
 
 
+@SCHEDULES.register("gmp", summary="gradual magnitude pruning on a cubic ramp (Zhu and Gupta "
+                    "2017)", needs=(), patterns=ANY_PATTERN,
+                    example={"density": 0.5, "end": 6, "frequency": 2})
 class GMP(Schedule):
     """prunekit.train.GMP(model, optimizer, density=0.1, start=0, end=..., frequency=100).
 
@@ -38,34 +43,23 @@ class GMP(Schedule):
 
     def __init__(self, model, optimizer, density: float | None = None, *, end: int,
                  start: int = 0, frequency: int = 100, initial_density: float = 1.0,
-                 scope: str = "layer", distribution: str = "uniform", **layers):
-        super().__init__(model, optimizer, **layers)
-        implied = self.holder.pattern.implied_sparsity
-        if density is None:
-            if implied is None:
-                raise PruneError("GMP needs a density (final kept fraction) in (0, 1]")
-            density = 1.0 - implied
-        self.density = check_density(density)
-        if implied is not None and abs(1.0 - self.density - implied) > 1e-9:
-            raise PruneError(f"pattern {self.holder.pattern} fixes density at {1 - implied:g}; "
-                             f"got density={density!r} (leave it unset)")
-        self.initial_density = check_density(initial_density, "initial_density")
-        if self.initial_density < self.density:
-            raise PruneError(f"initial_density {initial_density} is below the final density "
-                             f"{density}; GMP only removes weights")
+                 scope: Literal["layer", "global"] = "layer",
+                 distribution: Literal["uniform", "erk", "er"] = "uniform", **layers):
         check_span(start, end, "GMP")
-        self.frequency = check_positive_int(frequency, "GMP frequency")
+        self.frequency = check_positive_int(frequency, "GMP.frequency")
         if (end - start) % frequency:
             raise PruneError(f"GMP: end - start = {end - start} is not a multiple of frequency "
                              f"{frequency}; choose end = start + n * frequency")
-        if scope not in ("layer", "global"):
-            raise PruneError(f"GMP scope must be 'layer' or 'global', got {scope!r}")
-        self.start, self.end, self.scope = start, end, scope
         if scope == "global" and distribution != "uniform":
             raise PruneError("GMP: a layer distribution applies to scope='layer' only")
-        if implied is not None:
-            distribution = "uniform"  # N:M fixes every layer's density
-        self.final_densities = layer_densities(self.holder.layers, self.density, distribution)
+        self.initial_density = check_density(initial_density, "GMP.initial_density")
+        super().__init__(model, optimizer, **layers)
+        self.density = final_density(self.holder.pattern, density, "GMP")
+        if self.initial_density < self.density:
+            raise PruneError(f"GMP.initial_density {initial_density} is below the final "
+                             f"density {self.density}; GMP only removes weights")
+        self.start, self.end, self.scope = start, end, scope
+        self.final_densities = self.holder.densities(self.density, distribution)
         self.target = 0.0
         self._event(0)
 
@@ -83,9 +77,7 @@ class GMP(Schedule):
         if not self._is_event(step):
             return
         self.target = self.target_sparsity(step)
-        # Pruned weights score below every kept one, so the support only shrinks.
-        scores = {n: torch.where(self.holder.masks[n], w.detach().abs(), -1.0)
-                  for n, w in self.holder.weights.items()}
+        scores = self.holder.kept_magnitudes()
         if self.scope == "global":
             self.holder.select_all(scores, self.target, "global")
         else:

@@ -27,8 +27,8 @@ from torch.nn.utils import parametrize
 
 from prunekit.errors import PruneError
 from prunekit.patterns import Unstructured
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_density, check_span
+from prunekit.train.base import SCHEDULES, Schedule, load_optimizer_state, optimizer_state
+from prunekit.train.masks import check_density, check_positive, check_span
 
 
 class HardConcreteGate(nn.Module):
@@ -55,6 +55,10 @@ class HardConcreteGate(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
 
+@SCHEDULES.register("l0", summary="hard-concrete gates per weight, the density held by a "
+                    "Lagrange multiplier (Louizos et al. 2018)", needs=(),
+                    patterns=("unstructured",),
+                    example={"density": 0.5, "t_end": 6, "init_density": 0.5, "gate_lr": 0.5})
 class L0(Schedule):
     """prunekit.train.L0(model, optimizer, density=0.1, t_end=...).
 
@@ -70,15 +74,17 @@ class L0(Schedule):
                  beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1, **layers):
         pattern = layers.pop("pattern", "unstructured")
         if pattern not in ("unstructured", Unstructured()):
-            raise PruneError(f"L0 gates one weight each; pattern {pattern!r} is not supported "
-                             f"(use 'unstructured')")
-        super().__init__(model, optimizer, **layers)
-        self.density = check_density(density)
-        check_span(0, t_end, "L0")
-        init = check_density(init_density, "L0 init_density")
+            raise PruneError(f"L0.pattern: L0 gates one weight each; pattern {pattern!r} is "
+                             f"not supported (use 'unstructured')")
+        self.density = check_density(density, "L0.density")
+        check_span(0, t_end, "L0", ("start", "t_end"))
+        init = check_density(init_density, "L0.init_density")
         if not (gamma < 0.0 < 1.0 < zeta and beta > 0):
             raise PruneError(f"L0 needs gamma < 0, zeta > 1 and beta > 0; got gamma={gamma}, "
                              f"zeta={zeta}, beta={beta}")
+        check_positive(gate_lr, "L0.gate_lr")
+        check_positive(dual_lr, "L0.dual_lr")
+        super().__init__(model, optimizer, **layers)
         self.t_end, self.init_density = t_end, max(init, self.density)
         s0 = min(max((init - gamma) / (zeta - gamma), 1e-4), 1 - 1e-4)
         self.gates: dict[str, HardConcreteGate] = {}
@@ -164,6 +170,7 @@ class L0(Schedule):
         if not self.finalized:
             out.update({f"log_alpha.{n}": g.log_alpha.detach().clone()
                         for n, g in self.gates.items()})
+            out.update(optimizer_state("gate_optimizer", self.gate_optimizer.state_dict()))
         return out
 
     def _load_extra_state(self, state):
@@ -174,3 +181,6 @@ class L0(Schedule):
         with torch.no_grad():
             for n, g in self.gates.items():
                 g.log_alpha.copy_(state[f"log_alpha.{n}"])
+        gate_state = load_optimizer_state("gate_optimizer", state)
+        if gate_state is not None:
+            self.gate_optimizer.load_state_dict(gate_state)

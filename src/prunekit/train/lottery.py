@@ -14,15 +14,25 @@ round then trains to (rounds + 1) * round_steps (`total_steps`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_positive_int
-from prunekit.train.static import initial_density
+from prunekit.train.base import (
+    ANY_PATTERN,
+    SCHEDULES,
+    Schedule,
+    load_optimizer_state,
+    optimizer_state,
+)
+from prunekit.train.masks import check_positive_int, final_density
 
 
+@SCHEDULES.register("lottery", summary="iterative magnitude pruning with rewinding to early "
+                    "weights (Frankle et al. 2019, 2020)", needs=(), patterns=ANY_PATTERN,
+                    example={"density": 0.5, "rounds": 2, "round_steps": 3, "rewind_step": 1})
 class LotteryTicket(Schedule):
     """prunekit.train.LotteryTicket(model, optimizer, density=0.1, rounds=10,
     round_steps=..., rewind_step=0).
@@ -32,18 +42,16 @@ class LotteryTicket(Schedule):
     """
 
     def __init__(self, model, optimizer, density: float | None = 0.1, *, round_steps: int,
-                 rounds: int = 10, rewind_step: int = 0, scope: str = "global",
-                 rewind_optimizer: bool = True, on_rewind=None, **layers):
-        super().__init__(model, optimizer, **layers)
-        self.density = initial_density(self.holder, density)
-        self.rounds = check_positive_int(rounds, "LotteryTicket rounds")
-        self.round_steps = check_positive_int(round_steps, "LotteryTicket round_steps")
-        if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or not (
-                0 <= rewind_step < round_steps):
-            raise PruneError(f"LotteryTicket rewind_step must be an integer in [0, round_steps="
+                 rounds: int = 10, rewind_step: int = 0,
+                 scope: Literal["layer", "global"] = "global", rewind_optimizer: bool = True,
+                 on_rewind: Callable | None = None, **layers):
+        self.rounds = check_positive_int(rounds, "LotteryTicket.rounds")
+        self.round_steps = check_positive_int(round_steps, "LotteryTicket.round_steps")
+        if not 0 <= rewind_step < round_steps:
+            raise PruneError(f"LotteryTicket.rewind_step must be an integer in [0, round_steps="
                              f"{round_steps}), got {rewind_step!r}")
-        if scope not in ("layer", "global"):
-            raise PruneError(f"LotteryTicket scope must be 'layer' or 'global', got {scope!r}")
+        super().__init__(model, optimizer, **layers)
+        self.density = final_density(self.holder.pattern, density, "LotteryTicket")
         self.rewind_step, self.scope = rewind_step, scope
         self.rewind_optimizer, self.on_rewind = rewind_optimizer, on_rewind
         self.keep_per_round = self.density ** (1.0 / self.rounds)
@@ -74,9 +82,7 @@ class LotteryTicket(Schedule):
 
     def _prune_and_rewind(self, sparsity: float) -> None:
         h = self.holder
-        scores = {n: torch.where(h.masks[n], w.detach().abs(), -1.0)
-                  for n, w in h.weights.items()}
-        h.select_all(scores, sparsity, self.scope)
+        h.select_all(h.kept_magnitudes(), sparsity, self.scope)
         self.model.load_state_dict(self.snapshot)
         if self.rewind_optimizer:
             self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_snapshot))
@@ -100,11 +106,15 @@ class LotteryTicket(Schedule):
         out = {}
         if self.snapshot is not None:
             out.update({f"snapshot.{k}": v for k, v in self.snapshot.items()})
+        if self.optimizer_snapshot is not None:
+            out.update(optimizer_state("optimizer_snapshot", self.optimizer_snapshot))
         return out
 
     def _load_extra_state(self, state):
         snap = {k[len("snapshot."):]: v for k, v in state.items() if k.startswith("snapshot.")}
         self.snapshot = snap or None
-        if self.rewind_step > 0 and self.step_count >= self.rewind_step:
-            # The optimizer snapshot is not saved: later rewinds restore the weights only.
-            self.optimizer_snapshot, self.rewind_optimizer = None, False
+        self.optimizer_snapshot = load_optimizer_state("optimizer_snapshot", state)
+        if (self.optimizer_snapshot is None and self.rewind_step > 0
+                and self.step_count >= self.rewind_step):
+            # saved without it (older files): later rewinds restore the weights only
+            self.rewind_optimizer = False

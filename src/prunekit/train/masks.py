@@ -13,7 +13,10 @@ parametrization whose backward is the identity, so pruned weights keep training 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,16 +36,18 @@ def check_density(density, what: str = "density") -> float:
     return float(density)
 
 
-def check_span(start: int, end: int, what: str = "schedule") -> None:
-    """A schedule's step range: integers with 0 <= start < end."""
-    for name, v in (("start", start), ("end", end)):
+def check_span(start: int, end: int, what: str = "schedule",
+               names: tuple[str, str] = ("start", "end")) -> None:
+    """A schedule's step range: integers with 0 <= start < end; `names` are the two
+    parameters as the schedule calls them."""
+    for name, v in zip(names, (start, end)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise PruneError(f"{what}: {name} step must be an integer, got {v!r}")
+            raise PruneError(f"{what}.{name} must be an integer step, got {v!r}")
     if start < 0:
-        raise PruneError(f"{what}: start step must be >= 0, got {start}")
+        raise PruneError(f"{what}.{names[0]} must be >= 0, got {start}")
     if end <= start:
-        raise PruneError(f"{what}: end step {end} is not after start step {start}; "
-                         f"give an end later than the start")
+        raise PruneError(f"{what}: end step {end} is not after start step {start}; give "
+                         f"{names[1]} > {names[0]}")
 
 
 def check_positive_int(value, what: str) -> int:
@@ -51,15 +56,112 @@ def check_positive_int(value, what: str) -> int:
     return value
 
 
-def to_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor in the weight's layout as the (out, in) view that patterns work on."""
-    return t.t() if is_hf_conv1d(module) else t.reshape(t.shape[0], -1)
+def check_positive(value, what: str) -> float:
+    """A finite number > 0 (learning rates, temperatures)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 < float(value) < float("inf")):
+        raise PruneError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
 
 
-def from_matrix(module: nn.Module, m: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_matrix."""
-    shape = module.weight.shape
-    return m.t() if is_hf_conv1d(module) else m.reshape(shape)
+def check_seed(seed, what: str = "seed") -> int:
+    """A random seed torch.Generator accepts: an integer in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise PruneError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
+def final_density(pattern: Pattern, density: float | None, who: str) -> float:
+    """The kept fraction a schedule ends at: `density` itself, or the one an N:M pattern
+    fixes when density is None; both given must agree. `who` names the schedule."""
+    implied = pattern.implied_sparsity
+    if density is None:
+        if implied is None:
+            raise PruneError(f"{who}.density (the kept fraction at the end) is needed, in "
+                             f"(0, 1], under pattern {pattern}")
+        return 1.0 - implied
+    density = check_density(density, f"{who}.density")
+    if implied is not None and abs(1.0 - density - implied) > 1e-9:
+        raise PruneError(f"{who}: pattern {pattern} fixes density at {1 - implied:g}; got "
+                         f"density={density!r} (leave it unset)")
+    return density
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a layer's weight layout maps to the (out, in) matrix that patterns work on.
+
+    Taken once, when a holder is built: SMCP and L0 later put a parametrization on the layer,
+    which renames its class (ParametrizedConv1D) so that GPT-2's Conv1D is no longer
+    recognised by name, and a transposed weight would be read as (in, out)."""
+
+    shape: tuple[int, ...]
+    transposed: bool  # GPT-2 Conv1D: the weight is stored (in, out)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> MatrixView:
+        return cls(tuple(module.weight.shape), is_hf_conv1d(module))
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        if self.transposed:
+            return self.shape[1], self.shape[0]
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def to_matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the weight's layout (a weight, mask, score or gradient) as the
+        contiguous (out, in) matrix: a view for Linear and convolutions, a copy for GPT-2's
+        Conv1D, whose transpose is strided and cannot be flattened by pattern code
+        (RuntimeError: view size is not compatible). Only ever read: masks and scores go
+        back through from_matrix."""
+        if self.transposed:
+            return t.t().contiguous()
+        return t.reshape(t.shape[0], -1)
+
+    def from_matrix(self, m: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_matrix."""
+        return m.t() if self.transposed else m.reshape(self.shape)
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Refuse a layer whose weight a training schedule cannot mask, naming it and the fix:
+    masks on a computed weight (weight_norm and other parametrizations) would not stick, a
+    frozen or non-floating weight cannot train, a meta or empty one holds nothing."""
+    w = module.weight
+    parametrized = parametrize.is_parametrized(module, "weight") or not isinstance(
+        module._parameters.get("weight"), nn.Parameter)
+    if parametrized:
+        raise PruneError(f"layer {name}: its weight is computed (weight_norm or another "
+                         f"parametrization), so a mask on it would not stick; remove the "
+                         f"parametrization first (torch.nn.utils.parametrize."
+                         f"remove_parametrizations) or exclude the layer")
+    if w.device.type == "meta":
+        raise PruneError(f"layer {name}: its weight is on the meta device (no values); load "
+                         f"the model's weights before building a schedule")
+    if not w.is_floating_point():
+        raise PruneError(f"layer {name}: weight dtype {w.dtype} is not floating point; "
+                         f"exclude the layer")
+    if not w.numel():
+        raise PruneError(f"layer {name}: its weight is empty (shape {tuple(w.shape)}); "
+                         f"exclude the layer")
+    if not w.requires_grad:
+        raise PruneError(f"layer {name}: its weight is frozen (requires_grad=False), so it "
+                         f"does not train; exclude the layer or unfreeze it")
+
+
+def tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Chosen layers whose weight is also another module's parameter (tied embeddings), with
+    the other names: a mask on such a weight prunes every copy."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    out = {}
+    for n, m in layers.items():
+        own = f"{n}.weight" if n else "weight"
+        others = [q for q in owners.get(id(m.weight), []) if q != own]
+        if others:
+            out[n] = others
+    return out
 
 
 def pattern_select(pattern: Pattern, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -135,7 +237,15 @@ class MaskHolder:
         self.pattern = get_pattern(pattern)
         self.layers = find_layers(model, include, exclude, keep_first, keep_last)
         for name, m in self.layers.items():
-            self.pattern.validate_shape(tuple(to_matrix(m, m.weight).shape), name)
+            check_layer(name, m)
+        self.views = {n: MatrixView.of(m) for n, m in self.layers.items()}
+        for name, view in self.views.items():
+            self.pattern.validate_shape(view.matrix_shape, name)
+        #: layer -> other parameter names sharing its weight; their copies are pruned too
+        self.tied = tied_layers(model, self.layers)
+        for name, others in self.tied.items():
+            warnings.warn(f"layer {name}'s weight is tied to {', '.join(others)}: its mask "
+                          f"prunes every copy; exclude {name} to keep them dense", stacklevel=2)
         self.weights = {n: m.weight for n, m in self.layers.items()}
         self.masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
         self.optimizer = optimizer
@@ -193,13 +303,27 @@ class MaskHolder:
             h.remove()
         self._hooks.clear()
 
+    def release(self) -> None:
+        """Undo what building the holder did to the model and optimizer (hooks, soft-mode
+        parametrizations with the weights as they were): a schedule whose construction
+        fails leaves nothing behind."""
+        self.remove()
+        if self.soft:
+            for m in self.layers.values():
+                if parametrize.is_parametrized(m, "weight"):
+                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            self.soft = False
+
     # -- masks ----------------------------------------------------------------------------
 
     def matrix(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return to_matrix(self.layers[name], t)
+        return self.views[name].to_matrix(t)
+
+    def matrix_shape(self, name: str) -> tuple[int, int]:
+        return self.views[name].matrix_shape
 
     def unmatrix(self, name: str, m: torch.Tensor) -> torch.Tensor:
-        return from_matrix(self.layers[name], m)
+        return self.views[name].from_matrix(m)
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -257,6 +381,32 @@ class MaskHolder:
             self.pattern.check(self.matrix(name, mask))
 
     # -- selection helpers shared by the schedules -----------------------------------------
+
+    def densities(self, density: float, distribution: str = "uniform") -> dict[str, float]:
+        """Per-layer densities averaging `density` (layer_densities); under N:M every layer
+        has the pattern's own density, whatever the distribution."""
+        if self.pattern.implied_sparsity is not None:
+            distribution = "uniform"
+        return layer_densities(self.layers, density, distribution)
+
+    @torch.no_grad()
+    def random_masks(self, densities: dict[str, float], seed: int) -> None:
+        """Install uniformly random masks (pattern obeyed) on the layers in `densities`, at
+        their densities, drawn from one generator seeded with `seed`; zero what they prune."""
+        generator = torch.Generator().manual_seed(check_seed(seed))
+        for name, density in densities.items():
+            w = self.weights[name]
+            scores = torch.rand(w.shape, generator=generator).to(w.device)
+            self.set_mask(name, self.select(name, scores, 1.0 - density))
+        self.apply()
+
+    @torch.no_grad()
+    def kept_magnitudes(self) -> dict[str, torch.Tensor]:
+        """|w| of every kept weight and -1 at pruned ones: ranked on these scores, pruned
+        weights fall below every kept one, so magnitude pruning only ever shrinks the
+        support."""
+        return {n: torch.where(self.masks[n], w.detach().abs(), -1.0)
+                for n, w in self.weights.items()}
 
     def select(self, name: str, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """Keep-mask (weight layout) of one layer keeping its highest scores under the pattern."""

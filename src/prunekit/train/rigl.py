@@ -14,14 +14,14 @@ strongest candidate gradient each swap one weight, so every group keeps exactly 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from prunekit.errors import PruneError
 from prunekit.patterns import NM, Block1xN, Unstructured
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_positive_int, check_span, layer_densities
-from prunekit.train.static import initial_density, random_masks
+from prunekit.train.base import ANY_PATTERN, SCHEDULES, Schedule
+from prunekit.train.masks import check_positive_int, check_seed, check_span, final_density
 
 
 def _rank(scores: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -74,6 +74,9 @@ def rigl_update(pattern, mask2d: torch.Tensor, w2d: torch.Tensor, g2d: torch.Ten
                      k).reshape(mask2d.shape)
 
 
+@SCHEDULES.register("rigl", summary="sparse from the start; drop by magnitude, grow by "
+                    "gradient (Evci et al. 2020)", needs=(), patterns=ANY_PATTERN,
+                    example={"density": 0.5, "t_end": 6, "delta_t": 2})
 class RigL(Schedule):
     """prunekit.train.RigL(model, optimizer, density=0.1, delta_t=100, t_end=..., alpha=0.3).
 
@@ -83,21 +86,20 @@ class RigL(Schedule):
     """
 
     def __init__(self, model, optimizer, density: float | None = 0.1, *, t_end: int,
-                 delta_t: int = 100, alpha: float = 0.3, distribution: str = "erk",
-                 seed: int = 0, **layers):
-        super().__init__(model, optimizer, **layers)
-        self.density = initial_density(self.holder, density)
-        check_span(0, t_end, "RigL")
-        self.delta_t = check_positive_int(delta_t, "RigL delta_t")
-        if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
-            raise PruneError(f"RigL alpha (initial update fraction) must be in (0, 1), "
+                 delta_t: int = 100, alpha: float = 0.3,
+                 distribution: Literal["uniform", "erk", "er"] = "erk", seed: int = 0,
+                 **layers):
+        check_span(0, t_end, "RigL", ("start", "t_end"))
+        self.delta_t = check_positive_int(delta_t, "RigL.delta_t")
+        if not 0.0 < alpha < 1.0:
+            raise PruneError(f"RigL.alpha (initial update fraction) must be in (0, 1), "
                              f"got {alpha!r}")
+        check_seed(seed, "RigL.seed")
+        super().__init__(model, optimizer, **layers)
+        self.density = final_density(self.holder.pattern, density, "RigL")
         self.t_end, self.alpha = t_end, float(alpha)
-        if self.holder.pattern.implied_sparsity is not None:
-            distribution = "uniform"  # N:M fixes every layer's density
-        self.densities = layer_densities(self.holder.layers, self.density, distribution)
-        random_masks(self.holder, self.densities, torch.Generator().manual_seed(seed))
-        self.holder.apply()
+        self.densities = self.holder.densities(self.density, distribution)
+        self.holder.random_masks(self.densities, seed)
         self._arm()
 
     def fraction(self, step: int) -> float:

@@ -16,11 +16,15 @@ input channels to the producing layer's output channels; that coupling is not mo
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from torch import nn
 
+from prunekit.batches import run_batch
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
+from prunekit.runtime.latency import eval_mode
+from prunekit.train.base import SCHEDULES, Schedule
 from prunekit.train.masks import check_density, check_positive_int, check_span
 
 
@@ -33,6 +37,9 @@ def in_channels(module: nn.Module, cols: int) -> int:
     return cols  # GPT-2 Conv1D: one column per input feature
 
 
+@SCHEDULES.register("smcp", summary="soft-masked input channels under a cost target, "
+                    "hardened at the end (Humble et al. 2022)", needs=(), patterns=(),
+                    example={"cost_target": 0.5, "t_end": 6, "delta_t": 2})
 class SMCP(Schedule):
     """prunekit.train.SMCP(model, optimizer, cost_target=0.5, delta_t=100, t_end=...).
 
@@ -40,27 +47,29 @@ class SMCP(Schedule):
     "flops" (needs example_input, one batch for a forward pass). ema: importance averaging.
     """
 
+    soft_masks = True
+
     def __init__(self, model, optimizer, cost_target: float = 0.5, *, t_end: int,
-                 t_start: int = 0, delta_t: int = 100, cost: str = "params",
-                 example_input=None, ema: float = 0.9, **layers):
+                 t_start: int = 0, delta_t: int = 100,
+                 cost: Literal["params", "flops"] = "params", example_input: Any = None,
+                 ema: float = 0.9, **layers):
         if "pattern" in layers:
-            raise PruneError("SMCP prunes whole input channels; it takes no pattern")
-        self.cost_target = check_density(cost_target, "SMCP cost_target")
-        check_span(t_start, t_end, "SMCP")
-        self.delta_t = check_positive_int(delta_t, "SMCP delta_t")
+            raise PruneError("SMCP.pattern: SMCP prunes whole input channels; it takes no "
+                             "pattern")
+        self.cost_target = check_density(cost_target, "SMCP.cost_target")
+        check_span(t_start, t_end, "SMCP", ("t_start", "t_end"))
+        self.delta_t = check_positive_int(delta_t, "SMCP.delta_t")
         if not 0.0 <= ema < 1.0:
-            raise PruneError(f"SMCP ema must be in [0, 1), got {ema!r}")
-        if cost not in ("params", "flops"):
-            raise PruneError(f"SMCP cost must be 'params' or 'flops', got {cost!r}")
+            raise PruneError(f"SMCP.ema must be in [0, 1), got {ema!r}")
         if cost == "flops" and example_input is None:
             raise PruneError("SMCP cost='flops' needs example_input (one input batch) to "
                              "measure each layer's output size")
-        super().__init__(model, optimizer, soft=True, **layers)
+        super().__init__(model, optimizer, **layers)
         self.t_start, self.t_end, self.ema = t_start, t_end, float(ema)
         h = self.holder
         self.channels, self.kernel = {}, {}
         for n, m in h.layers.items():
-            rows, cols = h.matrix(n, h.weights[n]).shape
+            cols = h.matrix_shape(n)[1]
             self.channels[n] = in_channels(m, cols)
             self.kernel[n] = cols // self.channels[n]
         self.unit_cost = self._unit_costs(cost, example_input)
@@ -71,21 +80,27 @@ class SMCP(Schedule):
 
     def _unit_costs(self, cost: str, example_input) -> dict[str, float]:
         h = self.holder
-        per = {n: h.matrix(n, h.weights[n]).shape[0] * self.kernel[n] for n in h.layers}
+        per = {n: h.matrix_shape(n)[0] * self.kernel[n] for n in h.layers}
         if cost == "params":
             return {n: float(v) for n, v in per.items()}
         positions = {}
 
         def hook(name):
             def fn(mod, inp, out):
-                rows = h.matrix(name, mod.weight).shape[0]
+                rows = h.matrix_shape(name)[0]
                 positions[name] = out.numel() // (out.shape[0] * rows)
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in h.layers.items()]
-        try:
-            with torch.no_grad():
-                self.model(example_input)
+        try:  # eval mode: measuring sizes must not move BatchNorm statistics
+            with torch.no_grad(), eval_mode(self.model):
+                run_batch(self.model, example_input)
+        except PruneError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise PruneError(f"SMCP could not run example_input through the model to measure "
+                             f"its layers' output sizes ({type(e).__name__}: {e}); give one "
+                             f"batch the model takes") from e
         finally:
             for hd in handles:
                 hd.remove()
@@ -136,7 +151,7 @@ class SMCP(Schedule):
         h = self.holder
         for n, cm in channel_masks.items():
             self.channel_masks[n] = cm
-            rows = h.matrix(n, h.masks[n]).shape[0]
+            rows = h.matrix_shape(n)[0]
             m2 = cm.repeat_interleave(self.kernel[n]).to(h.masks[n].device)
             h.set_mask(n, m2.expand(rows, -1))
 

@@ -9,42 +9,46 @@ paper. The mask then stays fixed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from prunekit.errors import PruneError
-from prunekit.train.base import Schedule
-from prunekit.train.masks import check_positive_int
-from prunekit.train.static import initial_density
+from prunekit.train.base import ANY_PATTERN, SCHEDULES, FixedMask
+from prunekit.train.masks import check_positive_int, final_density
 
 
 def snip_scores(model, weights: dict[str, torch.Tensor], data: Iterable, loss_fn: Callable,
                 num_batches: int) -> dict[str, torch.Tensor]:
-    """|g * w| per weight, g the gradient of the mean loss over the first num_batches."""
-    saved = {n: (None if w.grad is None else w.grad.clone()) for n, w in weights.items()}
-    for w in weights.values():
-        w.grad = None
+    """|g * w| per weight, g the gradient of the mean loss over the first num_batches
+    (torch.autograd.grad: the weights' .grad are left as they are)."""
     grads = {n: torch.zeros_like(w) for n, w in weights.items()}
     seen = 0
     for batch in data:
         if seen == num_batches:
             break
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise PruneError("SNIP data must yield (inputs, targets) pairs")
+            raise PruneError("SNIP.data must yield (inputs, targets) pairs")
         x, y = batch
-        g = torch.autograd.grad(loss_fn(model(x), y) / num_batches, list(weights.values()))
+        loss = loss_fn(model(x), y)
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+            raise PruneError(f"SNIP.loss_fn must return a scalar loss that depends on the "
+                             f"weights, got {type(loss).__name__}"
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        g = torch.autograd.grad(loss.reshape(()) / float(num_batches), list(weights.values()))
         for n, gi in zip(weights, g):
             grads[n] += gi
         seen += 1
     if seen < num_batches:
         raise PruneError(f"SNIP asked for {num_batches} batches but the data gave only {seen}")
-    for n, w in weights.items():
-        w.grad = saved[n]
     return {n: (grads[n] * w.detach()).abs() for n, w in weights.items()}
 
 
-class SNIP(Schedule):
+@SCHEDULES.register("snip", summary="one-shot pruning at initialisation by connection "
+                    "sensitivity |g * w| (Lee et al. 2019)", needs=("data",),
+                    patterns=ANY_PATTERN, example={"density": 0.5})
+class SNIP(FixedMask):
     """prunekit.train.SNIP(model, optimizer, density=0.1, data=loader, num_batches=1).
 
     data yields (inputs, targets); loss_fn(model(inputs), targets) is the training loss
@@ -54,16 +58,10 @@ class SNIP(Schedule):
 
     def __init__(self, model, optimizer, density: float | None = None, *, data: Iterable,
                  loss_fn: Callable = F.cross_entropy, num_batches: int = 1,
-                 scope: str = "global", **layers):
+                 scope: Literal["layer", "global"] = "global", **layers):
+        check_positive_int(num_batches, "SNIP.num_batches")
         super().__init__(model, optimizer, **layers)
-        self.density = initial_density(self.holder, density)
-        check_positive_int(num_batches, "SNIP num_batches")
+        self.density = final_density(self.holder.pattern, density, "SNIP")
         self.scores = snip_scores(model, self.holder.weights, data, loss_fn, num_batches)
         self.holder.select_all(self.scores, 1.0 - self.density, scope)
         self.holder.apply()
-
-    def _event(self, step):
-        pass
-
-    def next_event(self):
-        return None
