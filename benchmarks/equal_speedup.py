@@ -23,8 +23,9 @@ Sections (--sections):
 Families that need the refactored structured package (uniform channels, DP widths, AMC)
 are recorded as pending where it is missing. Results go to --out-dir (one JSON per section,
 written atomically after every cell, and summary.md); a rerun with the same settings skips
-finished cells, so an interrupted run resumes. Provenance (command, git commit, torch, CPU,
-threads, allocator) is in every file.
+finished cells, so an interrupted run resumes. Provenance (prunekit.bench.provenance:
+command, git commit, torch, CPU, threads, allocator) is in every file, with the machine's load
+average when each run started (the 2 cores are shared).
 
     python benchmarks/equal_speedup.py --sections layer_error
     python benchmarks/equal_speedup.py --sections resnet56 --families alds,sparse-1x16-spdy
@@ -38,7 +39,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,11 +46,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.budget import Unreachable, converted_speedup, prune_for_speedup
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.lowrank import ALDS, SVD, lowrank_for_speedup
-from prunekit.runtime import machine_info, measure_latency
+from prunekit.runtime import measure_latency
 from prunekit.structured import count_flops, count_params
 
 RESULTS = Path(__file__).parent / "results" / "equal_speedup"
@@ -60,32 +61,21 @@ MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "svd-uniform",
 STRUCTURED = ("uniform-l1", "uniform-width", "dp-width", "amc")
 
 
-def provenance(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
-    return {"command": "python " + " ".join(["benchmarks/equal_speedup.py", *sys.argv[1:]]),
-            "git_commit": commit, "git_dirty": dirty, "machine": machine_info(args.threads),
-            "load_average": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 class Store:
-    """One section's results file: cells by key, written atomically after each."""
+    """One section's results file: cells by key, written (atomically, with this run's
+    provenance) after each."""
 
     def __init__(self, path: Path, settings: dict, args):
         self.path = path
-        old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+        old = load_result(path) if not args.fresh else {}
         if old.get("settings") != settings:
             old = {}  # other settings: start over rather than mix
         self.data = old
         self.data["settings"] = settings
-        runs = self.data.setdefault("runs", [])
-        runs.append(provenance(args))
+        if "runs" in self.data:  # records of runs before prunekit.bench.provenance
+            self.data["earlier_runs"] = self.data.pop("runs")
+        self.prov = provenance(threads=args.threads)
+        self.data.setdefault("load_average", []).append([self.prov["date"], os.getloadavg()])
         self.data.setdefault("cells", {})
 
     @property
@@ -93,7 +83,7 @@ class Store:
         return self.data["cells"]
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
+        write_result(self.path, self.data, self.prov)
 
 
 def speedup_of(dense, model, batch, repeats, sparse=False) -> float:
@@ -440,16 +430,75 @@ def section_minilm(args) -> dict:
 
 
 def section_smollm2(args) -> dict:
-    store = Store(args.out_dir / "smollm2.json", {}, args)
-    try:
-        from prunekit.models import get_info
-        get_info("smollm2")
-    except Exception as e:  # the registry names the models it has
-        store.cells["status"] = (f"pending: SmolLM2 is not a prunekit model on this branch "
-                                 f"(the real-LLM issue's branch has not landed): {e}")
+    """SmolLM2-135M: data-aware vs plain SVD layer error on a spread of its blocks, then
+    data-aware SVD at --llm-target measured prefill speedup (1 x --llm-tokens tokens),
+    perplexity on 8 evenly spread 1024-token windows of WikiText-2 test (llm_oneshot.py's
+    steering8)."""
+    from prunekit.data import load_wikitext2, tokenize_stream
+    from prunekit.evaluate import lm_perplexity
+    from prunekit.models import calibration_batches, create
+    from prunekit.oneshot.calibrate import collect_stats
+    from prunekit.oneshot.engine import layer_levels, relative_error
+
+    settings = {k: getattr(args, k) for k in ("llm_target", "llm_tokens", "threads", "band",
+                                              "rank_step", "llm_blocks")}
+    store = Store(args.out_dir / "smollm2.json", settings, args)
+    dense = create("smollm2-135m", pretrained=True).eval()
+    tok = dense.tokenizer
+    lines = load_wikitext2("test", raw=True).split("\n")
+    ids = tokenize_stream(tok, "\n\n".join(lines[:-1] if lines[-1] == "" else lines))
+
+    def ppl(model) -> float:
+        return lm_perplexity(model, ids, seq_len=1024, windows=8)
+
+    if "dense" not in store.cells:
+        store.cells["dense"] = {"ppl_steering8": ppl(dense), "params": count_params(dense)}
         store.save()
-        return store.data
-    store.cells["status"] = "pending: SmolLM2 rows are not written yet"
+    calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0, tokenizer=tok)
+    if "layer_error" not in store.cells:
+        blocks = [f"model.layers.{b}.*" for b in args.llm_blocks]
+        held = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=1, tokenizer=tok)
+        from prunekit.layers import find_layers
+        layers = find_layers(dense, blocks)
+        held_stats = collect_stats(dense, layers, held)
+        rows = {}
+        for aware in (False, True):
+            weights, errors = layer_levels(dense, SVD(data_aware=aware), calib, [0.25],
+                                           include=blocks, progress=not args.quiet)
+            for name, module in layers.items():
+                row = rows.setdefault(name, {"shape": list(module.weight.shape)})
+                row["data_aware" if aware else "plain"] = {
+                    "calib": errors[name][0],
+                    "held_out": relative_error(module.weight.detach(), weights[name][0],
+                                               held_stats[name], 1)}
+        ratios = {}
+        for where in ("calib", "held_out"):
+            r = [v["plain"][where] / v["data_aware"][where] for v in rows.values()]
+            ratios[where] = {"median": statistics.median(r), "min": min(r),
+                             "geomean": statistics.geometric_mean(r), "layers": len(r)}
+        store.cells["layer_error"] = {"rank_ratio": 0.25, "layers": rows, "ratios": ratios}
+        store.save()
+    batch = calibration_batches("smollm2-135m", n=1, seq_len=args.llm_tokens, seed=5,
+                                tokenizer=tok)[0]
+    for family in ("svd-data-aware",):  # ALDS's in-model table would copy the model 8 times
+        if family not in args.families or family in store.cells:
+            continue
+        log(args, f"smollm2 {family}")
+        cell = {"family": family}
+        t0 = time.perf_counter()
+        try:
+            model, info = compress(family, dense, calib, batch, args.llm_target, args, 0)
+        except Unreachable as e:
+            store.cells[family] = {**cell, "unreachable": str(e), "best_measured": e.best}
+            store.save()
+            continue
+        cell.update(info, compress_seconds=time.perf_counter() - t0,
+                    params=count_params(model), ppl_steering8=ppl(model))
+        store.cells[family] = cell
+        store.save()
+        log(args, f"smollm2 {family}: {cell['measured']:.3f}x, ppl {cell['ppl_steering8']:.2f}")
+    store.cells["width"] = ("pending: heads by key/value group and MLP neurons need the "
+                            "struct branch's graph on SmolLM2 (not run here)")
     store.save()
     return store.data
 
@@ -496,7 +545,23 @@ def summary(results: dict) -> str:
                 lines.append(f"{k:<18} {_missing(c)}")
     s = results.get("smollm2", {}).get("cells", {})
     if s:
-        lines += ["", f"SmolLM2: {s.get('status')}"]
+        d = s.get("dense", {})
+        lines += ["", f"SmolLM2-135M, target {results['smollm2']['settings']['llm_target']}x "
+                      f"measured prefill, perplexity on 8 WikiText-2 windows (dense "
+                      f"{d.get('ppl_steering8', float('nan')):.2f})"]
+        le = s.get("layer_error", {}).get("ratios", {})
+        for where, v in le.items():
+            lines.append(f"  plain / data-aware SVD layer error at rank 1/4, {where}: median "
+                         f"{v['median']:.2f}x, min {v['min']:.2f}x over {v['layers']} layers")
+        for k in ("svd-data-aware", "alds-data-aware"):
+            c = s.get(k)
+            if c is None:
+                continue
+            lines.append(f"  {k:<18} " + (f"speedup {c['measured']:.3f}x  ppl "
+                                          f"{c['ppl_steering8']:.2f}" if "ppl_steering8" in c
+                                          else _missing(c)))
+        if "width" in s:
+            lines.append(f"  width: {s['width']}")
     lines += [""] + targets(results)
     return "\n".join(lines)
 
@@ -590,6 +655,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--target", type=float, default=1.5, help="ResNet-56 measured speedup")
     p.add_argument("--minilm-target", type=float, default=1.5)
+    p.add_argument("--llm-target", type=float, default=1.3, help="SmolLM2 prefill speedup")
+    p.add_argument("--llm-tokens", type=int, default=256, help="SmolLM2 prefill length")
+    p.add_argument("--llm-blocks", default="0,10,20,29",
+                   help="SmolLM2 blocks whose layers get the layer-error comparison")
     p.add_argument("--batch", type=int, default=64, help="batch the speedup is measured at")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=9)
@@ -620,6 +689,7 @@ def main(argv=None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.families = [f for f in args.families.split(",") if f]
     args.rank_ratios = [float(x) for x in args.rank_ratios.split(",")]
+    args.llm_blocks = [int(b) for b in args.llm_blocks.split(",")]
     args.out_dir = Path(args.out_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     apply_malloc_option(args)
@@ -633,9 +703,13 @@ def main(argv=None) -> int:
     results = {s: json.loads((args.out_dir / f"{s}.json").read_text())
                for s in sections if (args.out_dir / f"{s}.json").exists()}
     text = summary(results)
+    prov = provenance(threads=args.threads)
+    write_result(args.out_dir / "summary.json", {"summary": text.splitlines(),
+                                                 "sections": sorted(results)}, prov)
     atomic_write_text(args.out_dir / "summary.md",
                       "# Compression families at equal measured speedup\n\n"
-                      f"Latest command: `{provenance(args)['command']}`\n\n```\n{text}\n```\n")
+                      f"Latest command: `{prov['command']}`; each section's command, commit "
+                      f"and machine are in its JSON file.\n\n```\n{text}\n```\n")
     print(text)
     return 0
 
