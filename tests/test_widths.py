@@ -139,6 +139,21 @@ def test_shrink_for_speedup_and_amc_over_widths(tower):
     assert table.cost_at("flops", result.keep) <= 0.8 * base * (1 + 1e-9)
 
 
+@pytest.mark.data
+def test_cli_shrink_with_dp_widths_and_reconstruction(tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+    assert main(["shrink", "resnet20-cifar10", "--flops-ratio", "0.6", "--allocation", "dp",
+                 "--cut", "layer*.conv1", "--reconstruct", "--calib-samples", "32", "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops_ratio"] <= 0.6
+    assert report["config"]["allocation"] == "dp" and report["config"]["reconstruct"]
+    kept = [g["units"] - g["removed"] for g in report["groups"] if g["removed"]]
+    assert kept and all(k % 8 == 0 for k in kept)
+
+
 def test_bad_dp_configs(tower):
     net, x, _ = tower
     with pytest.raises(PruneError, match="allocation='dp'.*budget"):
