@@ -84,7 +84,7 @@ def test_candidate_widths_are_multiples_of_the_step(tower):
     groups = {g.name: g for g in graph.groups}
     assert candidate_widths(groups["a"], 8, 12, 1) == [32, 24, 16, 8]
     assert candidate_widths(groups["c"], 8, 12, 1) == [64, 56, 48, 40, 32, 24, 16, 8]
-    assert candidate_widths(groups["c"], 8, 4, 1) == [64, 56, 32, 8]  # at most `levels`
+    assert candidate_widths(groups["c"], 8, 4, 1) == [64, 40, 24, 8]  # at most `levels`
     assert candidate_widths(groups["c"], 16, 12, 20) == [64, 48, 32]  # at least `least`
 
 

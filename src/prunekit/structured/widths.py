@@ -58,9 +58,8 @@ def candidate_widths(group: ChannelGroup, step: int, levels: int, least: int) ->
     multiple of `step`, at least `least` classes, at most `levels` in all (evenly spread)."""
     n, per = len(group.classes), _per_class(group)
     fit = [k for k in range(n - 1, least - 1, -1) if (k * per) % step == 0]
-    if len(fit) > levels - 1:
-        fit = [fit[round(i * (len(fit) - 1) / (levels - 2))] for i in range(levels - 1)] \
-            if levels > 2 else fit[-1:]
+    if len(fit) > levels - 1:  # evenly spread down to the narrowest (never next to full)
+        fit = [fit[round(i * (len(fit) - 1) / (levels - 1))] for i in range(1, levels)]
     return [n, *dict.fromkeys(fit)]
 
 
