@@ -23,8 +23,9 @@ Sections (--sections):
 Families that need the refactored structured package (uniform channels, DP widths, AMC)
 are recorded as pending where it is missing. Results go to --out-dir (one JSON per section,
 written atomically after every cell, and summary.md); a rerun with the same settings skips
-finished cells, so an interrupted run resumes. Provenance (command, git commit, torch, CPU,
-threads, allocator) is in every file.
+finished cells, so an interrupted run resumes. Provenance (prunekit.bench.provenance:
+command, git commit, torch, CPU, threads, allocator) is in every file, with the machine's load
+average when each run started (the 2 cores are shared).
 
     python benchmarks/equal_speedup.py --sections layer_error
     python benchmarks/equal_speedup.py --sections resnet56 --families alds,sparse-1x16-spdy
@@ -38,7 +39,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,11 +46,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.bench.provenance import load_result, provenance, write_result
 from prunekit.budget import Unreachable, converted_speedup, prune_for_speedup
 from prunekit.commands.common import add_malloc_option, apply_malloc_option
 from prunekit.io import atomic_write_text
 from prunekit.lowrank import ALDS, SVD, lowrank_for_speedup
-from prunekit.runtime import machine_info, measure_latency
+from prunekit.runtime import measure_latency
 from prunekit.structured import count_flops, count_params
 
 RESULTS = Path(__file__).parent / "results" / "equal_speedup"
@@ -60,32 +61,21 @@ MINILM_FAMILIES = ("uniform-width", "dp-width", "svd-data-aware", "svd-uniform",
 STRUCTURED = ("uniform-l1", "uniform-width", "dp-width", "amc")
 
 
-def provenance(args) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True,
-                                    cwd=Path(__file__).parent).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", None
-    return {"command": "python " + " ".join(["benchmarks/equal_speedup.py", *sys.argv[1:]]),
-            "git_commit": commit, "git_dirty": dirty, "machine": machine_info(args.threads),
-            "load_average": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
 class Store:
-    """One section's results file: cells by key, written atomically after each."""
+    """One section's results file: cells by key, written (atomically, with this run's
+    provenance) after each."""
 
     def __init__(self, path: Path, settings: dict, args):
         self.path = path
-        old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+        old = load_result(path) if not args.fresh else {}
         if old.get("settings") != settings:
             old = {}  # other settings: start over rather than mix
         self.data = old
         self.data["settings"] = settings
-        runs = self.data.setdefault("runs", [])
-        runs.append(provenance(args))
+        if "runs" in self.data:  # records of runs before prunekit.bench.provenance
+            self.data["earlier_runs"] = self.data.pop("runs")
+        self.prov = provenance(threads=args.threads)
+        self.data.setdefault("load_average", []).append([self.prov["date"], os.getloadavg()])
         self.data.setdefault("cells", {})
 
     @property
@@ -93,7 +83,7 @@ class Store:
         return self.data["cells"]
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, default=str))
+        write_result(self.path, self.data, self.prov)
 
 
 def speedup_of(dense, model, batch, repeats, sparse=False) -> float:
@@ -136,8 +126,69 @@ def compress_sparse(dense, calib, batch, target, args):
                    "skipped": list(res.skipped)}
 
 
-def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
-    """(model, info) for one family, or raise Unreachable / NotImplementedError."""
+def compress_structured(family, dense, batch, target, args, seed, cut, labelled, loss_fn,
+                        evaluate):
+    """Uniform widths, DP widths or AMC, each moved until the measured speedup lands."""
+    from prunekit.budget.measured import meet_measured_speedup
+    from prunekit.structured import ChannelPrune, build_graph, remove_slices, score
+    from prunekit.structured.widths import amc_widths, shrink_for_speedup, width_table
+
+    say = (lambda line: None) if args.quiet else (lambda line: log(args, f"  {line}"))
+    if family in ("uniform-l1", "uniform-width", "dp-width"):
+        dp = family == "dp-width"
+        cfg = ChannelPrune(importance="l1", cut=cut, allocation="dp" if dp else "uniform")
+        found = shrink_for_speedup(dense, cfg, batch, target, labelled if dp else None,
+                                   loss_fn, step=args.width_step, rounds=args.rounds,
+                                   band=args.band, confirm=args.confirm, repeats=args.repeats,
+                                   progress=not args.quiet)
+        info = {"measured": found.measured, "predicted_target": found.predicted_target,
+                "rounds": found.rounds, "widths": found.widths}
+        if found.table is not None:
+            info["table"] = {"groups": [g.name for g in found.table.groups],
+                             "widths": found.table.widths, "errors": found.table.errors,
+                             "saving_s": found.table.saving["latency"],
+                             "dense_s": found.table.base["latency"]}
+        return found.model, info
+    if family != "amc":
+        raise ValueError(family)
+    cfg = ChannelPrune(importance="l1", cut=cut)
+    graph = build_graph(dense, batch)
+    scores = score(dense, graph, "l1")
+    table = width_table(dense, graph, scores, batch, cfg, metrics=("latency",),
+                        step=args.width_step, repeats=args.repeats, log=say)
+    searches = []
+
+    def build(t: float) -> dict:
+        try:
+            result, widths = amc_widths(dense, table, scores, evaluate, "latency",
+                                        table.base["latency"] / t, episodes=args.amc_episodes,
+                                        seed=seed, max_seconds=60 * args.amc_minutes,
+                                        progress=not args.quiet)
+        except Unreachable as e:  # a time out of reach is a speedup out of reach
+            raise Unreachable(str(e), table.base["latency"] / e.best) from None
+        searches.append({"predicted_target": t, "seconds": result.seconds,
+                         "episodes": len(result.history), "best_reward_accuracy":
+                         result.accuracy, "stopped": result.stopped,
+                         "history": [{k: h[k] for k in ("episode", "accuracy", "cost")}
+                                     for h in result.history]})
+        chosen = [c for g, w in zip(table.groups, widths)
+                  for c in sorted(g.classes, key=lambda c: scores[c.id])[:len(g.classes) - w]]
+        return {"model": remove_slices(dense, chosen), "widths": widths}
+
+    def measure(c: dict) -> float:
+        return speedup_of(dense, c["model"], batch, args.repeats)
+
+    found = meet_measured_speedup(build, measure, target, rounds=args.amc_rounds,
+                                  band=args.band, confirm=args.confirm, log=say)
+    return found.model["model"], {"measured": found.measured,
+                                  "predicted_target": found.predicted_target,
+                                  "rounds": found.rounds, "widths": found.model["widths"],
+                                  "amc": searches}
+
+
+def compress(family, dense, calib, batch, target, args, seed, structured=None):
+    """(model, info) for one family, or raise Unreachable / NotImplementedError.
+    structured: (cut, labelled calibration, loss_fn, evaluate) for the width families."""
     if family == "alds":
         return compress_lowrank(dense, ALDS(rank_step=args.rank_step), calib, batch, target,
                                 args, "latency")
@@ -153,8 +204,20 @@ def compress(family, dense, calib, batch, target, args, seed, evaluate_fn=None):
                                 batch, target, args, "flops")
     if family == "sparse-1x16-spdy":
         return compress_sparse(dense, calib, batch, target, args)
-    raise NotImplementedError(f"{family}: needs the refactored prunekit.structured (the "
-                              f"struct branch), not on this branch yet")
+    if family in STRUCTURED:
+        if not _have_widths():
+            raise NotImplementedError(f"{family}: needs prunekit.structured.widths (the "
+                                      f"refactored structured package), not on this branch")
+        return compress_structured(family, dense, batch, target, args, seed, *structured)
+    raise ValueError(f"unknown family {family}")
+
+
+def _have_widths() -> bool:
+    try:
+        import prunekit.structured.widths  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # -- sections -------------------------------------------------------------------------------
@@ -212,9 +275,14 @@ def resnet_data(args, seed):
     calib = calibration_batches("resnet56-cifar10", n=args.calib, seed=seed)
     batch = calibration_batches("resnet56-cifar10", n=args.batch, seed=100 + seed,
                                 batch_size=args.batch)[0]
-    xtr, ytr = cifar10_tensors("train")
-    xtr, ytr = balanced_subset(xtr, ytr, args.train_images, seed)
-    return calib, batch, xtr, ytr
+    x, y = cifar10_tensors("train")
+    xtr, ytr = balanced_subset(x, y, args.train_images, seed)
+    # the width families' sensitivity batches and AMC's held-out reward batch: other
+    # balanced draws of the train set
+    xs, ys = balanced_subset(x, y, args.calib, 1000 + seed)
+    xh, yh = balanced_subset(x, y, args.amc_images, 2000 + seed)
+    labelled = list(zip(xs.split(64), ys.split(64), strict=True))
+    return calib, batch, xtr, ytr, labelled, (xh, yh)
 
 
 def section_resnet56(args) -> dict:
@@ -226,7 +294,7 @@ def section_resnet56(args) -> dict:
     settings = {k: getattr(args, k) for k in ("target", "batch", "threads", "calib",
                                               "train_images", "test_images", "epochs",
                                               "lr", "band", "rank_step", "spdy_steps",
-                                              "amc_episodes")}
+                                              "amc_episodes", "amc_images", "width_step")}
     store = Store(args.out_dir / "resnet56.json", settings, args)
     dense = create("resnet56-cifar10", pretrained=True).eval()
     example = torch.randn(1, 3, 32, 32)
@@ -237,7 +305,9 @@ def section_resnet56(args) -> dict:
                                 "flops": count_flops(dense, example)}
         store.save()
     for seed in args.seeds:
-        calib, batch, xtr, ytr = resnet_data(args, seed)
+        calib, batch, xtr, ytr, labelled, (xh, yh) = resnet_data(args, seed)
+        structured = (("layer*.conv1",), labelled, None,
+                      lambda m, xh=xh, yh=yh: top1_accuracy(m, xh, yh))
         for family in args.families:
             if family not in RESNET_FAMILIES:
                 continue
@@ -249,7 +319,8 @@ def section_resnet56(args) -> dict:
             cell = {"family": family, "seed": seed}
             t0 = time.perf_counter()
             try:
-                model, info = compress(family, dense, calib, batch, args.target, args, seed)
+                model, info = compress(family, dense, calib, batch, args.target, args, seed,
+                                       structured)
             except Unreachable as e:
                 cell.update(unreachable=str(e), best_measured=e.best,
                             seconds=time.perf_counter() - t0)
@@ -317,6 +388,17 @@ def section_minilm(args) -> dict:
     calib = calibration_batches("minilm", n=args.calib_sentences, seed=0)
     batch = calibration_batches("minilm", n=args.batch, seed=1, batch_size=args.batch)[0]
     store.data["timed_batch"] = {k: list(v.shape) for k, v in batch.items()}
+    refs: dict[int, torch.Tensor] = {}
+
+    def embedding_loss(model, b):
+        """1 - cosine of the sentence embeddings with the unpruned model's (the MiniLM
+        width sensitivity)."""
+        if id(b) not in refs:
+            with torch.no_grad():
+                refs[id(b)] = dense(**b)
+        return (1 - (model(**b) * refs[id(b)]).sum(-1)).mean()
+
+    structured = (("*",), calib, embedding_loss, None)
     for family in args.families:
         if family not in MINILM_FAMILIES:
             continue
@@ -328,7 +410,8 @@ def section_minilm(args) -> dict:
         cell = {"family": family}
         t0 = time.perf_counter()
         try:
-            model, info = compress(family, dense, calib, batch, args.minilm_target, args, 0)
+            model, info = compress(family, dense, calib, batch, args.minilm_target, args, 0,
+                                   structured)
         except Unreachable as e:
             store.cells[key] = {**cell, "unreachable": str(e), "best_measured": e.best,
                                 "seconds": time.perf_counter() - t0}
@@ -347,16 +430,75 @@ def section_minilm(args) -> dict:
 
 
 def section_smollm2(args) -> dict:
-    store = Store(args.out_dir / "smollm2.json", {}, args)
-    try:
-        from prunekit.models import get_info
-        get_info("smollm2")
-    except Exception as e:  # the registry names the models it has
-        store.cells["status"] = (f"pending: SmolLM2 is not a prunekit model on this branch "
-                                 f"(the real-LLM issue's branch has not landed): {e}")
+    """SmolLM2-135M: data-aware vs plain SVD layer error on a spread of its blocks, then
+    data-aware SVD at --llm-target measured prefill speedup (1 x --llm-tokens tokens),
+    perplexity on 8 evenly spread 1024-token windows of WikiText-2 test (llm_oneshot.py's
+    steering8)."""
+    from prunekit.data import load_wikitext2, tokenize_stream
+    from prunekit.evaluate import lm_perplexity
+    from prunekit.models import calibration_batches, create
+    from prunekit.oneshot.calibrate import collect_stats
+    from prunekit.oneshot.engine import layer_levels, relative_error
+
+    settings = {k: getattr(args, k) for k in ("llm_target", "llm_tokens", "threads", "band",
+                                              "rank_step", "llm_blocks")}
+    store = Store(args.out_dir / "smollm2.json", settings, args)
+    dense = create("smollm2-135m", pretrained=True).eval()
+    tok = dense.tokenizer
+    lines = load_wikitext2("test", raw=True).split("\n")
+    ids = tokenize_stream(tok, "\n\n".join(lines[:-1] if lines[-1] == "" else lines))
+
+    def ppl(model) -> float:
+        return lm_perplexity(model, ids, seq_len=1024, windows=8)
+
+    if "dense" not in store.cells:
+        store.cells["dense"] = {"ppl_steering8": ppl(dense), "params": count_params(dense)}
         store.save()
-        return store.data
-    store.cells["status"] = "pending: SmolLM2 rows are not written yet"
+    calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0, tokenizer=tok)
+    if "layer_error" not in store.cells:
+        blocks = [f"model.layers.{b}.*" for b in args.llm_blocks]
+        held = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=1, tokenizer=tok)
+        from prunekit.layers import find_layers
+        layers = find_layers(dense, blocks)
+        held_stats = collect_stats(dense, layers, held)
+        rows = {}
+        for aware in (False, True):
+            weights, errors = layer_levels(dense, SVD(data_aware=aware), calib, [0.25],
+                                           include=blocks, progress=not args.quiet)
+            for name, module in layers.items():
+                row = rows.setdefault(name, {"shape": list(module.weight.shape)})
+                row["data_aware" if aware else "plain"] = {
+                    "calib": errors[name][0],
+                    "held_out": relative_error(module.weight.detach(), weights[name][0],
+                                               held_stats[name], 1)}
+        ratios = {}
+        for where in ("calib", "held_out"):
+            r = [v["plain"][where] / v["data_aware"][where] for v in rows.values()]
+            ratios[where] = {"median": statistics.median(r), "min": min(r),
+                             "geomean": statistics.geometric_mean(r), "layers": len(r)}
+        store.cells["layer_error"] = {"rank_ratio": 0.25, "layers": rows, "ratios": ratios}
+        store.save()
+    batch = calibration_batches("smollm2-135m", n=1, seq_len=args.llm_tokens, seed=5,
+                                tokenizer=tok)[0]
+    for family in ("svd-data-aware",):  # ALDS's in-model table would copy the model 8 times
+        if family not in args.families or family in store.cells:
+            continue
+        log(args, f"smollm2 {family}")
+        cell = {"family": family}
+        t0 = time.perf_counter()
+        try:
+            model, info = compress(family, dense, calib, batch, args.llm_target, args, 0)
+        except Unreachable as e:
+            store.cells[family] = {**cell, "unreachable": str(e), "best_measured": e.best}
+            store.save()
+            continue
+        cell.update(info, compress_seconds=time.perf_counter() - t0,
+                    params=count_params(model), ppl_steering8=ppl(model))
+        store.cells[family] = cell
+        store.save()
+        log(args, f"smollm2 {family}: {cell['measured']:.3f}x, ppl {cell['ppl_steering8']:.2f}")
+    store.cells["width"] = ("pending: heads by key/value group and MLP neurons need the "
+                            "struct branch's graph on SmolLM2 (not run here)")
     store.save()
     return store.data
 
@@ -403,8 +545,77 @@ def summary(results: dict) -> str:
                 lines.append(f"{k:<18} {_missing(c)}")
     s = results.get("smollm2", {}).get("cells", {})
     if s:
-        lines += ["", f"SmolLM2: {s.get('status')}"]
+        d = s.get("dense", {})
+        lines += ["", f"SmolLM2-135M, target {results['smollm2']['settings']['llm_target']}x "
+                      f"measured prefill, perplexity on 8 WikiText-2 windows (dense "
+                      f"{d.get('ppl_steering8', float('nan')):.2f})"]
+        le = s.get("layer_error", {}).get("ratios", {})
+        for where, v in le.items():
+            lines.append(f"  plain / data-aware SVD layer error at rank 1/4, {where}: median "
+                         f"{v['median']:.2f}x, min {v['min']:.2f}x over {v['layers']} layers")
+        for k in ("svd-data-aware", "alds-data-aware"):
+            c = s.get(k)
+            if c is None:
+                continue
+            lines.append(f"  {k:<18} " + (f"speedup {c['measured']:.3f}x  ppl "
+                                          f"{c['ppl_steering8']:.2f}" if "ppl_steering8" in c
+                                          else _missing(c)))
+        if "width" in s:
+            lines.append(f"  width: {s['width']}")
+    lines += [""] + targets(results)
     return "\n".join(lines)
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, each with its numbers and met / NOT met / open."""
+    out = ["Targets:"]
+
+    def verdict(ok):
+        return "open (cells missing)" if ok is None else "met" if ok else "NOT met"
+
+    le = results.get("layer_error", {}).get("cells", {}).get("ratios", {})
+    for k, v in le.items():
+        out.append(f"  data-aware SVD >= 2x lower layer error than plain, MiniLM {k}: median "
+                   f"{v['median']:.2f}x, summed {v['summed']:.2f}x: {verdict(v['median'] >= 2)}")
+    r = results.get("resnet56", {}).get("cells", {})
+    mean = {}
+    for fam in RESNET_FAMILIES:
+        cs = [c for k, c in r.items() if k != "dense" and c.get("family") == fam]
+        done = [c["top1_finetuned"] for c in cs if "top1_finetuned" in c]
+        best = max((c.get("best_measured", 0) for c in cs), default=None)
+        mean[fam] = (statistics.mean(done) if done else None, len(done), best, len(cs))
+    u, d = mean.get("uniform-l1"), mean.get("dp-width")
+    if u and d and u[3] and d[3]:
+        reach = d[1] > 0 and u[1] == 0
+        beats = d[0] is not None and u[0] is not None and d[0] >= u[0] + 0.5
+        out.append(f"  ResNet-56 DP widths reach the target where uniform does not "
+                   f"({d[1]}/{d[3]} vs {u[1]}/{u[3]} cells reached), or beat it by 0.5 "
+                   f"(top-1 {_fmt(d[0])} vs {_fmt(u[0])}): {verdict(reach or beats)}")
+    a, s = mean.get("alds"), mean.get("svd-uniform")
+    if a and s and a[3] and s[3]:
+        ok = None if a[0] is None or s[0] is None else a[0] >= s[0]
+        out.append(f"  ResNet-56 ALDS level with uniform rank: top-1 {_fmt(a[0])} vs "
+                   f"{_fmt(s[0])} (best measured {_fmt(a[2], 'x')} vs {_fmt(s[2], 'x')}): "
+                   f"{verdict(ok) if a[1] and s[1] else 'neither reached the target'}")
+    m = mean.get("amc")
+    if m and u and m[3]:
+        ok = None if m[0] is None or u[0] is None else m[0] >= u[0]
+        secs = [sum(x["seconds"] for x in c.get("amc", [])) for k, c in r.items()
+                if c.get("family") == "amc"]
+        out.append(f"  ResNet-56 AMC level with uniform: top-1 {_fmt(m[0])} vs {_fmt(u[0])}: "
+                   f"{verdict(ok)}; search {max(secs, default=0) / 60:.1f} min (< 30: "
+                   f"{verdict(max(secs, default=0) < 1800)})")
+    mm = results.get("minilm", {}).get("cells", {})
+    if "alds" in mm and "svd-uniform" in mm:
+        a, s = mm["alds"].get("stsb_spearman"), mm["svd-uniform"].get("stsb_spearman")
+        ok = None if a is None or s is None else a >= s
+        out.append(f"  MiniLM ALDS level with uniform rank: STS-B {_fmt(a)} vs {_fmt(s)}: "
+                   f"{verdict(ok)}")
+    return out
+
+
+def _fmt(v, unit="") -> str:
+    return "-" if v is None else f"{v:.3f}{unit}" if unit else f"{v:.2f}"
 
 
 def _missing(c) -> str:
@@ -444,6 +655,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--target", type=float, default=1.5, help="ResNet-56 measured speedup")
     p.add_argument("--minilm-target", type=float, default=1.5)
+    p.add_argument("--llm-target", type=float, default=1.3, help="SmolLM2 prefill speedup")
+    p.add_argument("--llm-tokens", type=int, default=256, help="SmolLM2 prefill length")
+    p.add_argument("--llm-blocks", default="0,10,20,29",
+                   help="SmolLM2 blocks whose layers get the layer-error comparison")
     p.add_argument("--batch", type=int, default=64, help="batch the speedup is measured at")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=9)
@@ -455,7 +670,13 @@ def main(argv=None) -> int:
     p.add_argument("--rank-ratios", default="0.125,0.25,0.375")
     p.add_argument("--rank-step", type=int, default=2)
     p.add_argument("--spdy-steps", type=int, default=60)
-    p.add_argument("--amc-episodes", type=int, default=200)
+    p.add_argument("--amc-episodes", type=int, default=120,
+                   help="AMC episodes per search (a quarter random warm-up)")
+    p.add_argument("--amc-rounds", type=int, default=3,
+                   help="AMC searches at most, each moved by the measured speedup")
+    p.add_argument("--amc-minutes", type=float, default=30, help="time limit per AMC search")
+    p.add_argument("--amc-images", type=int, default=500, help="AMC's held-out reward batch")
+    p.add_argument("--width-step", type=int, default=8, help="candidate widths' step")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=1)
@@ -468,6 +689,7 @@ def main(argv=None) -> int:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.families = [f for f in args.families.split(",") if f]
     args.rank_ratios = [float(x) for x in args.rank_ratios.split(",")]
+    args.llm_blocks = [int(b) for b in args.llm_blocks.split(",")]
     args.out_dir = Path(args.out_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     apply_malloc_option(args)
@@ -481,9 +703,13 @@ def main(argv=None) -> int:
     results = {s: json.loads((args.out_dir / f"{s}.json").read_text())
                for s in sections if (args.out_dir / f"{s}.json").exists()}
     text = summary(results)
+    prov = provenance(threads=args.threads)
+    write_result(args.out_dir / "summary.json", {"summary": text.splitlines(),
+                                                 "sections": sorted(results)}, prov)
     atomic_write_text(args.out_dir / "summary.md",
                       "# Compression families at equal measured speedup\n\n"
-                      f"Latest command: `{provenance(args)['command']}`\n\n```\n{text}\n```\n")
+                      f"Latest command: `{prov['command']}`; each section's command, commit "
+                      f"and machine are in its JSON file.\n\n```\n{text}\n```\n")
     print(text)
     return 0
 

@@ -43,6 +43,16 @@ def register(sub) -> None:
                    help="one threshold over all groups instead of the same fraction each")
     p.add_argument("--include-reduced", action="store_true",
                    help="also prune normalised channels (transformer residual streams)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "dp"),
+                   help="uniform: the same fraction of every group; dp: each group its own "
+                        "width (multiples of 8) from per-width sensitivities on calibration "
+                        "data and costs measured in the model")
+    p.add_argument("--cut", action="append", default=[], metavar="LAYER",
+                   help="narrow only the groups these layers produce (glob; repeatable), "
+                        "e.g. 'layer*.conv1' for a ResNet's inner channels")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the layers after each cut by least squares on calibration "
+                        "inputs (bias compensation included)")
     p.add_argument("--weights", help="safetensors weights to load first")
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--calib-samples", type=int, default=64,
@@ -80,14 +90,16 @@ def cmd_shrink(args) -> int:
         latency_ratio=args.latency_ratio, importance=args.importance, round_to=args.round_to,
         min_channels=args.min_channels, ignore=tuple(args.ignore),
         global_ranking=args.global_ranking, include_reduced=args.include_reduced,
-        seed=args.seed)
+        seed=args.seed, allocation=args.allocation, cut=tuple(args.cut) or ("*",),
+        reconstruct=args.reconstruct)
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
     if ":" in args.model:
         raise PruneError(f"{args.model}: prunekit cannot guess example inputs for a user model; "
                          f"use prunekit.structured.shrink from Python")
     info = get_info(args.model)
     calib = None
-    if CRITERIA.entry(config.importance).meta.get("needs") != "none":
+    if CRITERIA.entry(config.importance).meta.get("needs") != "none" or \
+            config.allocation == "dp" or config.reconstruct:
         calib = calibration_batches(info, n=args.calib_samples, seed=args.seed)
     if not args.quiet:
         print(f"shrinking {args.model} ({config.importance})...", file=sys.stderr)

@@ -30,6 +30,7 @@ from prunekit.structured.measure import (
     modes_restored,
 )
 from prunekit.structured.plan import Probe, plan, removed_fraction, search
+from prunekit.structured.reconstruct import reconstruct
 from prunekit.structured.remove import (
     SHAPE_ATTRS,
     copy_model,
@@ -39,6 +40,7 @@ from prunekit.structured.remove import (
 )
 from prunekit.structured.tracer import build_graph
 from prunekit.structured.verify import verify_graph
+from prunekit.structured.widths import dp_classes
 
 
 @dataclass
@@ -124,6 +126,12 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
     custom = scores is not None
     if custom:
         _check_scores(scores, graph, config)
+    if config.allocation == "dp" and not calib:
+        raise PruneError("ChannelPrune(allocation='dp') weighs each width by the loss on "
+                         "calibration batches: pass calib=[batch, ...] to shrink")
+    if config.reconstruct and not calib:
+        raise PruneError("ChannelPrune(reconstruct=True) refits the layers after the cut on "
+                         "calibration inputs: pass calib=[batch, ...] to shrink")
     warn: list[str] = []  # warned at the end
     notes: list[str] = []  # in the report only: already warned where they arose
     base_params = count_params(model)
@@ -160,10 +168,16 @@ def shrink(model: nn.Module, config: ChannelPrune, example_inputs, calib=None,
         else:
             target = base_metric * (1 - (1 - goal) * step / steps)
             known = {"flops": base_flops, "params": base_params}.get(what) if step == 1 else None
-            probe = Probe(current, example_inputs, what, known)
-            chosen = search(probe, graph, scores, config, target, warn)
-            del probe
+            if config.allocation == "dp":
+                chosen, _ = dp_classes(current, graph, scores, example_inputs, config, calib,
+                                       loss_fn)
+            else:
+                probe = Probe(current, example_inputs, what, known)
+                chosen = search(probe, graph, scores, config, target, warn)
+                del probe
         new = remove_slices(current, chosen)
+        if config.reconstruct:
+            reconstruct(current, new, chosen, calib)
         _validate(new, example_inputs)
         group_log = _group_log(graph, chosen)
         cut = {p for c in chosen for p, _, _ in c.slices}
@@ -204,10 +218,16 @@ def _group_log(graph: DependencyGraph, chosen) -> list[dict]:
 
 def save_shrunk(model: nn.Module, path, extra: dict | None = None):
     """Weights (safetensors) plus, in its metadata, the JSON description of the new shapes
-    (tensor shapes and module shape attributes) that `load_shrunk` needs."""
+    (tensor shapes and module shape attributes) that `load_shrunk` needs, and of the layers
+    factorized into low-rank pairs (prunekit.lowrank), which load_shrunk rebuilds first."""
+    from prunekit.lowrank.modules import describe
+
     desc = {"format": "prunekit-shrunk-1",
             "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
             "attrs": module_shape_attrs(model)}
+    factorized = describe(model)
+    if factorized:
+        desc["factorized"] = factorized
     if extra:
         desc["extra"] = extra
     return save_weights(model, path, metadata={"prunekit_shrunk": json.dumps(desc)})
@@ -231,6 +251,10 @@ def load_shrunk(base_model: nn.Module, path, inplace: bool = False) -> nn.Module
     desc = read_description(path)
     recompute_hook_weights(base_model)  # deepcopy refuses the old weight norm's computed w
     model = base_model if inplace else copy_model(base_model)
+    if desc.get("factorized"):
+        from prunekit.lowrank.modules import rebuild
+
+        rebuild(model, desc["factorized"], where=str(path))
     mods = dict(model.named_modules())
     for name, attrs in desc["attrs"].items():
         m = mods.get(name)

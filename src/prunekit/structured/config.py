@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from prunekit.config import Config
 from prunekit.errors import PruneError
@@ -31,6 +31,13 @@ class ChannelPrune(Config):
     of `prunekit.structured.CRITERIA`; `global_ranking` ranks all groups against one
     threshold instead of the same fraction each. `iterative_steps` > 1 reaches the budget
     in steps (shrink's `between_steps` runs between them). `seed` feeds random criteria.
+    `cut` (layer globs) narrows only the groups a matching layer produces (e.g.
+    "layer*.conv1": a ResNet's inner channels, its residual stream whole).
+    `allocation` "dp" gives each group its own width under a flops, params or latency
+    budget: the DP over per-width sensitivities on shrink's `calib` and costs measured in
+    the model (structured.widths); "uniform" cuts the same fraction everywhere.
+    `reconstruct` refits the layers that read removed channels by least squares on shrink's
+    `calib` inputs, bias compensation included (structured.reconstruct).
     """
 
     name: ClassVar[str] = "channelprune"
@@ -48,6 +55,9 @@ class ChannelPrune(Config):
     global_ranking: bool = False
     include_reduced: bool = False
     seed: int = 0
+    reconstruct: bool = False
+    cut: tuple[str, ...] = ("*",)
+    allocation: Literal["uniform", "dp"] = "uniform"
 
     def check(self) -> None:
         given = [k for k in BUDGETS if getattr(self, k) is not None]
@@ -67,6 +77,10 @@ class ChannelPrune(Config):
                                  f"is the fraction of the group's channels kept")
         if self.importance not in CRITERIA:
             raise PruneError(f"ChannelPrune.importance: {CRITERIA.unknown(self.importance)}")
+        if self.allocation == "dp" and (self.budget is None or self.iterative_steps > 1):
+            raise PruneError("ChannelPrune(allocation='dp') chooses widths once for a "
+                             "flops_ratio, params_ratio or latency_ratio budget; give one, "
+                             "with iterative_steps=1")
         for k in ("min_channels", "round_to", "iterative_steps"):
             if getattr(self, k) < 1:
                 raise PruneError(f"ChannelPrune.{k} must be at least 1, got {getattr(self, k)}")

@@ -50,7 +50,7 @@ def plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
     global_ranking, the whole pool) then keeps n0 - floor(fraction * done * n0) of its n0
     original classes, so the last step lands exactly on the one-shot count whatever the
     rounding of the earlier steps."""
-    groups = [g for g in graph.groups if cfg.include_reduced or not g.reduced]
+    groups = cut_groups(graph, cfg)
     chosen = []
 
     def to_remove(fraction: float, n: int, n0: int | None) -> int:
@@ -96,6 +96,14 @@ def plan(graph: DependencyGraph, scores: dict[int, float], fraction: float,
         order = sorted(g.classes, key=lambda c: scores[c.id])
         chosen += order[:k]
     return _round_groups(groups, chosen, scores, cfg)
+
+
+def cut_groups(graph: DependencyGraph, cfg: ChannelPrune) -> list:
+    """The groups the config may narrow: not reduced (unless include_reduced), produced by a
+    layer that `cut` matches."""
+    return [g for g in graph.groups if (cfg.include_reduced or not g.reduced)
+            and (cfg.cut == ("*",) or any(fnmatch.fnmatchcase(layer_of(p), pat)
+                                          for p, d in g.key if d == 0 for pat in cfg.cut))]
 
 
 def max_remove(g, cfg: ChannelPrune, cap: float) -> int:
