@@ -59,3 +59,44 @@ def test_quantize_cli_on_a_causal_lm_keeps_the_head_float(tmp_path, capsys):
     names = [lr["name"] for lr in report["layers"]]
     assert "lm_head" not in names and len(names) == 14
     assert report["options"]["sequential"] is True
+
+
+def test_quantize_cli_formats(tmp_path, capsys):
+    """--format prunekit writes one packed file that rebuilds the same codes and weights;
+    --format gguf-q4_0 writes a llama.cpp file whose blocks dequantize to the model's
+    weights; a format the model cannot take is refused before any work, writing nothing."""
+    import torch
+
+    from prunekit.models import create
+    from prunekit.quant import quantize
+    from prunekit.quant.formats import load_packed, read_gguf
+    from prunekit.quant.methods.rtn import RTN
+
+    packed = tmp_path / "digits.safetensors"
+    assert main(["quantize", "digits-cnn", "--pretrained", "--method", "rtn", "--bits", "3",
+                 "--format", "prunekit", "--out", str(packed)]) == 2
+    assert "conv1: --format prunekit holds linear layers only" in capsys.readouterr().err
+    assert not packed.exists()
+    assert main(["quantize", "digits-cnn", "--pretrained", "--method", "rtn", "--bits", "3",
+                 "-o", "exclude=conv*", "--format", "prunekit", "--out", str(packed), "--json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"]["format"] == "prunekit"
+    want = create("digits-cnn", pretrained=True)
+    quantize(want, RTN(bits=3, exclude=("conv*",)), None, progress=False)
+    got = create("digits-cnn")
+    forms = load_packed(got, packed)
+    assert set(forms) == {"fc1", "fc2"}
+    for name, w in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], w), name
+
+    gguf = tmp_path / "tiny.gguf"
+    assert main(["quantize", "tiny-llama", "--method", "rtn", "--bits", "4", "--group-size",
+                 "32", "-o", "scale_dtype=float16", "--format", "gguf-q4_0", "--out",
+                 str(gguf), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["export"]["exact"]
+    assert any(name.endswith("attn_q.weight") for name in read_gguf(gguf))
+
+    bad = tmp_path / "no.gguf"
+    assert main(["quantize", "digits-cnn", "--method", "rtn", "--format", "gguf-q4_0",
+                 "--out", str(bad)]) == 2
+    assert "not one" in capsys.readouterr().err and not bad.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from prunekit.commands import COMMANDS
 from prunekit.commands.common import add_threads_option, print_result, with_threads
 from prunekit.errors import PruneError
@@ -33,8 +35,16 @@ def register(sub) -> None:
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="tokens per calibration segment of a causal LM (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
-    p.add_argument("--out", help="write a directory: model.safetensors (dequantized weights) "
-                                 "and quantized.safetensors (codes, scales, zero points)")
+    p.add_argument("--out", help="where to write the quantized model (see --format)")
+    p.add_argument("--format", default="dir",
+                   choices=("dir", "prunekit", "compressed-tensors", "gguf-q8_0", "gguf-q4_0"),
+                   help="dir (default): a folder with model.safetensors (dequantized) and "
+                        "quantized.safetensors (codes, scales, zero points); prunekit: one "
+                        "packed file, exact for every grid and keep-mask; compressed-tensors: "
+                        "a transformers folder in the pack-quantized format (vLLM and "
+                        "transformers load it); gguf-q8_0 / gguf-q4_0: a llama.cpp file "
+                        "(Llama models; needs symmetric float16 scales in groups of 32: "
+                        "--group-size 32 -o scale_dtype=float16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_threads_option(p)
@@ -80,9 +90,27 @@ def cmd_quantize(args) -> int:
         options = [d for d in ("exclude=lm_head", "sequential=true")
                    if d.partition("=")[0] not in given] + options
     config = make_config(args.method, args.bits, args.group_size, args.asym, options)
+    if args.format in ("compressed-tensors", "gguf-q8_0", "gguf-q4_0") and not causal:
+        raise PruneError(f"--format {args.format} writes a transformers causal LM; "
+                         f"{args.model} is not one (use --format dir or prunekit)")
+    if args.format != "dir" and not args.out:
+        raise PruneError(f"--format {args.format} needs --out")
     model = load_model(args.model, weights=args.weights,
                        pretrained=args.pretrained or (causal and info.pretrained_available),
                        allow_pickle=args.allow_pickle)
+    if args.format != "dir":  # the other formats hold matrices: refuse before the work
+        from prunekit.layers import find_layers
+
+        for name, m in find_layers(model, config.include, config.exclude).items():
+            if m.weight.dim() != 2:
+                raise PruneError(f"{name}: --format {args.format} holds linear layers only; "
+                                 f"leave it float with -o exclude={name} or use --format dir")
+    options = {}
+    if args.format.startswith("gguf") and not hasattr(getattr(model, "tokenizer", None),
+                                                      "backend_tokenizer"):
+        options["tokenizer"] = False  # a weights-only file: the model has no BPE tokenizer
+        print(f"prunekit: note: {args.model} has no fast tokenizer; the GGUF holds the weights "
+              f"only", file=sys.stderr)
     calib = None
     if config.needs != "none" or config.sequential:
         if custom:
@@ -92,7 +120,12 @@ def cmd_quantize(args) -> int:
                                     seq_len=args.calib_tokens,
                                     tokenizer=getattr(model, "tokenizer", None))
     report = quantize(model, config, calib, progress=not args.quiet)
-    if args.out:
-        save_quantized(model, args.out, metadata={"prunekit_report": report.to_dict()})
-    print_result(args, report.to_dict(), str(report))
+    result = report.to_dict()
+    if args.out and args.format == "dir":
+        save_quantized(model, args.out, metadata={"prunekit_report": result})
+    elif args.out:
+        from prunekit.quant.formats import export
+
+        result["export"] = export(model, args.out, args.format, **options)
+    print_result(args, result, str(report))
     return 0
