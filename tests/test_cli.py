@@ -121,3 +121,22 @@ def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys, one_thr
                  "--out", str(tmp_path / "no.safetensors"), "--quiet"]) == 2
     assert "not reached" in capsys.readouterr().err
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_prune_cli_spreads_a_sparsity_by_budget(capsys):
+    """--budget with --sparsity: global and OWL give each layer its own share of the same
+    total; a search budget without --speedup, or OWL with one, is refused before any work."""
+    assert main(["prune", "tiny-llama", "--method", "wanda", "--sparsity", "0.5", "--budget",
+                 "owl", "--calib-samples", "4", "--calib-tokens", "32", "--json",
+                 "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    shares = {round(lr["sparsity"], 3) for lr in report["layers"]}
+    assert len(shares) > 1 and report["options"]["budget"]
+    assert main(["prune", "digits-cnn", "--pretrained", "--sparsity", "0.6", "--budget",
+                 "global", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len({round(lr["sparsity"], 2) for lr in report["layers"]}) > 1
+    assert main(["prune", "digits-cnn", "--sparsity", "0.5", "--budget", "spdy"]) == 2
+    assert "give --speedup" in capsys.readouterr().err
+    assert main(["prune", "digits-cnn", "--speedup", "1.5", "--budget", "owl"]) == 2
+    assert "does not size a --speedup" in capsys.readouterr().err

@@ -182,6 +182,17 @@ def test_folder_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, model(ids).logits)
         assert torch.equal(ours(ids).logits, model(ids).logits)
+    # saving again replaces the model folder whole; a folder of other files is refused
+    other = models.create("tiny-llama", seed=1)
+    save_pretrained(other, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "m")(ids).logits, other(ids).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no leftovers beside it
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(PruneError, match="not a model folder"):
+        save_pretrained(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def _hand_perplexity(model, ids, L, picks):

@@ -408,7 +408,8 @@ def test_cli_lowrank_on_a_registry_model(tmp_path, capsys):
                  "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["params_after"] < report["params_before"]
-    assert "lm_head" in report["skipped"] and out.exists()
+    assert "lm_head" not in [lr["name"] for lr in report["layers"]] and out.exists()
+    assert report["options"]["exclude"] == ["lm_head"]  # a causal LM's tied head stays
     assert all(lr["detail"].get("rank") for lr in report["layers"])
     model = create("tiny-gpt2")
     lowrank(model, SVD(rank_ratio=0.25), progress=False)

@@ -78,3 +78,14 @@ def test_trace_sensitivity_is_the_hawq_formula(digits):
     omega = float(torch.diagonal(h).mean()) * float((rtn - w).double().square().sum()) \
         / float(torch.einsum("ij,jk,ik->", w.double(), h, w.double()))
     assert db.trace[2, db.levels.index(3)] == pytest.approx(omega, rel=1e-9)
+
+
+def test_database_takes_the_configs_layers(digits):
+    """The layers are the config's own (include / exclude) unless given: a budget built from
+    the database never names a layer the config leaves float."""
+    model, calib, _ = digits
+    db = mixed.database(model, RTN(exclude=("fc2",)), calib, levels=(4, 8), progress=False)
+    assert db.names == ["conv1", "conv2", "fc1"]
+    db = mixed.database(model, RTN(exclude=("fc2",)), calib, levels=(4, 8), exclude=(),
+                        progress=False)
+    assert "fc2" in db.names

@@ -2,9 +2,11 @@
 
 MiniLM (STS-B test Spearman) with magnitude, Wanda and SparseGPT at 50% and 2:4; ResNet-20
 (CIFAR-10 test top-1, batch-norm re-estimated after pruning) with the same methods and exact
-OBS at 50% and 70%. Where the shared data are missing it says so and runs what it can: the
-digits CNN needs only scikit-learn, and MiniLM falls back to the cosine of its embeddings to
-the dense model's.
+OBS at 50% and 70%; SmolLM2-135M (WikiText-2 perplexity on a few test windows) with the
+three methods at 50%, and its decode speed on the int4 kernel next to the dense model.
+Where the shared data are missing it says so and runs what it can: the digits CNN needs
+only scikit-learn, and MiniLM falls back to the cosine of its embeddings to the dense
+model's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--calib", type=count(1), default=64,
                    help="calibration samples per model (sequences for MiniLM, images for "
                         "ResNet-20)")
+    p.add_argument("--llm-windows", type=count(0), default=2,
+                   help="WikiText-2 test windows of 1024 tokens for SmolLM2's perplexity "
+                        "(default 2; 0 skips the LLM section)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -116,6 +121,36 @@ def _resnet20(args):
     return f"CIFAR-10 test top-1 % ({n} images, BN re-estimated)", rows
 
 
+def _smollm2(args):
+    from prunekit import Magnitude, SparseGPT, Wanda
+    from prunekit.evaluate import evaluate
+    from prunekit.models import calibration_batches, create
+    from prunekit.runtime.decode import int4_speed_and_perplexity
+
+    dense = create("smollm2-135m", pretrained=True).eval()
+    calib = calibration_batches("smollm2-135m", n=8, seq_len=256, seed=0,
+                                tokenizer=dense.tokenizer)
+    common = dict(sparsity=0.5, exclude=("lm_head",), sequential=True)
+    configs = [Magnitude(sparsity=0.5, exclude=("lm_head",)), Wanda(**common),
+               SparseGPT(**common)]
+
+    def quality(m):
+        return round(evaluate(m, "smollm2-135m", windows=args.llm_windows)["perplexity"], 2)
+
+    rows = _run_rows("SmolLM2-135M", dense, configs, calib, quality, args.quiet)
+    del dense
+    if not args.quiet:
+        _say("  SmolLM2-135M int4 (RTN, groups of 64) on the int4 kernel ...")
+    speed = int4_speed_and_perplexity(windows=args.llm_windows, tokens=16, threads=None)
+    rows.append(dict(model="SmolLM2-135M", method="rtn int4", pattern="dense",
+                     sparsity=0.0, before=round(speed["dense_perplexity"], 2),
+                     after=round(speed["perplexity"], 2), prune_seconds=0.0,
+                     decode_tokens_per_s=round(speed["decode_tokens_per_s"], 1),
+                     dense_decode_tokens_per_s=round(speed["dense_decode_tokens_per_s"], 1)))
+    return (f"WikiText-2 test perplexity ({args.llm_windows} windows of 1024 tokens; lower "
+            f"is better)", rows)
+
+
 def _digits(args):
     from prunekit import OBS, Magnitude, SparseGPT, Wanda
     from prunekit.data import load_digits
@@ -141,6 +176,9 @@ def _table(title: str, metric: str, rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['method']:<11} {r['pattern']:<17} {r['sparsity']:>8.3f} "
                      f"{r['before']:>8.2f} {r['after']:>8.2f} {r['prune_seconds']:>8.1f}")
+        if "decode_tokens_per_s" in r:
+            lines[-1] += (f"   decode {r['decode_tokens_per_s']:.1f} tokens/s on the int4 "
+                          f"kernel, dense {r['dense_decode_tokens_per_s']:.1f}")
     return "\n".join(lines)
 
 
@@ -148,8 +186,10 @@ def cmd_demo(args) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     tables = []
-    for title, fn in (("MiniLM-L6 sentence encoder", _minilm),
-                      ("ResNet-20 on CIFAR-10", _resnet20)):
+    sections = [("MiniLM-L6 sentence encoder", _minilm), ("ResNet-20 on CIFAR-10", _resnet20)]
+    if args.llm_windows:
+        sections.append(("SmolLM2-135M causal LM", _smollm2))
+    for title, fn in sections:
         if not args.quiet:
             _say(f"{title} ...")
         try:

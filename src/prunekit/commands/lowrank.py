@@ -53,7 +53,11 @@ def cmd_lowrank(args) -> int:
     from prunekit.models import calibration_batches, get_info, load_model
     from prunekit.structured import count_params, save_shrunk
 
-    config = make_config(args.method, options=args.option)
+    options = list(args.option)
+    if ":" not in args.model and get_info(args.model).task == "causal-lm" and not any(
+            o.partition("=")[0].strip() == "exclude" for o in options):
+        options.insert(0, "exclude=lm_head")  # as prune and quantize: the tied head stays
+    config = make_config(args.method, options=options)
     if not isinstance(config, LowRankConfig):
         raise PruneError(f"{args.method} is not a low-rank method; low-rank methods are: "
                          f"{', '.join(METHODS.where(family='lowrank'))} (prune with "
@@ -69,7 +73,8 @@ def cmd_lowrank(args) -> int:
             raise PruneError(f"{config.name} needs calibration data, which prunekit can draw "
                              f"only for registry models; use prunekit.lowrank from Python "
                              f"for {args.model}")
-        calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed)
+        calib = calibration_batches(get_info(args.model), n=args.calib_samples, seed=args.seed,
+                                    tokenizer=getattr(model, "tokenizer", None))
     if args.speedup is not None:
         apply_malloc_option(args)
         batch = calibration_batches(get_info(args.model), n=args.speedup_batch,

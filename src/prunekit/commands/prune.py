@@ -48,8 +48,10 @@ def register(sub) -> None:
     p.add_argument("--speedup", type=float, default=None,
                    help="prune for this measured speedup on this machine instead of a "
                         "sparsity: per-layer budget, convert to sparse kernels, measure, repeat")
-    p.add_argument("--budget", default="spdy", choices=BUDGETS.names(),
-                   help="how --speedup spreads sparsity over the layers (default spdy)")
+    p.add_argument("--budget", default=None, choices=BUDGETS.names(),
+                   help="how sparsity is spread over the layers: with --sparsity, uniform "
+                        "(default), global, erk or owl (outlier-weighted, from calibration "
+                        "data); with --speedup, any of them or spdy (the default there)")
     p.add_argument("--speedup-batch", type=count(1), default=64,
                    help="batch size the --speedup is measured at")
     p.add_argument("--timing", default="model", choices=TIMINGS,
@@ -116,6 +118,29 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _sparsity_budget(name: str | None, model, config, calib) -> dict | None:
+    """Per-layer sparsities that spread config.sparsity as budget `name` says (None: every
+    layer at config.sparsity)."""
+    import inspect
+
+    from prunekit.layers import find_layers
+
+    if name in (None, "uniform"):
+        return None
+    entry = BUDGETS.entry(name)
+    if entry.meta.get("search"):
+        raise PruneError(f"--budget {name} searches for a measured speedup: give --speedup")
+    if config.sparsity is None:
+        raise PruneError(f"--budget {name} spreads a --sparsity; give one")
+    layers = find_layers(model, config.include, config.exclude)
+    if "model" in inspect.signature(entry.obj).parameters:  # OWL reads the data
+        if not calib:
+            raise PruneError(f"--budget {name} measures the model on calibration data; "
+                             f"{config.method} draws none (use a method that calibrates)")
+        return entry.obj(layers, config.sparsity, model=model, calib=calib)
+    return entry.obj(layers, config.sparsity)
+
+
 def cmd_prune(args) -> int:
     from prunekit.io import save_weights
     from prunekit.models import calibration_batches, get_info, load_model
@@ -124,6 +149,12 @@ def cmd_prune(args) -> int:
     if args.speedup is not None and args.sparsity is not None:
         raise PruneError("give --sparsity or --speedup, not both: --speedup chooses each "
                          "layer's sparsity")
+    if args.speedup is not None and args.budget == "owl":
+        raise PruneError("--budget owl spreads a --sparsity by each block's outliers; it does "
+                         "not size a --speedup (use spdy, uniform, global or erk)")
+    if args.speedup is None and args.budget and BUDGETS.entry(args.budget).meta.get("search"):
+        raise PruneError(f"--budget {args.budget} searches for a measured speedup: give "
+                         f"--speedup")
     from prunekit.models.llm import is_model_path
 
     custom = ":" in args.model and not is_model_path(args.model)
@@ -148,8 +179,10 @@ def cmd_prune(args) -> int:
                                     seq_len=args.calib_tokens,
                                     tokenizer=getattr(model, "tokenizer", None))
     if args.speedup is not None:
+        args.budget = args.budget or "spdy"
         return _prune_for_speedup(args, model, config, calib)
-    report = prune(model, config, calib, progress=not args.quiet)
+    budget = _sparsity_budget(args.budget, model, config, calib)
+    report = prune(model, config, calib, budget=budget, progress=not args.quiet)
     if args.out and causal and hasattr(model, "save_pretrained"):
         from prunekit.models.llm import save_pretrained
         save_pretrained(model, args.out)

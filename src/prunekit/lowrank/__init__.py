@@ -9,6 +9,15 @@ from prunekit.lowrank.methods.alds import ALDS, minimax_allocation
 from prunekit.lowrank.methods.svd import SVD
 from prunekit.lowrank.modules import Factorized, describe, factorized, rebuild
 
+
+def __getattr__(name: str):
+    if name == "latency_costs":  # times layers: imports the runtime, so on first use
+        from prunekit.lowrank.latency import latency_costs
+
+        return latency_costs
+    raise AttributeError(f"module 'prunekit.lowrank' has no attribute {name!r}")
+
+
 __all__ = ["LowRankSpeedup", "lowrank", "lowrank_for_speedup", "lowrank_layer",
-           "LowRankConfig", "factor", "factor_groups", "ALDS",
+           "LowRankConfig", "factor", "factor_groups", "latency_costs", "ALDS",
            "minimax_allocation", "SVD", "Factorized", "describe", "factorized", "rebuild"]

@@ -367,19 +367,32 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> Path:
     if not hasattr(model, "save_pretrained"):
         raise PruneError(f"{type(model).__name__} is not a transformers model; save its weights "
                          f"with prunekit.io.save_weights instead")
+    if folder.exists() and not folder.is_dir():
+        raise PruneError(f"{folder} is a file; a transformers model is saved as a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "config.json").exists():
+        raise PruneError(f"{folder} holds files but no config.json: it is not a model folder "
+                         f"that may be replaced; choose a new or empty folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    old = None
     try:
         model.save_pretrained(tmp)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
+        if folder.exists():  # set the old folder aside first: nothing is lost on a crash
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / "model")
         os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            old = None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():  # put the old model back
+            os.replace(old / "model", folder)
+            shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

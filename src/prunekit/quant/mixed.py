@@ -95,13 +95,16 @@ class Database:
 
 @torch.no_grad()
 def database(model: nn.Module, config: QuantConfig, calib, levels: Sequence[int] = LEVELS,
-             include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+             include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
              progress: bool = True) -> Database:
     """Every chosen layer at every bit width (the config at each level), from one
-    calibration of the unchanged model; the model is unchanged."""
+    calibration of the unchanged model; the model is unchanged. The layers are the config's
+    (its include and exclude) unless `include` / `exclude` are given."""
     if not isinstance(config, QuantConfig):
         raise PruneError(f"a bit-width database needs a quantization config such as "
                          f"prunekit.GPTQ(group_size=128), got {type(config).__name__}")
+    include = tuple(config.include) if include is None else include
+    exclude = tuple(config.exclude) if exclude is None else exclude
     levels = tuple(int(b) for b in levels)
     if not levels or len(set(levels)) != len(levels):
         raise PruneError(f"levels must be distinct bit widths, got {levels}")
