@@ -140,3 +140,40 @@ def test_padding_tokens_do_not_count():
            for n, st in stats.items()}
     for name in layers:
         torch.testing.assert_close(seq[name].hessian, a[name].hessian, rtol=1e-4, atol=1e-4)
+
+
+def test_diagonal_statistics_are_the_hessians_diagonal():
+    """A method that reads only diag(H) (Wanda) gathers d sums of squares per layer instead
+    of d x d: the same diagonal as the full statistics, block by block too, and the same
+    Wanda model as scoring from the full H."""
+    import copy
+
+    import prunekit
+    from prunekit.models import create
+    from prunekit.oneshot.calibrate import Blockwise, collect_stats
+    from prunekit.oneshot.methods.wanda import Wanda
+
+    model = create("tiny-llama")
+    layers = prunekit.layers.find_layers(model, exclude=("lm_head",))
+    batches = [torch.randint(0, 100, (2, 24)) for _ in range(3)]
+    full = collect_stats(model, layers, batches)
+    diag = collect_stats(model, layers, batches, diagonal=True)
+    for name in layers:
+        assert diag[name].diagonal and not full[name].diagonal
+        h, d = full[name].hessian, diag[name].hessian
+        assert torch.allclose(torch.diagonal(d, dim1=1, dim2=2),
+                              torch.diagonal(h, dim1=1, dim2=2), rtol=1e-5)
+        assert torch.count_nonzero(d - torch.diag_embed(torch.diagonal(d, dim1=1, dim2=2))) == 0
+    stages = list(Blockwise(model, layers, batches, diagonal=True).stages())
+    assert all(st.diagonal for _, _, stats in stages for st in stats.values())
+
+    class FullWanda(Wanda):  # the same scores from the full X^T X
+        statistic = "full"
+
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = prunekit.prune(a, Wanda(sparsity=0.5, exclude=("lm_head",)), batches, progress=False)
+    prunekit.prune(b, FullWanda(sparsity=0.5, exclude=("lm_head",)), batches, progress=False)
+    for name in layers:
+        wa, wb = a.get_submodule(name).weight, b.get_submodule(name).weight
+        assert torch.equal(wa == 0, wb == 0), name
+    assert all(lr.rel_error is None for lr in ra.layers)

@@ -28,10 +28,15 @@ from prunekit.layers import groups_of, is_hf_conv1d
 
 @dataclass
 class LayerStats:
-    """Input statistics of one layer: hessian[g] = sum of x x^T over input rows of group g."""
+    """Input statistics of one layer: hessian[g] = sum of x x^T over input rows of group g.
+
+    With `diagonal` only the sums of squares were gathered (methods that read no more than
+    the input feature norms, such as Wanda): hessian[g] is then the diagonal matrix of them,
+    and the off-diagonal terms of X^T X are unknown, not zero."""
 
     hessian: torch.Tensor  # (G, d, d) float64
     rows: int
+    diagonal: bool = False
 
     @property
     def groups(self) -> int:
@@ -105,8 +110,9 @@ class StatsCollector:
     the rows of padding tokens: their hidden states are not data the model will see.
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module]):
+    def __init__(self, layers: Mapping[str, nn.Module], diagonal: bool = False):
         self.layers = dict(layers)
+        self.diagonal = diagonal  # gather only the sums of squares (d per layer, not d x d)
         self.stats: dict[str, LayerStats] = {}
         self.mask: torch.Tensor | None = None
         self._handles = [
@@ -128,14 +134,25 @@ class StatsCollector:
                     f"{name}: its calibration input holds NaN or Inf; check the calibration data "
                     f"and the layers before it"
                 )
-            h = torch.matmul(rows.transpose(1, 2), rows).double()
+            if self.diagonal:
+                h = rows.double().square().sum(dim=1)  # (G, d)
+            else:
+                h = torch.matmul(rows.transpose(1, 2), rows).double()
             if name in self.stats:
                 self.stats[name].hessian += h
                 self.stats[name].rows += rows.shape[1]
             else:
-                self.stats[name] = LayerStats(h, rows.shape[1])
+                self.stats[name] = LayerStats(h, rows.shape[1], self.diagonal)
 
         return hook
+
+    def result(self) -> dict[str, LayerStats]:
+        """The statistics gathered, diagonal ones as (G, d, d) diagonal matrices."""
+        if self.diagonal:
+            for st in self.stats.values():
+                if st.hessian.dim() == 2:
+                    st.hessian = torch.diag_embed(st.hessian)
+        return self.stats
 
     def remove(self) -> None:
         for h in self._handles:
@@ -172,14 +189,16 @@ def collect_stats(
     layers: Mapping[str, nn.Module],
     batches: Sequence[Batch],
     progress: Callable[[], None] | None = None,
+    diagonal: bool = False,
 ) -> dict[str, LayerStats]:
-    """Run every batch through the model once and return each layer's LayerStats."""
-    with StatsCollector(layers) as col:
+    """Run every batch through the model once and return each layer's LayerStats (only their
+    diagonals with `diagonal`)."""
+    with StatsCollector(layers, diagonal) as col:
         _forward(model, batches, progress, col)
     missing = [n for n in layers if n not in col.stats]
     if missing:
         raise PruneError(f"layers never ran during calibration: {', '.join(missing[:5])}")
-    return col.stats
+    return col.result()
 
 
 class _StopForward(Exception):
@@ -250,8 +269,10 @@ class Blockwise:
     """
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module],
-                 batches: Sequence[Batch], blocks: Sequence[str] | None = None):
+                 batches: Sequence[Batch], blocks: Sequence[str] | None = None,
+                 diagonal: bool = False):
         self.model, self.layers, self.batches = model, dict(layers), list(batches)
+        self.diagonal = diagonal
         self.blocks = find_blocks(model, blocks)
         self.block_layers = []
         taken = set()
@@ -302,11 +323,11 @@ class Blockwise:
 
         handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
         try:
-            with StatsCollector(collector_layers) as col:
+            with StatsCollector(collector_layers, self.diagonal) as col:
                 _forward(self.model, self.batches, None, col)
         finally:
             handle.remove()
-        return inputs, col.stats
+        return inputs, col.result()
 
     def stages(self, progress: Callable[[str], None] | None = None):
         """Yield (stage name, {layer: module}, {layer: LayerStats}); prune before continuing."""
@@ -320,12 +341,12 @@ class Blockwise:
             if progress:
                 progress(bname)
             if layers:
-                with StatsCollector(layers) as col:
+                with StatsCollector(layers, self.diagonal) as col:
                     with torch.no_grad():
                         for (args, kwargs), batch in zip(inputs, self.batches):
                             col.mask = token_mask(batch)
                             block(*args, **kwargs)
-                yield bname, layers, col.stats
+                yield bname, layers, col.result()
                 del col
             with torch.no_grad():
                 inputs = [
@@ -335,5 +356,5 @@ class Blockwise:
         del inputs
         rest = {n: m for n, m in self.outer.items() if n not in done}
         if rest:
-            stats = collect_stats(self.model, rest, self.batches)
+            stats = collect_stats(self.model, rest, self.batches, diagonal=self.diagonal)
             yield "after blocks", rest, stats

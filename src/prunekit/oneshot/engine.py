@@ -108,6 +108,10 @@ class Transform(Config):
     #: "none": the weights alone; "hessian": calibration inputs (H = X^T X per layer);
     #: "gradients": gradients of a loss (run_global does the work).
     needs: ClassVar[str] = "none"
+    #: with needs == "hessian": "diagonal" when the method reads only diag(H) (the input
+    #: feature norms): calibration then gathers d sums of squares per layer, not d x d
+    #: (and the report has no output error); "full" otherwise.
+    statistic: ClassVar[str] = "full"
     #: "prune", "quantize" or "lowrank": what the method does to a layer.
     family: ClassVar[str] = "prune"
     #: the field a per-layer budget sets ("sparsity", "bits", ...), None if budgets do not apply
@@ -296,8 +300,9 @@ def check_layers(layers: Mapping[str, nn.Module], config: Transform,
 
 def relative_error(w: torch.Tensor, new: torch.Tensor, stats: LayerStats | None,
                    groups: int) -> float | None:
-    """||(W - W')X||^2 / ||WX||^2 over the calibration rows, from H = X^T X."""
-    if stats is None:
+    """||(W - W')X||^2 / ||WX||^2 over the calibration rows, from H = X^T X (None without
+    calibration, or from diagonal-only statistics, which do not give it)."""
+    if stats is None or stats.diagonal:
         return None
     num = den = 0.0
     for g, (wg, ng) in enumerate(zip(w.chunk(groups), new.chunk(groups))):
@@ -377,6 +382,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
         if not callable(loss_fn):
             raise PruneError(f"{config.name} needs gradients: pass loss_fn=lambda model, "
                              f"batch: <scalar loss>")
+    diagonal = config.needs == "hessian" and config.statistic == "diagonal"
     report = Report(config.name, config.target(), config.options(), skipped=skipped)
     if budget is not None:
         report.options["budget"] = dict(budget)
@@ -390,7 +396,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
                                                  float((m.weight == 0).float().mean()), None,
                                                  0.0))
         elif config.sequential:
-            seq = Blockwise(model, layers, batches, config.blocks)
+            seq = Blockwise(model, layers, batches, config.blocks, diagonal=diagonal)
             task = bar.add(f"{config.name}: blocks", total=len(seq.blocks))
             for stage, stage_layers, stats in seq.stages(lambda b: bar.advance(task)):
                 _apply_stage(report, model, stage_layers, stats, config, configs, undo, bar,
@@ -399,7 +405,8 @@ def run(model: nn.Module, config: Transform, calib=None, *,
             stats = {}
             if batches:
                 task = bar.add("calibrating", total=len(batches))
-                stats = collect_stats(model, layers, batches, lambda: bar.advance(task))
+                stats = collect_stats(model, layers, batches, lambda: bar.advance(task),
+                                      diagonal=diagonal)
             _apply_stage(report, model, layers, stats, config, configs, undo, bar, "layers")
     shared = shared_weights(model)
     for lr in report.layers:  # tied='change': say which other holders changed with it

@@ -19,6 +19,7 @@ class Wanda(PruneConfig):
 
     name = "wanda"
     needs = "hessian"
+    statistic = "diagonal"  # only the feature norms: calibration skips X^T X
 
     def score(self, w, hessian, layer):
         norms = torch.diagonal(hessian).clamp_min(0).sqrt().to(w.dtype)
