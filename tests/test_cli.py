@@ -62,6 +62,7 @@ def test_demo_without_shared_data_runs_what_it_can(tmp_path, monkeypatch, capsys
     captured = capsys.readouterr()
     assert "not found" in captured.err and "digits" in captured.err
     tables = {t["title"]: t for t in json.loads(captured.out)["tables"]}
+    assert "skipping SmolLM2-135M" in captured.err and not any("SmolLM2" in t for t in tables)
     minilm = tables["MiniLM-L6 sentence encoder"]
     assert minilm["metric"].startswith("embedding cosine")
     assert sorted((r["method"], r["pattern"]) for r in minilm["rows"]) == sorted([

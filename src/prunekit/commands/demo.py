@@ -125,8 +125,11 @@ def _smollm2(args):
     from prunekit import Magnitude, SparseGPT, Wanda
     from prunekit.evaluate import evaluate
     from prunekit.models import calibration_batches, create
+    from prunekit.data import load_wikitext2
     from prunekit.runtime.decode import int4_speed_and_perplexity
 
+    load_wikitext2("test")  # before the model: without the text there is nothing to score
+    load_wikitext2("valid")
     dense = create("smollm2-135m", pretrained=True).eval()
     calib = calibration_batches("smollm2-135m", n=8, seq_len=256, seed=0,
                                 tokenizer=dense.tokenizer)
