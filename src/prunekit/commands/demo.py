@@ -123,9 +123,9 @@ def _resnet20(args):
 
 def _smollm2(args):
     from prunekit import Magnitude, SparseGPT, Wanda
+    from prunekit.data import load_wikitext2
     from prunekit.evaluate import evaluate
     from prunekit.models import calibration_batches, create
-    from prunekit.data import load_wikitext2
     from prunekit.runtime.decode import int4_speed_and_perplexity
 
     load_wikitext2("test")  # before the model: without the text there is nothing to score
