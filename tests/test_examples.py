@@ -11,7 +11,7 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.py"))
 #: smaller runs than the defaults, so CI stays quick; the code path is the same
 QUICK = {"prune_resnet.py": ["--images", "300"], "prune_minilm.py": ["--pairs", "150"],
          "rigl_training.py": ["--steps", "120"],
-         "shrink_resnet56.py": ["--images", "300", "--steps", "30"]}
+         "shrink_resnet56.py": ["--images", "200", "--steps", "10"]}
 
 
 @pytest.mark.slow

@@ -252,7 +252,7 @@ def _out_cases(tmp_path, unwritable_dir):
 
 @pytest.mark.parametrize("cmd", [
     ["prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.5"],
-    ["shrink", "digits-cnn", "--ratio", "0.5"],
+    ["shrink", "digits-cnn", "--channel-ratio", "0.5"],
     ["export", "digits-cnn", "--format", "dense"],
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(
@@ -310,42 +310,32 @@ def test_zero_and_negative_counts_are_refused_by_option_name(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # bench --workers 0 used to create the database
 
 
-@pytest.mark.xfail(strict=True, reason="commands/models.py (llm): eval --limit -5 evaluates "
-                                       "all but 5 images (declare type=common.count(1))")
 def test_eval_limit_must_be_positive(capsys, no_work):
     rc, _, err = run_cli(["eval", "digits-cnn", "--limit", "-5"], capsys)
     assert rc == 2 and "--limit" in one_line_error(err)
 
 
-@pytest.mark.xfail(strict=True, reason="commands/models.py (llm): eval --batch-size 0 is "
-                                       "accepted (declare type=common.count(1))")
 def test_eval_batch_size_must_be_positive(capsys, no_work):
     rc, _, err = run_cli(["eval", "digits-cnn", "--batch-size", "0"], capsys)
     assert rc == 2 and "--batch-size" in one_line_error(err)
 
 
-@pytest.mark.xfail(strict=True, reason="commands/models.py (llm): eval --bn-reestimate -1 "
-                                       "goes looking for CIFAR-10 (even for digits-cnn)")
 def test_eval_bn_reestimate_must_not_be_negative(tmp_path, monkeypatch, capsys, no_work):
     monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path))
     rc, _, err = run_cli(["eval", "digits-cnn", "--bn-reestimate", "-1"], capsys)
     assert rc == 2 and "--bn-reestimate" in one_line_error(err)
 
 
-@pytest.mark.xfail(strict=True, reason="commands/shrink.py (struct): shrink --calib-samples "
-                                       "-3 reaches torch (declare type=common.count(1))")
 def test_shrink_calib_samples_must_be_positive(capsys):
-    rc, _, err = run_cli(["shrink", "tiny-gpt2", "--ratio", "0.5", "--importance", "taylor",
-                          "--calib-samples", "-3", "--quiet"], capsys)
+    rc, _, err = run_cli(["shrink", "tiny-gpt2", "--channel-ratio", "0.5", "--importance",
+                          "taylor", "--calib-samples", "-3", "--quiet"], capsys)
     assert rc == 2 and "--calib-samples" in one_line_error(err)
 
 
-@pytest.mark.xfail(strict=True, reason="models/ (llm): calibration_batches('tiny-gpt2', n=-3) "
-                                       "raises torch's RuntimeError, not a PruneError")
 def test_calibration_batches_refuse_a_negative_count():
     from prunekit.models import calibration_batches
 
-    with pytest.raises(PruneError, match="n"):
+    with pytest.raises(PruneError, match="n must be a positive integer"):
         calibration_batches("tiny-gpt2", n=-3)
 
 

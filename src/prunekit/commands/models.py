@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from prunekit.commands import COMMANDS
+from prunekit.commands.common import count
 
 
 @COMMANDS.register("models")
@@ -32,10 +33,10 @@ def register(sub) -> None:
     p.add_argument("--windows", type=int, default=None, metavar="N",
                    help="perplexity on N windows spread evenly over the text (quick runs); "
                         "default all")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=count(1), default=None,
                    help="evaluate the first N examples (N tokens for perplexity)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
-    p.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=count(1), default=None, help="evaluation batch size")
+    p.add_argument("--bn-reestimate", type=count(0), default=0, metavar="N",
                    help="first re-estimate batch-norm statistics on N augmented CIFAR-10 "
                         "training images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --bn-reestimate draw")

@@ -60,8 +60,8 @@ def register(sub) -> None:
                         "call after call (hot)")
     p.add_argument("--steps", type=count(1), default=100, help="SPDY search steps (--budget spdy)")
     p.add_argument("--out", help="write the pruned weights here (safetensors, atomic); for a "
-                                 "causal LM a folder that transformers loads (config, "
-                                 "safetensors, tokenizer)")
+                                 "causal LM, a path not ending in .safetensors is a folder "
+                                 "that transformers loads (config, safetensors, tokenizer)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_malloc_option(p)
@@ -183,7 +183,8 @@ def cmd_prune(args) -> int:
         return _prune_for_speedup(args, model, config, calib)
     budget = _sparsity_budget(args.budget, model, config, calib)
     report = prune(model, config, calib, budget=budget, progress=not args.quiet)
-    if args.out and causal and hasattr(model, "save_pretrained"):
+    if args.out and causal and hasattr(model, "save_pretrained") \
+            and not str(args.out).endswith(".safetensors"):
         from prunekit.models.llm import save_pretrained
         save_pretrained(model, args.out)
     elif args.out:

@@ -11,6 +11,7 @@ from prunekit.commands.common import (
     add_malloc_option,
     add_threads_option,
     apply_malloc_option,
+    count,
     print_result,
     with_threads,
 )
@@ -55,7 +56,7 @@ def register(sub) -> None:
                         "inputs (bias compensation included)")
     p.add_argument("--weights", help="safetensors weights to load first")
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
-    p.add_argument("--calib-samples", type=int, default=64,
+    p.add_argument("--calib-samples", type=count(1), default=64,
                    help="calibration samples for the criteria that need gradients")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the shrunk model here (safetensors, atomic)")

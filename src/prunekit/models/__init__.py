@@ -222,6 +222,11 @@ def calibration_batches(name: str | ModelInfo, n: int | None = None, seed: int =
     a test split. Defaults: 128 samples of 128 tokens in batches of 32; for causal LMs 32
     segments of 512 tokens, about 16k tokens a batch."""
     info = get_info(name)
+    for key, value in (("n", n), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise PruneError(f"calibration_batches: {key} must be a positive integer, got "
+                             f"{value!r}")
     if info.task == "causal-lm" and not info.name.startswith("tiny-"):
         from prunekit.data import calibration_segments
         if tokenizer is None:
