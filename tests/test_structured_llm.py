@@ -238,3 +238,31 @@ def test_distillation_moves_the_student_towards_the_teacher():
     assert after < 0.7 * before and out["steps"] == 15 and not small.training
     with pytest.raises(PruneError, match="kept_hidden"):
         distill(small, model, data, steps=1, hidden_weight=1.0)
+
+
+def test_cli_shrinks_saves_and_refuses(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.cli import main
+
+    out = tmp_path / "small"
+    rc = main(["shrink", "tiny-llama", "--heads", "2", "--kv-heads", "1", "--mlp-ratio", "0.5",
+               "--drop-blocks", "1", "--distill-steps", "2", "--eval-tokens", "0",
+               "--prefill-tokens", "16", "--decode-tokens", "2", "--out", str(out), "--json",
+               "--quiet"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dropped_blocks"] and got["heads"] == [2] and got["kv_heads"] == [1]
+    assert got["distill"]["steps"] == 2 and got["speed"]["pruned"]["prefill_s"] > 0
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in back.parameters()) == got["params_after"]
+    assert back.config.num_hidden_layers == 1 and back.config.intermediate_size == 64
+    bad = tmp_path / "bad"
+    assert main(["shrink", "tiny-llama", "--heads", "3", "--eval-tokens", "0",
+                 "--out", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn: heads=3" in err and not bad.exists()
+    assert main(["shrink", "tiny-llama", "--drop-blocks", "2", "--flops-ratio", "0.5"]) == 2
+    assert "--flops-ratio" in capsys.readouterr().err
+    assert main(["shrink", "tiny-bert", "--mlp-ratio", "0.5"]) == 2
+    assert "prune causal LMs" in capsys.readouterr().err

@@ -607,3 +607,34 @@ def load_llm(path) -> nn.Module:
     config = AutoConfig.for_model(**cfg)
     base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return load_shrunk(base, path, inplace=True).eval()
+
+
+# -- speed -------------------------------------------------------------------------------------
+
+def compare_speed(models: dict[str, nn.Module], prompt_tokens: int = 512,
+                  decode_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill seconds (one forward over a prompt of `prompt_tokens`) and decode tokens/s
+    (batch 1, KV cache, after a 16-token prompt) of every model, measured in turns (model A,
+    model B, A, B, ...) so a busy machine slows all of them alike; medians over `repeats`.
+    Returns {name: {"prefill_s", "decode_tokens_per_s"}}."""
+    import statistics
+
+    from prunekit.runtime.decode import decode_tokens_per_second, prefill_seconds
+
+    if prompt_tokens < 1 or decode_tokens < 1 or repeats < 1:
+        raise PruneError("prompt_tokens, decode_tokens and repeats must be positive")
+    vocab = min(m.model.embed_tokens.num_embeddings for m in models.values())
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=g)
+    short = prompt[:, :16]
+    for m in models.values():  # warm up (first calls allocate)
+        m.eval()
+        prefill_seconds(m, prompt[:, :32])
+    pre: dict[str, list[float]] = {k: [] for k in models}
+    dec: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for k, m in models.items():
+            pre[k].append(prefill_seconds(m, prompt))
+            dec[k].append(decode_tokens_per_second(m, short, decode_tokens)["tokens_per_s"])
+    return {k: {"prefill_s": statistics.median(pre[k]),
+                "decode_tokens_per_s": statistics.median(dec[k])} for k in models}
