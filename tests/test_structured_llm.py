@@ -73,14 +73,15 @@ def logits(model, ids=X):
         return model(input_ids=ids, use_cache=False).logits
 
 
+EXACT = dict(reconstruct=False)  # the kept weights unchanged: equal to the masked model
 CONFIGS = {
-    "heads-in-groups": LLMShrink(heads=4),
-    "kv-groups": LLMShrink(kv_heads=1),
-    "mlp": LLMShrink(mlp_ratio=0.4),
-    "hidden": LLMShrink(hidden_ratio=0.625),
-    "depth": LLMShrink(drop_blocks=2),
+    "heads-in-groups": LLMShrink(heads=4, **EXACT),
+    "kv-groups": LLMShrink(kv_heads=1, **EXACT),
+    "mlp": LLMShrink(mlp_ratio=0.4, **EXACT),
+    "hidden": LLMShrink(hidden_ratio=0.625, **EXACT),
+    "depth": LLMShrink(drop_blocks=2, **EXACT),
     "all": LLMShrink(heads=2, kv_heads=1, mlp_ratio=0.5, hidden_ratio=0.75, drop_blocks=1,
-                     round_to=4),
+                     round_to=4, **EXACT),
 }
 
 
@@ -124,7 +125,10 @@ def test_scores_match_their_definitions():
     block influence = 1 - mean cos(block input, block output), by brute force."""
     model = tiny()
     data = calib()
-    stats = collect_stats(model, data)
+    stats = collect_stats(model, data, grams=False)
+    full = collect_stats(model, data)  # the same scores read from the Gram matrices
+    for a, b in zip(stats.head + stats.neuron, full.head + full.neuron):
+        assert torch.allclose(a, b, rtol=1e-5)
     layer = model.model.layers[1]
     seen = {}
     hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
@@ -152,10 +156,45 @@ def test_scores_match_their_definitions():
     assert stats.tokens == 64
 
 
+def test_reconstruction_is_the_least_squares_fit():
+    """reconstruct=True refits o_proj and down_proj on the kept heads and neurons: the
+    result equals lstsq on the calibration inputs (damp=0), and the block's output error
+    on those inputs is at most the unrefitted (masked) one."""
+    model = tiny()
+    data = calib(batches=3)
+    seen = {}
+    layer = model.model.layers[2]
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("down", []).append(a[0].reshape(-1, 128))),
+        layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("o", []).append(a[0].reshape(-1, 64)))]
+    with torch.no_grad():
+        for b in data:
+            model(**b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    small, _ = shrink_llm(model, LLMShrink(heads=4, mlp_ratio=0.25, damp=0.0), data)
+    plan = small.prune_plan
+    for part, x, keep, new in (
+            ("down", torch.cat(seen["down"]).double(), plan.neurons[2],
+             small.model.layers[2].mlp.down_proj.weight),
+            ("o", torch.cat(seen["o"]).double(),
+             [h * 8 + t for h in plan.heads[2] for t in range(8)],
+             small.model.layers[2].self_attn.o_proj.weight)):
+        w = (layer.mlp.down_proj if part == "down" else layer.self_attn.o_proj).weight.double()
+        y = x @ w.T
+        want = torch.linalg.lstsq(x[:, keep], y).solution.T
+        assert torch.allclose(new.double(), want, atol=1e-4, rtol=1e-3), part
+        err_fit = (x[:, keep] @ new.double().T - y).pow(2).sum()
+        err_mask = (x[:, keep] @ w[:, keep].T - y).pow(2).sum()
+        assert err_fit <= err_mask
+
+
 def test_depth_cut_removes_exactly_the_named_blocks():
     model = tiny()
     stats = collect_stats(model, calib())
     small, report = shrink_llm(model, LLMShrink(drop_blocks=2), calib(), stats=stats)
+    assert collect_stats(model, calib(), grams=False).influence == stats.influence
     lowest = sorted(range(4), key=lambda i: stats.influence[i])[:2]
     assert report.dropped_blocks == sorted(lowest)
     kept = [i for i in range(4) if i not in lowest]

@@ -65,7 +65,11 @@ class LLMShrink(Config):
     `hidden_ratio`: fraction of the hidden (residual) channels kept. `drop_blocks`: whole
     blocks removed, the lowest by `block_metric` ("influence": 1 - cos(in, out);
     "perplexity": calibration perplexity without the block, one forward per block). Kept
-    widths are rounded up to multiples of `round_to`.
+    widths are rounded up to multiples of `round_to`. `reconstruct`: refit o_proj and
+    down_proj on the heads and neurons kept, by least squares against the dense block's
+    output on the calibration tokens (as ZipLM and SlimGPT do; `damp` adds that fraction of
+    the mean diagonal to the Gram matrix); False leaves the kept weights as they are, so the
+    model equals the original with the removed units zeroed.
     """
 
     name: ClassVar[str] = "llmshrink"
@@ -78,6 +82,8 @@ class LLMShrink(Config):
     drop_blocks: int = 0
     block_metric: Literal["influence", "perplexity"] = "influence"
     round_to: int = 1
+    reconstruct: bool = True
+    damp: float = 0.01
 
     def check(self) -> None:
         for k in ("mlp_ratio", "hidden_ratio"):
@@ -97,6 +103,8 @@ class LLMShrink(Config):
             raise PruneError(f"LLMShrink.drop_blocks={self.drop_blocks} must be >= 0")
         if self.round_to < 1:
             raise PruneError(f"LLMShrink.round_to={self.round_to} must be at least 1")
+        if not self.damp >= 0:
+            raise PruneError(f"LLMShrink.damp={self.damp} must be >= 0")
 
 
 # -- the layout ------------------------------------------------------------------------------
@@ -173,15 +181,21 @@ class LLMStats:
     hidden: torch.Tensor  # (hidden,) energy at every RMSNorm output, summed
     influence: list[float]  # 1 - mean cos(block input, block output)
     tokens: int
+    o_gram: list[torch.Tensor] | None = None  # X^T X of o_proj's input (grams=True)
+    down_gram: list[torch.Tensor] | None = None  # X^T X of down_proj's input
 
 
 @torch.no_grad()
-def collect_stats(model: nn.Module, calib, progress: bool = False) -> LLMStats:
-    """One pass over the calibration batches with hooks (nothing is kept but sums)."""
+def collect_stats(model: nn.Module, calib, progress: bool = False,
+                  grams: bool = True) -> LLMStats:
+    """One pass over the calibration batches with hooks (nothing is kept but sums; with
+    `grams`, the Gram matrices of every o_proj and down_proj input, for reconstruct=True)."""
     layers = llama_layers(model)
     n = len(layers)
     gram = [None] * n
     sq = [None] * n
+    o_full = [None] * n
+    d_full = [None] * n
     hidden = None
     infl = [0.0] * n
     tokens = 0
@@ -189,15 +203,22 @@ def collect_stats(model: nn.Module, calib, progress: bool = False) -> LLMStats:
 
     def o_in(i, hd):
         def hook(m, args):
-            x = args[0].detach().float().reshape(-1, m.in_features)
+            x = args[0].detach().double().reshape(-1, m.in_features)
+            if grams:
+                o_full[i] = x.T @ x if o_full[i] is None else o_full[i] + x.T @ x
+                return
             x = x.reshape(len(x), -1, hd)
-            g = torch.einsum("nhi,nhj->hij", x, x).double()
+            g = torch.einsum("nhi,nhj->hij", x, x)
             gram[i] = g if gram[i] is None else gram[i] + g
         return hook
 
     def down_in(i):
         def hook(m, args):
-            s = args[0].detach().double().reshape(-1, m.in_features).pow(2).sum(0)
+            x = args[0].detach().double().reshape(-1, m.in_features)
+            if grams:
+                d_full[i] = x.T @ x if d_full[i] is None else d_full[i] + x.T @ x
+                return
+            s = x.pow(2).sum(0)
             sq[i] = s if sq[i] is None else sq[i] + s
         return hook
 
@@ -245,12 +266,17 @@ def collect_stats(model: nn.Module, calib, progress: bool = False) -> LLMStats:
     for i, layer in enumerate(layers):
         w = layer.self_attn.o_proj.weight.detach().double()  # (d, H * hd)
         hq, _, hd = _heads(layer)
+        if grams:  # the per-head blocks of the diagonal, and the diagonal
+            g = o_full[i].reshape(hq, hd, hq, hd)
+            gram[i] = torch.stack([g[h, :, h] for h in range(hq)])
+            sq[i] = torch.diagonal(d_full[i])
         wh = w.reshape(w.shape[0], hq, hd).permute(1, 0, 2)  # (H, d, hd)
         heads.append(torch.einsum("hdi,hij,hdj->h", wh, gram[i], wh).float())
     neurons = [sq[i] * layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
                for i, layer in enumerate(layers)]
     return LLMStats(head=heads, neuron=[s.float() for s in neurons], hidden=hidden.float(),
-                    influence=[v / max(tokens, 1) for v in infl], tokens=tokens)
+                    influence=[v / max(tokens, 1) for v in infl], tokens=tokens,
+                    o_gram=o_full if grams else None, down_gram=d_full if grams else None)
 
 
 def _no_cache(batch):
@@ -449,6 +475,32 @@ def apply_plan(model: nn.Module, plan: LLMPlan) -> nn.Module:
     return small
 
 
+@torch.no_grad()
+def reconstruct(dense: nn.Module, small: nn.Module, plan: LLMPlan, stats: LLMStats,
+                damp: float = 0.01) -> None:
+    """Refit every kept block's o_proj and down_proj (in `small`) on the inputs they keep:
+    W' = W G[:, K] (G[K, K] + damp * mean diag)^-1, the least-squares fit of the dense
+    layer's output W X from the kept rows X_K, with G = X X^T from the calibration tokens;
+    the rows are then cut to the kept hidden channels."""
+    rows = torch.as_tensor(plan.hidden)
+    for j, i in enumerate(plan.blocks):
+        old, new = dense.model.layers[i], small.model.layers[j]
+        hd = old.self_attn.head_dim
+        cols = torch.as_tensor([h * hd + t for h in plan.heads[i] for t in range(hd)])
+        for lin, big, g, keep in ((new.self_attn.o_proj, old.self_attn.o_proj,
+                                   stats.o_gram[i], cols),
+                                  (new.mlp.down_proj, old.mlp.down_proj, stats.down_gram[i],
+                                   torch.as_tensor(plan.neurons[i]))):
+            if len(keep) == big.in_features:
+                continue
+            gk = g[keep][:, keep]
+            gk = gk + torch.eye(len(keep), dtype=gk.dtype) * (
+                damp * float(torch.diagonal(gk).mean()) + 1e-12)
+            w = big.weight.double()
+            fit = torch.linalg.solve(gk, (w @ g[:, keep]).T).T  # (d, |K|): gk symmetric
+            lin.weight.copy_(fit[rows].to(lin.weight.dtype))
+
+
 def _cuts(model, plan: LLMPlan) -> bool:
     layers = model.model.layers
     return len(plan.hidden) < model.model.embed_tokens.embedding_dim or any(
@@ -539,12 +591,17 @@ def shrink_llm(model: nn.Module, config: LLMShrink, calib, progress: bool = Fals
         raise PruneError(f"config must be an LLMShrink, got {type(config).__name__}")
     check_config(model, config)
     if stats is None:
-        stats = collect_stats(model, calib, progress)
+        stats = collect_stats(model, calib, progress, grams=config.reconstruct)
     costs = None
     if config.block_metric == "perplexity" and config.drop_blocks:
         costs = block_perplexity_cost(model, calib)
     plan = plan_llm(model, config, stats, costs)
     small = apply_plan(model, plan)
+    if config.reconstruct:
+        if stats.o_gram is None:
+            raise PruneError("reconstruct=True needs the Gram matrices: collect_stats(..., "
+                             "grams=True), or LLMShrink(reconstruct=False)")
+        reconstruct(model, small, plan, stats, config.damp)
     with torch.no_grad():  # the cut model runs (a cheap guard against a silent misfit)
         small(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)
     layers = small.model.layers
