@@ -73,7 +73,7 @@ def logits(model, ids=X):
         return model(input_ids=ids, use_cache=False).logits
 
 
-EXACT = dict(reconstruct=False)  # the kept weights unchanged: equal to the masked model
+EXACT = dict(reconstruct="none")  # the kept weights unchanged: equal to the masked model
 CONFIGS = {
     "heads-in-groups": LLMShrink(heads=4, **EXACT),
     "kv-groups": LLMShrink(kv_heads=1, **EXACT),
@@ -157,7 +157,7 @@ def test_scores_match_their_definitions():
 
 
 def test_reconstruction_is_the_least_squares_fit():
-    """reconstruct=True refits o_proj and down_proj on the kept heads and neurons: the
+    """reconstruct="all" refits o_proj and down_proj on the kept heads and neurons: the
     result equals lstsq on the calibration inputs (damp=0), and the block's output error
     on those inputs is at most the unrefitted (masked) one."""
     model = tiny()
@@ -173,7 +173,8 @@ def test_reconstruction_is_the_least_squares_fit():
             model(**b, use_cache=False)
     for h in hooks:
         h.remove()
-    small, _ = shrink_llm(model, LLMShrink(heads=4, mlp_ratio=0.25, damp=0.0), data)
+    cfg = LLMShrink(heads=4, mlp_ratio=0.25, damp=0.0, reconstruct="all")
+    small, _ = shrink_llm(model, cfg, data)
     plan = small.prune_plan
     for part, x, keep, new in (
             ("down", torch.cat(seen["down"]).double(), plan.neurons[2],

@@ -80,9 +80,9 @@ def _llm_options(p) -> None:
     g.add_argument("--block-metric", choices=("influence", "perplexity"), default="influence",
                    help="which blocks go: least 1 - cos(input, output), or least calibration "
                         "perplexity cost")
-    g.add_argument("--no-reconstruct", action="store_true",
-                   help="keep the kept weights as they are (default: refit o_proj and "
-                        "down_proj on the kept heads and neurons by least squares)")
+    g.add_argument("--reconstruct", choices=("none", "attention", "all"), default="attention",
+                   help="refit o_proj (attention) or o_proj and down_proj (all) on what is "
+                        "kept, by least squares on the calibration tokens")
     g.add_argument("--calib-len", type=count(2), default=256,
                    help="tokens per calibration segment (--calib-samples segments)")
     g.add_argument("--distill-steps", type=count(0), default=0,
@@ -166,7 +166,7 @@ def cmd_shrink_llm(args) -> int:
                        mlp_ratio=1.0 if args.mlp_ratio is None else args.mlp_ratio,
                        hidden_ratio=1.0 if args.hidden_ratio is None else args.hidden_ratio,
                        drop_blocks=args.drop_blocks or 0, block_metric=args.block_metric,
-                       round_to=args.round_to, reconstruct=not args.no_reconstruct)
+                       round_to=args.round_to, reconstruct=args.reconstruct)
     out = None
     if args.out:
         from pathlib import Path
