@@ -306,3 +306,29 @@ def test_cli_shrinks_saves_and_refuses(tmp_path, capsys):
     assert "--flops-ratio" in capsys.readouterr().err
     assert main(["shrink", "tiny-bert", "--mlp-ratio", "0.5"]) == 2
     assert "prune causal LMs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_smollm2_first_blocks(tmp_path, one_thread):
+    """SmolLM2's real weights, cut to its first 4 blocks (9 query heads over 3 key/value
+    heads): query heads within groups, a whole group, MLP neurons and hidden channels;
+    shrunk equals masked, and the transformers folder reloads with equal logits."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.models import calibration_batches, create
+
+    model = create("smollm2-135m", pretrained=True)
+    model.model.layers = model.model.layers[:4]
+    model.config.num_hidden_layers = 4
+    data = calibration_batches("smollm2-135m", n=2, seq_len=64, tokenizer=model.tokenizer)
+    ids = data[0]["input_ids"][:1, :32]
+    cfg = LLMShrink(heads=4, kv_heads=2, mlp_ratio=0.5, hidden_ratio=0.75, drop_blocks=1,
+                    reconstruct="none")
+    small, report = shrink_llm(model, cfg, data)
+    assert report.heads == [4] * 3 and report.kv_heads == [2] * 3 and report.hidden == 432
+    ref = logits(masked(model, small.prune_plan), ids)
+    assert torch.allclose(logits(small, ids), ref, atol=1e-3 * float(ref.abs().max()))
+    folder = save_llm(small, tmp_path / "small")
+    back = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert torch.equal(logits(back, ids), logits(small, ids))
