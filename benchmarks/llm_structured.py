@@ -15,8 +15,10 @@ Rows (block parameters kept; the embedding and tied head are not counted):
   <row>+distill  the same model after --distill-steps steps of logit distillation from the
               dense model (KL, sequences of --distill-len tokens, batch --distill-batch, drawn
               from WikiText-2 validation, lr --distill-lr)
-Calibration (scores for heads, neurons, channels and blocks): 16 segments x 256 tokens of
-WikiText-2 validation, seed 0, one pass shared by every row.
+Calibration (scores for heads, neurons, channels and blocks, and the Gram matrices of the
+least-squares refit of o_proj and down_proj, reconstruct="all"): --calib-n segments x 256
+tokens of WikiText-2 validation (64, i.e. 16k tokens; the depth rows of the first run used
+16, which the refit does not touch), seed 0, one pass shared by every row.
 
 Perplexity: WikiText-2 test, 1024-token windows (prunekit.evaluate.lm_perplexity); the whole
 test set (297 windows) by default, or --eval-windows N spread evenly over it (the whole set
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=None,
                     help="1024-token WikiText-2 test windows spread evenly (default: all)")
+    ap.add_argument("--calib-n", type=int, default=64, help="calibration segments of 256")
     ap.add_argument("--distill-steps", type=int, default=60)
     ap.add_argument("--distill-len", type=int, default=128)
     ap.add_argument("--distill-batch", type=int, default=2)
@@ -91,8 +94,8 @@ def main(argv=None) -> int:
 
     dense = create("smollm2-135m", pretrained=True)
     ids = lm_tokens(dense.tokenizer, "wikitext2", "test")
-    calib = calibration_batches("smollm2-135m", n=16, seq_len=256, seed=0,
-                                tokenizer=dense.tokenizer)
+    calib = calibration_batches("smollm2-135m", n=args.calib_n, seq_len=256, seed=0,
+                                batch_size=16, tokenizer=dense.tokenizer)
     stats = None
     for key in chosen:
         have = results.get(key, {})
@@ -115,6 +118,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             model, report = shrink_llm(dense, cfg, calib, stats=stats)
             entry.update(config=cfg.options(), prune_s=time.perf_counter() - t0,
+                         calib_tokens=stats.tokens,
                          params=report.params_after, block_params_ratio=report.block_params_ratio,
                          dropped_blocks=report.dropped_blocks, heads=report.heads[0],
                          kv_heads=report.kv_heads[0], mlp=report.mlp[0], hidden=report.hidden)

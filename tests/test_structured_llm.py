@@ -174,7 +174,8 @@ def test_reconstruction_is_the_least_squares_fit():
     for h in hooks:
         h.remove()
     cfg = LLMShrink(heads=4, mlp_ratio=0.25, damp=0.0, reconstruct="all")
-    small, _ = shrink_llm(model, cfg, data)
+    with pytest.warns(UserWarning, match="overfits"):  # 96 tokens for 128 inputs
+        small, _ = shrink_llm(model, cfg, data)
     plan = small.prune_plan
     for part, x, keep, new in (
             ("down", torch.cat(seen["down"]).double(), plan.neurons[2],
@@ -226,7 +227,8 @@ def test_uniform_model_saves_as_a_transformers_folder(tmp_path):
 
 def test_per_block_widths_save_in_prunekit_format(tmp_path):
     model = tiny()
-    cfg = LLMShrink(mlp_per_layer=(1.0, 0.5, 0.25, 0.75), heads=4, hidden_ratio=0.75)
+    cfg = LLMShrink(mlp_per_layer=(1.0, 0.5, 0.25, 0.75), heads=4, hidden_ratio=0.75,
+                    reconstruct="none")
     small, report = shrink_llm(model, cfg, calib())
     assert not report.uniform and report.mlp == [128, 64, 32, 96]
     with pytest.raises(PruneError, match="one safetensors file"):
@@ -264,8 +266,8 @@ def test_bad_inputs_name_the_module_and_the_fix():
 
 def test_distillation_moves_the_student_towards_the_teacher():
     model = tiny()
-    small, _ = shrink_llm(model, LLMShrink(mlp_ratio=0.5, hidden_ratio=0.75, drop_blocks=1),
-                          calib())
+    small, _ = shrink_llm(model, LLMShrink(mlp_ratio=0.5, hidden_ratio=0.75, drop_blocks=1,
+                                           **EXACT), calib())
     data = calib(seed=3, batches=1)
     with torch.no_grad():
         before = float(distill_loss(logits(small, data[0]["input_ids"]),

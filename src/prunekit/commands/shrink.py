@@ -80,7 +80,7 @@ def _llm_options(p) -> None:
     g.add_argument("--block-metric", choices=("influence", "perplexity"), default="influence",
                    help="which blocks go: least 1 - cos(input, output), or least calibration "
                         "perplexity cost")
-    g.add_argument("--reconstruct", choices=("none", "attention", "all"), default="attention",
+    g.add_argument("--reconstruct", choices=("none", "attention", "all"), default="all",
                    help="refit o_proj (attention) or o_proj and down_proj (all) on what is "
                         "kept, by least squares on the calibration tokens")
     g.add_argument("--calib-len", type=count(2), default=256,
