@@ -12,6 +12,8 @@ Rows (block parameters kept; the embedding and tied head are not counted):
   depth/25%   8 of 30 blocks dropped by block influence (73.3% kept; 7.5 blocks is 25%)
   depth/50%   15 of 30 blocks dropped (50.0% kept)
   mix/25%     4 blocks dropped + MLP 1260 in the other 26 (75.0% kept)
+  sparsegpt/2:4  SparseGPT 2:4 (block by block, the embedding and head dense) from
+              prunekit.prune: half the block weights zero, none removed, so no speed here
   <row>+distill  the same model after --distill-steps steps of logit distillation from the
               dense model (KL, sequences of --distill-len tokens, batch --distill-batch, drawn
               from WikiText-2 validation, lr --distill-lr)
@@ -62,7 +64,7 @@ CONFIGS = {
 #: the order rows run in (cheap and most wanted first)
 ORDER = ["dense", "width/25%", "depth/25%", "width/25%+distill", "width/50%", "depth/50%",
          "depth/25%+distill", "mix/25%", "width/25%-heads", "mix/25%+distill",
-         "width/50%+distill", "depth/50%+distill"]
+         "width/50%+distill", "depth/50%+distill", "sparsegpt/2:4"]
 
 
 def main(argv=None) -> int:
@@ -109,6 +111,19 @@ def main(argv=None) -> int:
             model = dense
             entry.update(block_params_ratio=1.0, params=sum(p.numel()
                                                             for p in dense.parameters()))
+        elif base == "sparsegpt/2:4":
+            import copy
+
+            import prunekit
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            rep = prunekit.prune(model, prunekit.SparseGPT(pattern="2:4", sequential=True,
+                                                           exclude=("lm_head",)),
+                                 calib, progress=False)
+            entry.update(prune_s=time.perf_counter() - t0, sparsity=rep.sparsity,
+                         block_params_ratio=1.0 - rep.sparsity * _linear_share(dense),
+                         calib_tokens=sum(b["input_ids"].numel() for b in calib),
+                         note="zeros, not removed: the dense kernels run the same shapes")
         else:
             if stats is None:
                 t0 = time.perf_counter()
@@ -154,6 +169,13 @@ def main(argv=None) -> int:
               f"  decode x{entry.get('decode_speedup', 1):.2f}", flush=True)
     print(table(results, evaluation))
     return 0
+
+
+def _linear_share(model) -> float:
+    """The fraction of the block parameters that sit in the blocks' linear layers."""
+    blocks = sum(p.numel() for b in model.model.layers for p in b.parameters())
+    return sum(m.weight.numel() for b in model.model.layers for m in b.modules()
+               if isinstance(m, torch.nn.Linear)) / blocks
 
 
 def table(results: dict, evaluation: str) -> str:
