@@ -326,7 +326,7 @@ class LLMPlan:
     hidden: list[int]
     block_scores: list[float] = field(default_factory=list)
 
-    def uniform(self, model: nn.Module) -> bool:
+    def uniform(self) -> bool:
         """Every kept block has the same widths (a plain transformers config can hold it)."""
         return all(len({len(v[b]) for b in self.blocks}) <= 1
                    for v in (self.heads, self.kv_heads, self.neurons))
@@ -625,7 +625,7 @@ def shrink_llm(model: nn.Module, config: LLMShrink, calib, progress: bool = Fals
         dropped_blocks=[i for i in range(len(model.model.layers)) if i not in plan.blocks],
         heads=[_heads(b)[0] for b in layers], kv_heads=[_heads(b)[1] for b in layers],
         mlp=[b.mlp.down_proj.in_features for b in layers], hidden=len(plan.hidden),
-        uniform=plan.uniform(model), block_metric=config.block_metric,
+        uniform=plan.uniform(), block_metric=config.block_metric,
         block_scores=[round(s, 6) for s in plan.block_scores], config=config.options())
     small.prune_plan = plan  # what stays, in the original numbering (distillation uses it)
     return small, report
