@@ -70,7 +70,7 @@ ORDER = ["dense", "width/25%", "depth/25%", "width/25%+distill", "width/50%", "d
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", default="*", help="glob over row keys")
+    ap.add_argument("--only", default="*", help="comma-separated globs over row keys")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=None,
                     help="1024-token WikiText-2 test windows spread evenly (default: all)")
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "results.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    chosen = [k for k in ORDER if fnmatch.fnmatchcase(k, args.only)]
+    globs = [g.strip() for g in args.only.split(",") if g.strip()]
+    chosen = [k for k in ORDER if any(fnmatch.fnmatchcase(k, g) for g in globs)]
     out = Path(args.out)
     saved = load_result(out)
     results: dict = saved.get("rows", {})
