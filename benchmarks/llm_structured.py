@@ -31,6 +31,14 @@ cache (structured.llm.compare_speed: dense and pruned in turns, medians of 3).
     python benchmarks/llm_structured.py --threads 2 --eval-windows 8
     python benchmarks/llm_structured.py --only 'width/25%*' --distill-steps 60
 
+    python benchmarks/llm_structured.py --speed-shapes --threads 2   # the speed table alone
+
+--speed-shapes times every measured row's shapes again, all in one interleaved run (dense, a
+second dense copy as the noise control, and a randomly initialised model of each row's
+widths and depth: speed depends on the shapes only; distilled rows share their one-shot
+row's), 5 repeats, and records it under "speed_shapes"; the table prefers it to the speed
+measured beside each row, which a busy machine can skew (another job starting mid-row).
+
 Each row is written to the results file as soon as it is measured (resumable: rows already
 there for the same evaluation are skipped), with the run's provenance.
 """
@@ -80,6 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-batch", type=int, default=2)
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    ap.add_argument("--speed-shapes", action="store_true",
+                    help="time the shapes of every measured row together (no perplexity)")
+    ap.add_argument("--repeats", type=int, default=5, help="timing repeats for --speed-shapes")
     ap.add_argument("--out", default=str(RESULTS / "results.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,9 +104,17 @@ def main(argv=None) -> int:
     evaluation = f"wikitext2-test/{args.eval_windows or 'all'}x1024"
 
     def save():
-        write_result(out, {"model": "smollm2-135m", "runs": runs, "rows": results}, prov)
+        extra = {"speed_shapes": saved["speed_shapes"]} if "speed_shapes" in saved else {}
+        write_result(out, {"model": "smollm2-135m", "runs": runs, "rows": results, **extra},
+                     prov)
 
     dense = create("smollm2-135m", pretrained=True)
+    if args.speed_shapes:
+        saved["speed_shapes"] = speed_shapes(dense, results, args.repeats, len(runs) - 1)
+        write_result(out, {"model": "smollm2-135m", "runs": runs, "rows": results,
+                           "speed_shapes": saved["speed_shapes"]}, prov)
+        print(table(results, evaluation, saved["speed_shapes"]))
+        return 0
     ids = lm_tokens(dense.tokenizer, "wikitext2", "test")
     calib = calibration_batches("smollm2-135m", n=args.calib_n, seq_len=256, seed=0,
                                 batch_size=16, tokenizer=dense.tokenizer)
@@ -168,8 +187,40 @@ def main(argv=None) -> int:
         print(f"{key:<20} ppl {entry['ppl'][evaluation]:8.2f}  block params "
               f"{entry['block_params_ratio']:.3f}  prefill x{entry.get('prefill_speedup', 1):.2f}"
               f"  decode x{entry.get('decode_speedup', 1):.2f}", flush=True)
-    print(table(results, evaluation))
+    print(table(results, evaluation, saved.get("speed_shapes")))
     return 0
+
+
+def shaped(dense, row: dict):
+    """A randomly initialised model with a row's widths and depth (same shapes, same speed)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(dense.config)
+    cfg.head_dim = dense.config.head_dim
+    cfg.num_attention_heads, cfg.num_key_value_heads = row["heads"], row["kv_heads"]
+    cfg.intermediate_size, cfg.hidden_size = row["mlp"], row["hidden"]
+    cfg.num_hidden_layers = dense.config.num_hidden_layers - len(row["dropped_blocks"])
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def speed_shapes(dense, results: dict, repeats: int, run: int) -> dict:
+    """Prefill and decode of the dense model, a dense copy and every row's shapes, in turns."""
+    import copy
+
+    models = {"dense": dense, "dense-copy": copy.deepcopy(dense)}
+    for key in ORDER:
+        r = results.get(key)
+        if r and "heads" in r and "+" not in key:
+            models[key] = shaped(dense, r)
+    speed = compare_speed(models, 512, 32, repeats=repeats)
+    base = speed["dense"]
+    return {"run": run, "repeats": repeats, "prompt_tokens": 512, "decode_tokens": 32,
+            "models": speed,
+            "prefill_speedup": {k: base["prefill_s"] / v["prefill_s"] for k, v in speed.items()},
+            "decode_speedup": {k: v["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+                               for k, v in speed.items()}}
 
 
 def _linear_share(model) -> float:
@@ -179,8 +230,9 @@ def _linear_share(model) -> float:
                if isinstance(m, torch.nn.Linear)) / blocks
 
 
-def table(results: dict, evaluation: str) -> str:
+def table(results: dict, evaluation: str, shapes: dict | None = None) -> str:
     dense = results.get("dense", {}).get("ppl", {}).get(evaluation)
+    shapes = shapes or {}
     lines = [f"{'row':<20} {'block params':>12} {'ppl':>9} {'x dense':>8} {'prefill':>8} "
              f"{'decode':>8}   ({evaluation})"]
     for key in ORDER:
@@ -188,10 +240,17 @@ def table(results: dict, evaluation: str) -> str:
         if not r or evaluation not in r.get("ppl", {}):
             continue
         p = r["ppl"][evaluation]
+        base = "dense-copy" if key == "sparsegpt/2:4" else key.partition("+")[0]
+        pre = shapes.get("prefill_speedup", {}).get(base, r.get("prefill_speedup", 1.0))
+        dec = shapes.get("decode_speedup", {}).get(base, r.get("decode_speedup", 1.0))
         lines.append(f"{key:<20} {r['block_params_ratio']:>12.3f} {p:>9.2f} "
                      f"{p / dense if dense else float('nan'):>8.2f} "
-                     f"{r.get('prefill_speedup', 1.0):>7.2f}x "
-                     f"{r.get('decode_speedup', 1.0):>7.2f}x")
+                     f"{pre:>7.2f}x {dec:>7.2f}x")
+    if shapes:
+        lines.append(f"speed: the rows' shapes timed together ({shapes['repeats']} repeats, "
+                     f"run {shapes['run']}); dense vs a dense copy: prefill "
+                     f"{shapes['prefill_speedup']['dense-copy']:.2f}x, decode "
+                     f"{shapes['decode_speedup']['dense-copy']:.2f}x (the noise)")
     return "\n".join(lines)
 
 
