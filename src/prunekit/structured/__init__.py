@@ -6,7 +6,9 @@ shapes).
 Modules, in import order (none imports a later one): graph (the graph's types), measure
 (params, FLOPs, latency, modes), remove (cutting slices out), tracer (build_graph), paths
 (data-dependent control flow), verify (verify_graph), importance (CRITERIA), config
-(ChannelPrune), plan (budgets to classes), api (shrink, save / load).
+(ChannelPrune), plan (budgets to classes), api (shrink, save / load). For Llama-architecture
+causal LMs: llm (key/value-group-aware heads, MLP neurons, hidden width and whole blocks, saved
+as transformers folders) and distill (recovery from the dense model).
 """
 
 from prunekit.structured.api import (
@@ -17,8 +19,10 @@ from prunekit.structured.api import (
     shrink,
 )
 from prunekit.structured.config import ChannelPrune
+from prunekit.structured.distill import distill
 from prunekit.structured.graph import ChannelClass, ChannelGroup, DependencyGraph
 from prunekit.structured.importance import CRITERIA, score, taylor_scores
+from prunekit.structured.llm import LLMShrink, load_llm, save_llm, shrink_llm
 from prunekit.structured.measure import count_flops, count_params, measure_latency
 from prunekit.structured.remove import remove_slices
 from prunekit.structured.tracer import build_graph
@@ -28,5 +32,6 @@ __all__ = [
     "ChannelPrune", "ShrinkReport", "count_flops", "count_params", "load_shrunk",
     "measure_latency", "read_description", "save_shrunk", "shrink", "ChannelClass",
     "ChannelGroup", "DependencyGraph", "build_graph", "verify_graph", "CRITERIA", "score",
-    "taylor_scores", "remove_slices",
+    "taylor_scores", "remove_slices", "LLMShrink", "shrink_llm", "save_llm", "load_llm",
+    "distill",
 ]

@@ -17,7 +17,7 @@ from prunekit.structured.graph import ChannelClass, tensor_aliases
 SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features",
                "num_features", "normalized_shape", "embedding_dim", "nf", "num_channels",
                "num_attention_heads", "all_head_size", "num_heads", "split_size",
-               "num_key_value_heads")
+               "num_key_value_heads", "num_key_value_groups")
 
 
 def drops_of(classes: Iterable[ChannelClass]) -> dict[str, dict[int, set[int]]]:
@@ -183,6 +183,10 @@ def _fix_attention(m: nn.Module) -> None:
             m.num_heads = m.q_proj.out_features // m.head_dim
         if hasattr(m, "num_key_value_heads"):
             m.num_key_value_heads = m.k_proj.out_features // m.head_dim
+        if hasattr(m, "num_key_value_groups") and m.k_proj.out_features:
+            # query heads per key/value head: it changes when query heads leave every group
+            # (structured.llm), and the attention code repeats the key/value heads by it
+            m.num_key_value_groups = m.q_proj.out_features // m.k_proj.out_features
 
 
 def module_shape_attrs(model: nn.Module) -> dict[str, dict]:
