@@ -52,9 +52,12 @@ def register(sub) -> None:
     p.add_argument("--cut", action="append", default=[], metavar="LAYER",
                    help="narrow only the groups these layers produce (glob; repeatable), "
                         "e.g. 'layer*.conv1' for a ResNet's inner channels")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="refit the layers after each cut by least squares on calibration "
-                        "inputs (bias compensation included)")
+    p.add_argument("--reconstruct", nargs="?", const="all", default=None,
+                   choices=("none", "attention", "all"),
+                   help="refit the layers that read removed channels by least squares on "
+                        "calibration inputs (bias compensation included); a bare "
+                        "--reconstruct means all. Causal LMs (default all): attention refits "
+                        "o_proj only, all also down_proj, none skips it")
     p.add_argument("--weights", help="safetensors weights to load first")
     p.add_argument("--pretrained", action="store_true", help="load the registry's weights")
     p.add_argument("--calib-samples", type=count(1), default=64,
@@ -90,9 +93,6 @@ def _llm_options(p) -> None:
     g.add_argument("--block-metric", choices=("influence", "perplexity"), default="influence",
                    help="which blocks go: least 1 - cos(input, output), or least calibration "
                         "perplexity cost")
-    g.add_argument("--reconstruct", choices=("none", "attention", "all"), default="all",
-                   help="refit o_proj (attention) or o_proj and down_proj (all) on what is "
-                        "kept, by least squares on the calibration tokens")
     g.add_argument("--calib-len", type=count(2), default=256,
                    help="tokens per calibration segment (--calib-samples segments)")
     g.add_argument("--distill-steps", type=count(0), default=0,
@@ -137,7 +137,7 @@ def cmd_shrink(args) -> int:
         min_channels=args.min_channels, ignore=tuple(args.ignore),
         global_ranking=args.global_ranking, include_reduced=args.include_reduced,
         seed=args.seed, allocation=args.allocation, cut=tuple(args.cut) or ("*",),
-        reconstruct=args.reconstruct)
+        reconstruct=args.reconstruct not in (None, "none"))
     model = load_model(args.model, weights=args.weights, pretrained=args.pretrained)
     if ":" in args.model:
         raise PruneError(f"{args.model}: prunekit cannot guess example inputs for a user model; "
@@ -178,7 +178,7 @@ def cmd_shrink_llm(args) -> int:
                        mlp_ratio=1.0 if args.mlp_ratio is None else args.mlp_ratio,
                        hidden_ratio=1.0 if args.hidden_ratio is None else args.hidden_ratio,
                        drop_blocks=args.drop_blocks or 0, block_metric=args.block_metric,
-                       round_to=args.round_to, reconstruct=args.reconstruct)
+                       round_to=args.round_to, reconstruct=args.reconstruct or "all")
     out = None
     if args.out:
         from pathlib import Path
