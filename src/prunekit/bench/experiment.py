@@ -238,7 +238,7 @@ def _models(value, lines) -> list[tuple[str, str | None]]:
         try:
             info = get_info(name)
         except PruneError as e:
-            raise lines.error(str(e), name) from e
+            raise lines.error(f"models: {e}", name) from e
         if dataset is not None and dataset not in DATASETS:
             raise lines.error(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}",
                               dataset)
