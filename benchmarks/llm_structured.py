@@ -14,6 +14,8 @@ Rows (block parameters kept; the embedding and tied head are not counted):
   mix/25%     4 blocks dropped + MLP 1260 in the other 26 (75.0% kept)
   sparsegpt/2:4  SparseGPT 2:4 (block by block, the embedding and head dense) from
               prunekit.prune: half the block weights zero, none removed, so no speed here
+  <row>~none, <row>~attention  the same cut with reconstruct="none" (kept weights unchanged)
+              or "attention" (o_proj refit only) instead of "all": what the refit buys
   <row>+distill  the same model after --distill-steps steps of logit distillation from the
               dense model (KL, sequences of --distill-len tokens, batch --distill-batch, drawn
               from WikiText-2 validation, lr --distill-lr)
@@ -46,6 +48,7 @@ there for the same evaluation are skipped), with the run's provenance.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import time
@@ -72,7 +75,8 @@ CONFIGS = {
 #: the order rows run in (cheap and most wanted first)
 ORDER = ["dense", "width/25%", "depth/25%", "width/25%+distill", "width/50%", "depth/50%",
          "depth/25%+distill", "mix/25%", "width/25%-heads", "mix/25%+distill",
-         "width/50%+distill", "depth/50%+distill", "sparsegpt/2:4"]
+         "width/50%+distill", "depth/50%+distill", "sparsegpt/2:4",
+         "width/25%~none", "width/25%-heads~none", "width/25%-heads~attention"]
 
 
 def main(argv=None) -> int:
@@ -149,7 +153,10 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 stats = collect_stats(dense, calib)
                 print(f"calibration statistics {time.perf_counter() - t0:.0f} s", flush=True)
-            cfg = CONFIGS[base]
+            name, _, refit = base.partition("~")
+            cfg = CONFIGS[name]
+            if refit:
+                cfg = dataclasses.replace(cfg, reconstruct=refit)
             t0 = time.perf_counter()
             model, report = shrink_llm(dense, cfg, calib, stats=stats)
             entry.update(config=cfg.options(), prune_s=time.perf_counter() - t0,
@@ -172,7 +179,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         entry["ppl"][evaluation] = lm_perplexity(model, ids, 1024, windows=args.eval_windows)
         entry["eval_s"][evaluation] = time.perf_counter() - t0
-        if base != "dense" and not args.no_speed and "speed" not in have:
+        if (base != "dense" and "~" not in base and not args.no_speed
+                and "speed" not in have):
             speed = compare_speed({"dense": dense, "pruned": model}, 512, 32)
             entry.update(speed=speed,
                          prefill_speedup=speed["dense"]["prefill_s"]
@@ -212,7 +220,7 @@ def speed_shapes(dense, results: dict, repeats: int, run: int) -> dict:
     models = {"dense": dense, "dense-copy": copy.deepcopy(dense)}
     for key in ORDER:
         r = results.get(key)
-        if r and "heads" in r and "+" not in key:
+        if r and "heads" in r and "+" not in key and "~" not in key:
             models[key] = shaped(dense, r)
     speed = compare_speed(models, 512, 32, repeats=repeats)
     base = speed["dense"]
@@ -240,7 +248,8 @@ def table(results: dict, evaluation: str, shapes: dict | None = None) -> str:
         if not r or evaluation not in r.get("ppl", {}):
             continue
         p = r["ppl"][evaluation]
-        base = "dense-copy" if key == "sparsegpt/2:4" else key.partition("+")[0]
+        base = ("dense-copy" if key == "sparsegpt/2:4"
+                else key.partition("+")[0].partition("~")[0])
         pre = shapes.get("prefill_speedup", {}).get(base, r.get("prefill_speedup", 1.0))
         dec = shapes.get("decode_speedup", {}).get(base, r.get("decode_speedup", 1.0))
         lines.append(f"{key:<20} {r['block_params_ratio']:>12.3f} {p:>9.2f} "
