@@ -241,7 +241,7 @@ def _linear_share(model) -> float:
 def table(results: dict, evaluation: str, shapes: dict | None = None) -> str:
     dense = results.get("dense", {}).get("ppl", {}).get(evaluation)
     shapes = shapes or {}
-    lines = [f"{'row':<20} {'block params':>12} {'ppl':>9} {'x dense':>8} {'prefill':>8} "
+    lines = [f"{'row':<26} {'block params':>12} {'ppl':>9} {'x dense':>8} {'prefill':>8} "
              f"{'decode':>8}   ({evaluation})"]
     for key in ORDER:
         r = results.get(key)
@@ -252,7 +252,7 @@ def table(results: dict, evaluation: str, shapes: dict | None = None) -> str:
                 else key.partition("+")[0].partition("~")[0])
         pre = shapes.get("prefill_speedup", {}).get(base, r.get("prefill_speedup", 1.0))
         dec = shapes.get("decode_speedup", {}).get(base, r.get("decode_speedup", 1.0))
-        lines.append(f"{key:<20} {r['block_params_ratio']:>12.3f} {p:>9.2f} "
+        lines.append(f"{key:<26} {r['block_params_ratio']:>12.3f} {p:>9.2f} "
                      f"{p / dense if dense else float('nan'):>8.2f} "
                      f"{pre:>7.2f}x {dec:>7.2f}x")
     if shapes:
