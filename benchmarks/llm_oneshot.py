@@ -17,6 +17,7 @@ kernel's high-water mark (reset before each pruning run).
 
     python benchmarks/llm_oneshot.py --eval steering8            # every row, 8 windows
     python benchmarks/llm_oneshot.py --eval wikitext2,tinyshakespeare --only 'sparsegpt/*'
+    python benchmarks/llm_oneshot.py --only 'magnitude/*' --redo   # again, e.g. quiet
 
 Each finished (row, evaluation set) is written at once to the results file, so an interrupted
 run resumes where it stopped; the provenance (command, git commit, torch, CPU, threads,
@@ -184,12 +185,17 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--eval", default="steering8",
                     help="comma-separated: steering8, wikitext2, tinyshakespeare")
-    ap.add_argument("--only", default="*", help="glob over row keys (see --list)")
+    ap.add_argument("--only", default="*",
+                    help="comma-separated globs over row keys (see --list)")
+    ap.add_argument("--redo", action="store_true",
+                    help="prune and evaluate the chosen rows again (e.g. on a quiet machine); "
+                         "the replaced row's time, threads and run stay under 'earlier'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--list", action="store_true", help="print the row keys and stop")
     ap.add_argument("--out", default=str(RESULTS / "results.json"))
     args = ap.parse_args(argv)
-    chosen = [r for r in rows() if fnmatch.fnmatchcase(r["key"], args.only)]
+    globs = [g.strip() for g in args.only.split(",") if g.strip()]
+    chosen = [r for r in rows() if any(fnmatch.fnmatchcase(r["key"], g) for g in globs)]
     if args.list:
         print("\n".join(r["key"] for r in chosen))
         return 0
@@ -209,6 +215,11 @@ def main(argv=None) -> int:
     streams = {e: eval_ids(e, dense.tokenizer) for e in evals}
     for row in chosen:
         have = results.get(row["key"], {})
+        if args.redo and have:
+            have = {"ppl": {}, "eval_s": {}, "earlier": [
+                *have.get("earlier", []),
+                {k: have[k] for k in ("prune_s", "threads", "run", "ppl", "peak_rss_mb")
+                 if k in have}]}
         todo = [e for e in evals if e not in have.get("ppl", {})]
         if not todo:
             continue
