@@ -18,7 +18,7 @@ Rows (block parameters kept; the embedding and tied head are not counted):
               or "attention" (o_proj refit only) instead of "all": what the refit buys
   <row>+distill  the same model after --distill-steps steps of logit distillation from the
               dense model (KL, sequences of --distill-len tokens, batch --distill-batch, drawn
-              from WikiText-2 validation, lr --distill-lr)
+              from WikiText-2 validation, lr --distill-lr); <row>+distill300: 300 steps
 Calibration (scores for heads, neurons, channels and blocks, and the Gram matrices of the
 least-squares refit of o_proj and down_proj, reconstruct="all"): --calib-n segments x 256
 tokens of WikiText-2 validation (64, i.e. 16k tokens; the depth rows of the first run used
@@ -76,7 +76,8 @@ CONFIGS = {
 ORDER = ["dense", "width/25%", "depth/25%", "width/25%+distill", "width/50%", "depth/50%",
          "depth/25%+distill", "mix/25%", "width/25%-heads", "mix/25%+distill",
          "width/50%+distill", "depth/50%+distill", "sparsegpt/2:4",
-         "width/25%~none", "width/25%-heads~none", "width/25%-heads~attention"]
+         "width/25%~none", "width/25%-heads~none", "width/25%-heads~attention",
+         "width/25%+distill300", "depth/25%+distill300"]
 
 
 def main(argv=None) -> int:
@@ -164,15 +165,16 @@ def main(argv=None) -> int:
                          params=report.params_after, block_params_ratio=report.block_params_ratio,
                          dropped_blocks=report.dropped_blocks, heads=report.heads[0],
                          kv_heads=report.kv_heads[0], mlp=report.mlp[0], hidden=report.hidden)
-            if extra == "distill":
+            if extra.startswith("distill"):
+                steps = int(extra[len("distill"):] or args.distill_steps)
                 batches = calibration_batches(
-                    "smollm2-135m", n=min(args.distill_steps * args.distill_batch, 512),
+                    "smollm2-135m", n=min(steps * args.distill_batch, 512),
                     seq_len=args.distill_len, seed=1, batch_size=args.distill_batch,
                     tokenizer=dense.tokenizer)
                 entry["distill"] = {
-                    **distill(model, dense, batches, args.distill_steps, lr=args.distill_lr),
+                    **distill(model, dense, batches, steps, lr=args.distill_lr),
                     "len": args.distill_len, "batch": args.distill_batch, "lr": args.distill_lr}
-                print(f"{key}: distilled {args.distill_steps} steps in "
+                print(f"{key}: distilled {steps} steps in "
                       f"{entry['distill']['seconds']:.0f} s (loss "
                       f"{entry['distill']['loss_first']:.3f} -> "
                       f"{entry['distill']['loss_last']:.3f})", flush=True)
