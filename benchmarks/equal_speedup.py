@@ -356,12 +356,14 @@ def section_resnet56(args) -> dict:
 def keep_zeros(model: nn.Module):
     """Keep every zero weight of the prunable layers at zero through any optimizer step (the
     sparse family's fine-tune); returns the function that stops it."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     from prunekit.train import MaskHolder
 
     holder = MaskHolder(model)
     for name, w in holder.weights.items():
         holder.set_mask(name, w != 0)
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(lambda *a: holder.apply())
+    hook = register_optimizer_step_post_hook(lambda *a: holder.apply())
 
     def stop():
         hook.remove()
