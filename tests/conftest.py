@@ -11,6 +11,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("PRUNEKIT_PROGRESS", "0")
 
+# The fuzz suites draw the same examples on every run unless asked otherwise, so a CI run
+# is reproducible; `HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz_*.py` draws new ones
+# (each run a different seed), which is how the fuzzers found most of what they found.
+from hypothesis import settings as _hsettings  # noqa: E402
+
+_hsettings.register_profile("ci", derandomize=True)
+_hsettings.register_profile("explore", derandomize=False)
+_hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

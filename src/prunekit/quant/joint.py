@@ -19,6 +19,7 @@ method, so its results are bit-identical to what they were.
 
 from __future__ import annotations
 
+from prunekit.errors import PruneError
 from prunekit.oneshot.engine import LayerResult
 from prunekit.quant import model as qmodel
 from prunekit.quant.grid import Grid, get_grid
@@ -32,7 +33,11 @@ class JointQuantization:
     def check(self) -> None:
         super().check()
         if self.quant is not None:  # kept as the canonical text: reports, TOML, the CLI
-            object.__setattr__(self, "quant", get_grid(self.quant).spec)
+            try:
+                grid = get_grid(self.quant)
+            except PruneError as e:
+                raise PruneError(f"{type(self).__name__}.quant: {e}") from None
+            object.__setattr__(self, "quant", grid.spec)
 
     @property
     def grid(self) -> Grid | None:
