@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover - Windows: no locks, so no cleaning of l
 
 #: Header metadata key holding the sha256 of a file's tensors (see tensors_sha256).
 CHECKSUM_KEY = "prunekit_tensors_sha256"
+#: the sha256 of the header's other metadata (shapes of compressed tensors, reports, configs)
+META_CHECKSUM_KEY = "prunekit_metadata_sha256"
 _TMP_SUFFIX = ".prunekit-tmp"
 
 
@@ -174,6 +176,12 @@ def check_output(path: str | os.PathLike, what: str = "output", folder: bool = F
     return path
 
 
+def metadata_sha256(meta: dict) -> str:
+    """Content hash of a header's metadata, the two checksums themselves left out."""
+    rest = sorted((k, v) for k, v in meta.items() if k not in (CHECKSUM_KEY, META_CHECKSUM_KEY))
+    return hashlib.sha256(json.dumps(rest).encode()).hexdigest()
+
+
 def tensors_sha256(tensors: dict) -> str:
     """Content hash of a state dict: names, dtypes, shapes and bytes, in name order (so the
     file's metadata and layout do not matter)."""
@@ -202,6 +210,7 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike,
         tensors[k] = v.detach().contiguous().cpu()
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    meta[META_CHECKSUM_KEY] = metadata_sha256(meta)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -223,6 +232,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if want is not None and tensors_sha256(tensors) != want:
         raise PruneError(f"{path} is corrupt: its tensors do not match the sha256 recorded "
                          f"when it was written; write or copy it again")
+    want = meta.get(META_CHECKSUM_KEY)
+    if want is not None and metadata_sha256(meta) != want:
+        raise PruneError(f"{path} is corrupt: its header metadata does not match the sha256 "
+                         f"recorded when it was written; write or copy it again")
     return tensors, meta
 
 

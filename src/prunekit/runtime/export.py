@@ -22,7 +22,15 @@ from torch import nn
 
 from prunekit.config import coerce
 from prunekit.errors import PruneError
-from prunekit.io import CHECKSUM_KEY, atomic_write, read_safetensors, save_weights, tensors_sha256
+from prunekit.io import (
+    CHECKSUM_KEY,
+    META_CHECKSUM_KEY,
+    atomic_write,
+    metadata_sha256,
+    read_safetensors,
+    save_weights,
+    tensors_sha256,
+)
 from prunekit.runtime.latency import eval_mode
 
 MASK, VALUES, NEGZERO = ".__bitmask__", ".__values__", ".__negzero__"
@@ -103,6 +111,7 @@ def save_compressed(model_or_state, path: str | os.PathLike, min_sparsity: float
         compressed.append(name)
     meta["__format__"] = "prunekit-bitmask-v1"
     meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    meta[META_CHECKSUM_KEY] = metadata_sha256(meta)
     out = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     size = out.stat().st_size
     return {"path": str(out), "bytes": size, "dense_bytes": dense_bytes,
@@ -120,12 +129,23 @@ def load_compressed(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise PruneError(f"{path} is not a prunekit compressed file (no bitmask-v1 header); "
                          f"load it with prunekit.io.load_weights")
     state = {}
+    stored = set()
     for name, t in raw.items():
-        if name.endswith((MASK, VALUES, NEGZERO)):
-            continue
-        state[name] = t
+        for suffix in (MASK, VALUES, NEGZERO):
+            if name.endswith(suffix):
+                stored.add(name[:-len(suffix)])
+                break
+        else:
+            state[name] = t
+    skip = ("__format__", CHECKSUM_KEY, META_CHECKSUM_KEY)
+    described = {n for n in meta if n not in skip}
+    if stored != described:
+        odd = sorted(stored ^ described)
+        raise PruneError(f"{path}: the header describes {len(described)} compressed tensors "
+                         f"but the file stores {len(stored)} (differing: "
+                         f"{', '.join(odd[:4])}); the file is corrupt")
     for name, info in meta.items():
-        if name in ("__format__", CHECKSUM_KEY):
+        if name in skip:
             continue
         try:
             shape = [int(n) for n in json.loads(info)["shape"]]
