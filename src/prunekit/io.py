@@ -209,7 +209,14 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike,
             seen[key] = k
         tensors[k] = v.detach().contiguous().cpu()
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    meta[CHECKSUM_KEY] = tensors_sha256(tensors)
+    return write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      meta: dict[str, str]) -> Path:
+    """Write tensors and string metadata atomically, signed with the sha256 of the tensors and
+    of the metadata (read_safetensors checks both)."""
+    meta = {**meta, CHECKSUM_KEY: tensors_sha256(tensors)}
     meta[META_CHECKSUM_KEY] = metadata_sha256(meta)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

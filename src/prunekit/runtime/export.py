@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from prunekit.config import coerce
@@ -26,10 +25,9 @@ from prunekit.io import (
     CHECKSUM_KEY,
     META_CHECKSUM_KEY,
     atomic_write,
-    metadata_sha256,
     read_safetensors,
     save_weights,
-    tensors_sha256,
+    write_safetensors,
 )
 from prunekit.runtime.latency import eval_mode
 
@@ -110,9 +108,7 @@ def save_compressed(model_or_state, path: str | os.PathLike, min_sparsity: float
         meta[name] = json.dumps({"shape": list(t.shape), "dtype": str(t.dtype)})
         compressed.append(name)
     meta["__format__"] = "prunekit-bitmask-v1"
-    meta[CHECKSUM_KEY] = tensors_sha256(tensors)
-    meta[META_CHECKSUM_KEY] = metadata_sha256(meta)
-    out = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    out = write_safetensors(tensors, path, meta)
     size = out.stat().st_size
     return {"path": str(out), "bytes": size, "dense_bytes": dense_bytes,
             "ratio": dense_bytes / size if size else 0.0, "compressed": compressed}
