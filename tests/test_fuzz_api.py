@@ -213,3 +213,12 @@ def test_an_empty_matrix_is_refused_by_name():
 
     with pytest.raises(PruneError, match="probe: weight is empty"):
         transform_layer(torch.zeros(0, 0), None, Magnitude(sparsity=0.5), name="probe")
+
+
+@pytest.mark.parametrize("spec", ["x", "", "int99"])
+def test_a_bad_joint_grid_names_the_quant_field(spec):
+    """Found by a random draw of the fuzzer above; kept as a fixed case."""
+    import prunekit
+
+    with pytest.raises(PruneError, match=r"SparseGPT\.quant"):
+        prunekit.SparseGPT(sparsity=0.5, quant=spec)

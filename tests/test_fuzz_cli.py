@@ -386,3 +386,11 @@ def test_reports_of_rows_from_other_versions(tmp_path_factory, capsys, real_resu
         assert not (tmp_path / "rep" / "report.html").exists()
         return
     assert (tmp_path / "rep" / "report.html").stat().st_size > 0
+
+
+def test_an_unknown_model_in_an_experiment_file_names_the_models_key(tmp_path, capsys):
+    """Found by a random draw of test_experiment_files; kept as a fixed case."""
+    path = tmp_path / "e.toml"
+    path.write_text('[experiment]\nmodels = ["64"]\n\n[[methods]]\nname = "magnitude"\n')
+    rc, out, err = run_cli(["bench", path, "--dry-run"], capsys)
+    assert rc != 0 and "models" in err and "'64'" in err, err

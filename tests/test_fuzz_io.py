@@ -234,3 +234,17 @@ def test_every_flipped_low_bit_of_a_compressed_file_is_refused_or_loads_exactly(
                                                       for k in state):
             silent.append(i)
     assert not silent, f"flipped bytes that loaded other weights: {silent[:10]}"
+
+
+def test_a_header_shape_changed_within_its_bitmask_byte_is_refused(tmp_path):
+    """An all-zero bias of 4 stored as a bitmask: one mask byte covers 4 and 5 entries, so only
+    the header's own checksum can tell a shape of [5] from [4]."""
+    from prunekit.runtime.export import load_compressed, save_compressed
+
+    path = tmp_path / "c.safetensors"
+    save_compressed({"w": torch.zeros(4), "v": torch.ones(3)}, path, min_sparsity=0.0)
+    blob = path.read_bytes()
+    assert blob.count(b'[4]') == 1
+    path.write_bytes(blob.replace(b'[4]', b'[5]'))
+    with pytest.raises(PruneError, match="header metadata"):
+        load_compressed(path)
