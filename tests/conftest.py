@@ -114,10 +114,29 @@ def _reads_data(item) -> bool:
     return False
 
 
+def _shared_data() -> Path:
+    from prunekit.data import files
+
+    return files.data_dir(must_exist=False)
+
+
+def pytest_report_header(config):
+    where = _shared_data()
+    state = "found" if where.is_dir() else (
+        "NOT found: the `data` tests are skipped (set PRUNEKIT_DATA to the folder, see the "
+        "README; PRUNEKIT_REQUIRE_DATA=1 makes them fail instead, as CI does)")
+    return f"prunekit shared data: {where} ({state})"
+
+
 def pytest_collection_modifyitems(config, items):
+    missing = not _shared_data().is_dir() and os.environ.get("PRUNEKIT_REQUIRE_DATA") != "1"
+    skip = pytest.mark.skip(reason=f"the shared data folder {_shared_data()} does not exist; "
+                                   f"set PRUNEKIT_DATA to it (README: Models and data)")
     for item in items:
         if isinstance(item, pytest.Function) and _reads_data(item):
             item.add_marker(pytest.mark.data)
+        if missing and item.get_closest_marker("data") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -114,6 +114,7 @@ def test_decoded_arrays_are_cached_and_memory_mapped(tmp_path, monkeypatch):
     assert np.array_equal(again, images) and np.array_equal(again_labels, labels)
 
 
+@pytest.mark.data
 def test_weights_checksum_mismatch(tmp_path, monkeypatch):
     state = read_weights(_shared("cifar10_resnets/resnet20.safetensors"))
     empty_data = _use_empty(tmp_path, monkeypatch)
@@ -278,6 +279,7 @@ def test_fetch_converts_official_cifar_archive(tmp_path, monkeypatch):
         assert list(z["classes"]) == list(data.CIFAR10_CLASSES)
 
 
+@pytest.mark.data
 def test_fetch_converts_akamaster_checkpoint(tmp_path, monkeypatch):
     from collections import OrderedDict
     state = read_weights(_shared("cifar10_resnets/resnet20.safetensors"))
