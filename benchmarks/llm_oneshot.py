@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import fnmatch
 import os
 import resource
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.bench.provenance import load_result, provenance, write_result
+from prunekit.bench.provenance import load_result, provenance, select, write_result
 from prunekit.budget import owl
 from prunekit.data import lm_tokens, load_wikitext2, tokenize_stream
 from prunekit.evaluate import lm_perplexity
@@ -194,8 +193,11 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the row keys and stop")
     ap.add_argument("--out", default=str(RESULTS / "results.json"))
     args = ap.parse_args(argv)
-    globs = [g.strip() for g in args.only.split(",") if g.strip()]
-    chosen = [r for r in rows() if any(fnmatch.fnmatchcase(r["key"], g) for g in globs)]
+    try:
+        keys = select([r["key"] for r in rows()], args.only)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    chosen = [r for r in rows() if r["key"] in keys]
     if args.list:
         print("\n".join(r["key"] for r in chosen))
         return 0
@@ -224,8 +226,17 @@ def main(argv=None) -> int:
         if not todo:
             continue
         model, info = prune_row(dense, row)
-        entry = {**have, **{k: v for k, v in row.items() if k != "key"}, **info,
-                 "threads": args.threads, "run": len(runs) - 1}
+        if "prune_s" in have:
+            # only new evaluation sets: the row's pruning figures stay those of the run that
+            # measured them (pruning is deterministic: the same model again); this run's
+            # pruning time is kept beside them, with the load it ran under
+            entry = {**have, "repruned": [*have.get("repruned", []), {
+                "prune_s": info["prune_s"], "threads": args.threads, "run": len(runs) - 1,
+                "load_average": list(os.getloadavg()), "for": todo}]}
+        else:
+            entry = {**have, **{k: v for k, v in row.items() if k != "key"}, **info,
+                     "threads": args.threads, "run": len(runs) - 1,
+                     "load_average": list(os.getloadavg())}
         entry.setdefault("ppl", {})
         entry.setdefault("eval_s", {})
         for e in todo:

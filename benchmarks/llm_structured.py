@@ -49,14 +49,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fnmatch
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from prunekit.bench.provenance import load_result, provenance, write_result
+from prunekit.bench.provenance import load_result, provenance, select, write_result
 from prunekit.data import lm_tokens
 from prunekit.evaluate import lm_perplexity
 from prunekit.models import calibration_batches, create
@@ -99,8 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "results.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    globs = [g.strip() for g in args.only.split(",") if g.strip()]
-    chosen = [k for k in ORDER if any(fnmatch.fnmatchcase(k, g) for g in globs)]
+    try:
+        chosen = select(list(ORDER), args.only)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     out = Path(args.out)
     saved = load_result(out)
     results: dict = saved.get("rows", {})

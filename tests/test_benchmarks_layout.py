@@ -187,3 +187,16 @@ def test_index_check_mode_reports_staleness(tmp_path, monkeypatch, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_select_keeps_order_and_refuses_a_glob_that_matches_nothing():
+    from prunekit.bench.provenance import select
+
+    keys = ["dense", "wanda/50%", "sparsegpt/50%", "sparsegpt/2:4", "wanda/2:4"]
+    assert select(keys, "*") == keys
+    # order is the keys' order, not the globs', and a key matched twice appears once
+    assert select(keys, "*/2:4, sparsegpt/*") == ["sparsegpt/50%", "sparsegpt/2:4", "wanda/2:4"]
+    with pytest.raises(ValueError, match="'wnada/\\*' matches no row"):
+        select(keys, "sparsegpt/*,wnada/*")
+    with pytest.raises(ValueError, match="names no rows"):
+        select(keys, " , ")

@@ -86,7 +86,32 @@ def provenance(argv: Sequence[str] | None = None, *, script: str | os.PathLike |
             "torch": info["torch"], "python": platform.python_version(), "cpu": info["cpu"],
             "cores": info["cores"], "threads": info["threads"],
             "allocator": allocator or info["malloc"], "platform": info["platform"],
-            "gpu": info["gpu"]}
+            "gpu": info["gpu"], "load_average": _load_average()}
+
+
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages when the run started: a timing taken while other
+    work shared the cores says so."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def select(keys: Sequence[str], only: str) -> list[str]:
+    """The keys matched by `only`, comma-separated shell globs ("*" for all), in `keys`' order
+    (the `--only` option of the benchmark scripts). A glob that matches no key is an error,
+    so that a typo does not run nothing silently."""
+    import fnmatch
+
+    globs = [g.strip() for g in only.split(",") if g.strip()]
+    if not globs:
+        raise ValueError(f"--only {only!r} names no rows")
+    missing = [g for g in globs if not any(fnmatch.fnmatchcase(k, g) for k in keys)]
+    if missing:
+        raise ValueError(f"--only: {', '.join(map(repr, missing))} matches no row; the rows "
+                         f"are: {', '.join(keys)}")
+    return [k for k in keys if any(fnmatch.fnmatchcase(k, g) for g in globs)]
 
 
 def write_result(path: str | os.PathLike, data: dict, prov: dict, indent: int = 1) -> Path:
