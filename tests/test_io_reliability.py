@@ -173,9 +173,11 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640
 
 
-def _fork_writer(path, content: bytes):
+def _fork_writer(path, content: bytes, own_temp: bool = False):
     """A child process inside atomic_write(path): it has written `content` to its temporary
-    file and waits for a byte on the returned pipe before it renames it into place."""
+    file and waits for a byte on the returned pipe before it renames it into place.
+    `own_temp`: the writer, like safetensors' save_file, first writes a temporary file of its
+    own beside the file it was given (`.tmpXXXXXX`)."""
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -183,6 +185,9 @@ def _fork_writer(path, content: bytes):
         code = 1
         try:
             def write(tmp):
+                if own_temp:
+                    with open(os.path.join(os.path.dirname(tmp), ".tmpAbCdEf"), "wb") as f:
+                        f.write(content)
                 with open(tmp, "wb") as f:
                     f.write(content)
                 os.write(ready_w, b"1")
@@ -197,10 +202,14 @@ def _fork_writer(path, content: bytes):
     return pid, go_w
 
 
-def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path):
+@pytest.mark.parametrize("own_temp", [False, True], ids=["plain", "writer-own-temp"])
+def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path, own_temp):
+    """Also when the writing library made its own temporary file (safetensors 0.8 writes
+    `.tmpXXXXXX` beside its target and renames it): once found left beside `--out` by a
+    SIGKILL loop, now made inside prunekit's own temporary folder."""
     path = tmp_path / "out.safetensors"
     path.write_text("old")
-    pid, go = _fork_writer(path, b"half")
+    pid, go = _fork_writer(path, b"half", own_temp)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(go)

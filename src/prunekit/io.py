@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,8 @@ def _locked(fd: int) -> bool:
 
 
 def _remove_leftovers(path: Path) -> None:
-    """Delete temporary files of earlier writes to `path` whose writer died (unlocked)."""
+    """Delete the temporary folders (and, from older versions, files) of earlier writes to
+    `path` whose writer died: those whose lock is free."""
     if fcntl is None:
         return
     prefix = f".{path.name}."
@@ -86,19 +88,28 @@ def _remove_leftovers(path: Path) -> None:
             continue  # renamed or removed meanwhile
         try:
             if _locked(fd) and os.path.exists(tmp) and os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-                os.unlink(tmp)
+                if os.path.isdir(tmp):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    os.unlink(tmp)
         except OSError:
             pass
         finally:
             os.close(fd)
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A new, locked temporary file in path's folder: (fd, name)."""
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """A new, locked private folder in path's folder: (fd holding the lock, folder).
+
+    The new file is written inside it, not beside `path`: a library that makes its own
+    temporary file next to the file it is given (safetensors writes `.tmpXXXXXX` and renames
+    it) then makes it inside this folder, and a killed write leaves nothing that the next
+    write's cleaner does not remove."""
     while True:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+        tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+        fd = os.open(tmp, os.O_RDONLY)
         if _locked(fd) and os.path.exists(tmp) and os.stat(tmp).st_ino == os.fstat(fd).st_ino:
-            return fd, tmp
+            return fd, Path(tmp)
         os.close(fd)  # another process's cleaner took it for a leftover: draw another name
 
 
@@ -111,23 +122,22 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path)
-        fd, tmp = _temp_beside(path)
+        fd, folder = _temp_beside(path)
     except OSError as e:
         raise PruneError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = folder / path.name
     try:
         try:
             mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
             write(tmp)
             os.chmod(tmp, mode)
-            os.fsync(fd)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as e:
             raise PruneError(f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
         os.close(fd)
     return path
 
