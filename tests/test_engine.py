@@ -165,6 +165,42 @@ def test_configs_are_frozen_and_checked_when_built():
                                                                 exclude=("head",))
 
 
+
+@pytest.mark.parametrize("method", sorted(n for n in prunekit.METHODS.names()
+                                          if prunekit.METHODS.entry(n).meta.get("family")
+                                          == "prune"))
+@pytest.mark.parametrize("pattern", ["3:2", "2:x", "0x4", "dense-ish"])
+def test_a_pattern_that_does_not_parse_names_the_field(method, pattern):
+    """Every pruning config, through the one field-parser hook of Config: the message names
+    the class and field before it says what is wrong with the text."""
+    cls = prunekit.METHODS.get(method)
+    with pytest.raises(PruneError, match=rf"^{cls.__name__}\.pattern: "):
+        cls(pattern=pattern)
+
+
+def test_field_parsers_prefix_keep_canonical_forms_and_merge_over_bases():
+    from prunekit.config import Config
+
+    @dataclass(frozen=True)
+    class Base(Config):
+        text: str = "a"
+        field_parsers = {"text": lambda v: v if v.islower() else
+                         (_ for _ in ()).throw(PruneError("lower case only"))}
+
+    @dataclass(frozen=True)
+    class Child(Base):
+        grid: str | None = None
+        field_parsers = {"grid": str.strip}
+
+    assert Child(grid="  int4 ").grid == "int4" and Child(grid=None).grid is None
+    with pytest.raises(PruneError, match=r"^Child\.text: lower case only$"):
+        Child(text="A")
+    with pytest.raises(PruneError, match=r"^Child\.text must be a string"):
+        Child(text=3)  # the type check runs first
+    q = prunekit.SparseGPT(quant="int4:g64:asym")
+    assert q.quant == prunekit.SparseGPT(quant=q.grid).quant  # canonical text either way
+
+
 @dataclass(frozen=True)
 class _HalfRank(Transform):
     """A throwaway low-rank-like transform that replaces each layer by a module of its own

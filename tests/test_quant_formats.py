@@ -259,3 +259,33 @@ def test_bad_input_is_refused_by_name(tmp_path):
     prunekit.quantize(gpt2, prunekit.RTN(bits=8, exclude=HEAD), None, progress=False)
     with pytest.raises(PruneError, match="Llama-architecture"):
         formats.export(gpt2, tmp_path / "g.gguf", "gguf-q8_0")
+
+
+def test_a_flipped_bit_in_a_packed_file_is_refused_or_reads_exactly(tmp_path):
+    """The packed file carries the sha256 of its tensors and metadata: a bit flipped in the
+    codes, scales, bitmask or header is a PruneError naming the file, never other weights
+    (without the checksums a flip in the codes read back as another weight, silently)."""
+    model = tiny(prunekit.SparseGPT(sparsity=0.5, pattern="2:4", quant="int4:g32",
+                                    exclude=HEAD), calib=True)
+    path = tmp_path / "p.safetensors"
+    formats.export(model, path, "prunekit")
+    blob = path.read_bytes()
+    state, forms = formats.read_packed(path)
+    step = max(1, len(blob) // 1500)
+    silent, refused = [], 0
+    for i in range(0, len(blob), step):
+        b = bytearray(blob)
+        b[i] ^= 1
+        path.write_bytes(bytes(b))
+        try:
+            got, got_forms = formats.read_packed(path)
+        except PruneError as e:
+            assert str(path) in str(e), e
+            refused += 1
+            continue
+        same = got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in got)
+        same = same and all(torch.equal(got_forms[n].keep, forms[n].keep) for n in forms)
+        if not same:
+            silent.append(i)
+    assert not silent, f"flipped bytes that read back as other weights: {silent[:10]}"
+    assert refused > 0.9 * len(range(0, len(blob), step))

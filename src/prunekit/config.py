@@ -4,7 +4,10 @@
 A config class is `@dataclass(frozen=True)` over `Config`. When an instance is built, every
 field is checked against its annotation (an int field refuses "64" and 2.5, a bool field
 refuses "no", a tuple-of-globs field refuses a bare string), then the class's own `check()`
-runs. A bad value raises PruneError naming the class and the field, before any work starts.
+runs. A field may also name a parser in the class's `field_parsers` (text to an object, e.g.
+a pattern or a grid): it runs after the type check, may return the value's canonical form,
+and any PruneError it raises is prefixed with the class and field. A bad value raises
+PruneError naming the class and the field, before any work starts.
 
 `to_dict()` gives plain values plus a type tag; `from_dict(d, registry)` builds the config
 back (strict types, as from TOML); `parse_value(field, "text")` turns command-line text into
@@ -31,14 +34,24 @@ class Config:
 
     #: the type tag written by to_dict (registry name); set by the subclass or the registry
     name: ClassVar[str] = ""
+    #: field name -> parser(value) returning the value to keep (its canonical form, or the
+    #: value itself); merged over the class's bases, a subclass's entry wins
+    field_parsers: ClassVar[Mapping[str, Any]] = {}
 
     def __post_init__(self):
         hints = _hints(type(self))
+        parsers = _parsers(type(self))
         for f in dataclasses.fields(self):
             if not f.init:
                 continue
+            where = f"{type(self).__name__}.{f.name}"
             value = getattr(self, f.name)
-            fixed = coerce(hints.get(f.name, Any), value, f"{type(self).__name__}.{f.name}")
+            fixed = coerce(hints.get(f.name, Any), value, where)
+            if f.name in parsers and fixed is not None:
+                try:
+                    fixed = parsers[f.name](fixed)
+                except PruneError as e:
+                    raise PruneError(f"{where}: {e}") from None
             if fixed is not value:
                 object.__setattr__(self, f.name, fixed)
         self.check()
@@ -217,6 +230,16 @@ def _hints(cls) -> dict:
     if cached is None:
         cached = typing.get_type_hints(cls)
         setattr(cls, "_prunekit_hints", cached)  # noqa: B010 (class attribute, not a field)
+    return cached
+
+
+def _parsers(cls) -> dict:
+    cached = cls.__dict__.get("_prunekit_parsers")
+    if cached is None:
+        cached = {}
+        for klass in reversed(cls.__mro__):
+            cached.update(klass.__dict__.get("field_parsers", {}))
+        setattr(cls, "_prunekit_parsers", cached)  # noqa: B010 (class attribute, not a field)
     return cached
 
 

@@ -396,8 +396,9 @@ def read_gguf(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
     """One safetensors file with every quantized layer packed (module docstring) and every
     other tensor as it is; exact for any grid, the keep-masks of joint layers included.
-    Returns {"path", "bytes", "layers"}."""
-    from safetensors.torch import save_file
+    Returns {"path", "bytes", "layers"}. Signed with the sha256 of its tensors and metadata
+    (prunekit.io.write_safetensors), which read_packed checks."""
+    from prunekit.io import write_safetensors
 
     forms = checked_forms(model)
     tensors = _state(model)
@@ -415,36 +416,42 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> dict:
                 np.packbits(q.keep.numpy().reshape(-1)))
         meta[base] = json.dumps({"grid": q.grid.spec, "shape": list(q.shape),
                                  "keep": q.keep is not None})
-    out = atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    out = write_safetensors(tensors, path, meta)
     return {"path": str(out), "bytes": out.stat().st_size, "layers": len(forms)}
 
 
 def read_packed(path: str | os.PathLike) -> tuple[dict, dict[str, QuantizedWeight]]:
     """(the float tensors by name, {layer: QuantizedWeight}) from a save_packed file; the
-    quantized layers' weights are their dequantized forms, under '<layer>.weight'."""
-    from safetensors import safe_open
+    quantized layers' weights are their dequantized forms, under '<layer>.weight'. A file
+    whose tensors or metadata do not match the checksums it was written with is a
+    PruneError."""
+    from prunekit.io import CHECKSUM_KEY, META_CHECKSUM_KEY, read_safetensors
 
     path = Path(path)
     if not path.exists():
         raise PruneError(f"packed quantized file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise PruneError(f"{path} is not a readable safetensors file: {e}") from e
+    raw, meta = read_safetensors(path)
     if meta.get("__format__") != PACKED_FORMAT:
         raise PruneError(f"{path} is not a prunekit packed quantized file "
                          f"({PACKED_FORMAT}); read it with prunekit.io.read_weights")
+    if CHECKSUM_KEY not in meta or META_CHECKSUM_KEY not in meta:
+        raise PruneError(f"{path} is corrupt or was written by an older prunekit: its header "
+                         f"lacks the checksums save_packed writes; export it again")
     state = {k: v for k, v in raw.items() if ".__" not in k}
     forms = {}
     for base, info in meta.items():
-        if base == "__format__":
+        if base in ("__format__", CHECKSUM_KEY, META_CHECKSUM_KEY):
             continue
-        info = json.loads(info)
+        try:
+            info = json.loads(info)
+            grid = get_grid(info["grid"])
+            out_f, cols = (int(x) for x in info["shape"])
+            if not base.endswith(".weight") or base + ".__codes__" not in raw:
+                raise ValueError(base)
+        except (ValueError, TypeError, KeyError, PruneError) as e:
+            raise PruneError(f"{path} is corrupt: header entry {base!r} is not a quantized "
+                             f"layer ({e})") from None
         layer = base[:-len(".weight")]
-        grid = get_grid(info["grid"])
-        out_f, cols = info["shape"]
         groups = cols // grid.group(cols)
         try:
             scales = raw[base + ".__scales__"]

@@ -19,7 +19,6 @@ method, so its results are bit-identical to what they were.
 
 from __future__ import annotations
 
-from prunekit.errors import PruneError
 from prunekit.oneshot.engine import LayerResult
 from prunekit.quant import model as qmodel
 from prunekit.quant.grid import Grid, get_grid
@@ -29,15 +28,8 @@ class JointQuantization:
     """Mixin for a reconstruction PruneConfig with a field `quant` (a grid or its text)."""
 
     quant: str | Grid | None
-
-    def check(self) -> None:
-        super().check()
-        if self.quant is not None:  # kept as the canonical text: reports, TOML, the CLI
-            try:
-                grid = get_grid(self.quant)
-            except PruneError as e:
-                raise PruneError(f"{type(self).__name__}.quant: {e}") from None
-            object.__setattr__(self, "quant", grid.spec)
+    #: kept as the grid's canonical text (reports, TOML, the CLI); a bad grid names `quant`
+    field_parsers = {"quant": lambda value: get_grid(value).spec}
 
     @property
     def grid(self) -> Grid | None:

@@ -52,6 +52,8 @@ class PruneConfig(Transform):
     promises: ClassVar[tuple[str, ...]] = ()
     #: "layer" scores compare within a layer; "global" compares across all chosen layers.
     scope: ClassVar[str] = "layer"
+    #: a pattern text that does not parse names the field (the text itself is kept)
+    field_parsers: ClassVar[dict] = {"pattern": lambda text: (get_pattern(text), text)[1]}
 
     def check(self) -> None:
         pattern = self.pattern_obj
