@@ -33,15 +33,20 @@ SmolLM2-135M (--part smollm2; the loader and perplexity of benchmarks/llm_onesho
 perplexity at W8, W4 per channel, W4 g64 and W3 g64 for RTN and GPTQ (block by block, 32 x 512
 calibration tokens from WikiText-2 validation), and SparseGPT 50% and 2:4 alone and with
 int4:g64 in the same pass; lm_head (tied to the embeddings) and the embeddings stay float.
-Groups of 64, not 128: the hidden size 576 is no multiple of 128. SmolLM2's weights were
-stored as Q4_1 (asymmetric 4 bits in groups of 32); these symmetric grids are not that grid,
-so they do not land back on it. Evaluation: --lm-eval steering8 (8 windows of 1024 tokens
-spread over WikiText-2 test, the default) or wikitext2 (the whole test set; hours on 2 cores).
+Groups of 64, not 128: the hidden size 576 is no multiple of 128. --mixed adds mixed
+precision at the size of uniform W3 g64 (bits per layer from {2, 3, 4, 8, 16} by the DP on
+GPTQ's error database, against uniform W3 g64 and the trace ordering, each applied by GPTQ
+block by block). SmolLM2's weights were stored as Q4_1 (asymmetric 4 bits in groups of 32);
+these symmetric grids are not that grid, so they do not land back on it. Evaluation:
+--lm-eval steering8 (8 windows of 1024 tokens spread over WikiText-2 test, the default) or
+wikitext2 (the whole test set; hours on 2 cores).
 
     python benchmarks/quantize.py                       # everything, 2 threads
     python benchmarks/quantize.py --part layers --shapes 384x384
     python benchmarks/quantize.py --part models --quick # fewer evaluation examples
     python benchmarks/quantize.py --part smollm2 --lm-eval steering8
+    python benchmarks/quantize.py --part smollm2 --mixed         # + mixed precision rows
+    python benchmarks/quantize.py --part models --models resnet20-cifar10   # resumable
 
 Results: benchmarks/results/quantize/{layers,models,smollm2}.json (with provenance) and .md
 tables. The SmolLM2 rows are resumable: finished rows are kept and skipped on a rerun.
@@ -226,17 +231,21 @@ def write_layer_table(payload, prov) -> None:
 
 # -- model level -------------------------------------------------------------------------
 
-def _models(quick: bool):
+def _models(quick: bool, wanted=("minilm", "resnet20-cifar10")):
     from prunekit.models import calibration_batches, create
 
     limit = 500 if quick else None
     out = {}
     try:
+        if "minilm" not in wanted:
+            raise ImportError("not chosen (--models)")
         model = create("minilm", pretrained=True)
         out["minilm"] = (model, calibration_batches("minilm", n=128, seed=0), "stsb", limit)
     except (prunekit.PruneError, ImportError) as e:
         print(f"MiniLM skipped: {e}")
     try:
+        if "resnet20-cifar10" not in wanted:
+            raise ImportError("not chosen (--models)")
         model = create("resnet20-cifar10", pretrained=True)
         out["resnet20-cifar10"] = (model, calibration_batches("resnet20-cifar10", n=128,
                                                               seed=0), "cifar10",
@@ -254,61 +263,81 @@ def _score(model, dataset, limit) -> float:
 
 
 def run_models(args, prov) -> dict:
+    """Resumable: a (model, setting, method) row already in models.json is kept and not run
+    again; --models chooses the models."""
     from prunekit.quant import mixed
 
-    rows = []
     path = RESULTS / "models.json"
-    payload = dict(results=rows)
+    payload = load_result(path)
+    rows = payload.setdefault("results", [])
+    have = {(r["model"], r["setting"], r["method"]): r for r in rows}
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
 
     def record(model_name, what, method, score, dense, seconds, extra=None):
         row = dict(model=model_name, setting=what, method=method, score=score,
-                   dense=dense, delta=score - dense, seconds=seconds, **(extra or {}))
+                   dense=dense, delta=score - dense, seconds=seconds,
+                   load_average=list(os.getloadavg()), commit=prov["git_commit"],
+                   **(extra or {}))
         rows.append(row)
+        have[(model_name, what, method)] = row
         print(f"{model_name:<18} {what:<24} {method:<12} {score:8.4f}  (dense {dense:.4f}, "
               f"{score - dense:+.4f}) {seconds:7.1f} s", flush=True)
         write_result(path, payload, prov)
 
-    for name, (model, calib, dataset, limit) in _models(args.quick).items():
-        dense = _score(model, dataset, limit)
-        record(name, "dense", "-", dense, dense, 0.0)
+    for name, (model, calib, dataset, limit) in _models(args.quick, wanted).items():
+        if (name, "dense", "-") in have:
+            dense = have[(name, "dense", "-")]["score"]
+        else:
+            dense = _score(model, dataset, limit)
+            record(name, "dense", "-", dense, dense, 0.0)
         groups = [None, 128] if name == "minilm" else [None]
         for bits in (8, 4, 3):
             for group in groups:
                 label = f"W{bits}" + (f" g{group}" if group else "")
                 for cfg in (prunekit.RTN(bits=bits, group_size=group),
                             prunekit.GPTQ(bits=bits, group_size=group, sequential=True)):
+                    if (name, label, cfg.method) in have:
+                        continue
                     m = copy.deepcopy(model)
                     start = time.perf_counter()
                     prunekit.quantize(m, cfg, calib, progress=False)
-                    record(name, label, cfg.method, _score(m, dataset, limit), dense,
-                           time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    record(name, label, cfg.method, _score(m, dataset, limit), dense, seconds)
         # mixed precision at the size of uniform 3 bits (g128 for MiniLM, per channel else)
         group = 128 if name == "minilm" else None
-        base = prunekit.GPTQ(group_size=group)
-        start = time.perf_counter()
-        db = mixed.database(model, base, calib, progress=False)
-        db_time = time.perf_counter() - start
-        budget = db.size(3)
-        for alloc in (db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")):
-            m = copy.deepcopy(model)
+        what = f"mixed @ size(W3{' g128' if group else ''})"
+        kinds = ("uniform", "measured", "trace")
+        if not all((name, what, f"gptq {k}") in have for k in kinds):
+            base = prunekit.GPTQ(group_size=group)
             start = time.perf_counter()
-            prunekit.quantize(m, base, calib, budget=alloc.bits, progress=False)
-            hist = {b: sum(1 for v in alloc.bits.values() if v == b) for b in db.levels}
-            record(name, f"mixed @ size(W3{' g128' if group else ''})",
-                   f"gptq {alloc.sensitivity}", _score(m, dataset, limit), dense,
-                   time.perf_counter() - start,
-                   dict(mean_bits=alloc.mean_bits, size_bits=alloc.size_bits,
-                        budget_bits=budget, db_error=alloc.error, layers_at_bits=hist,
-                        database_seconds=db_time))
+            db = mixed.database(model, base, calib, progress=False)
+            db_time = time.perf_counter() - start
+            budget = db.size(3)
+            for alloc in (db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")):
+                if (name, what, f"gptq {alloc.sensitivity}") in have:
+                    continue
+                m = copy.deepcopy(model)
+                start = time.perf_counter()
+                prunekit.quantize(m, base, calib, budget=alloc.bits, progress=False)
+                seconds = time.perf_counter() - start
+                hist = {b: sum(1 for v in alloc.bits.values() if v == b) for b in db.levels}
+                record(name, what, f"gptq {alloc.sensitivity}", _score(m, dataset, limit),
+                       dense, seconds,
+                       dict(mean_bits=alloc.mean_bits, size_bits=alloc.size_bits,
+                            budget_bits=budget, db_error=alloc.error, layers_at_bits=hist,
+                            database_seconds=db_time))
         if name == "minilm":
             for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
                 for quant in (None, "int4:g128"):
+                    what = f"{label}" + (f" + {quant}" if quant else "")
+                    if (name, what, "sparsegpt") in have:
+                        continue
                     m = copy.deepcopy(model)
                     cfg = prunekit.SparseGPT(**kw, quant=quant, sequential=True)
                     start = time.perf_counter()
                     prunekit.prune(m, cfg, calib, progress=False)
-                    record(name, f"{label}" + (f" + {quant}" if quant else ""), "sparsegpt",
-                           _score(m, dataset, limit), dense, time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    record(name, what, "sparsegpt", _score(m, dataset, limit), dense, seconds)
     write_result(path, payload, prov)
     write_model_table(payload, prov)
     return payload
@@ -375,17 +404,61 @@ def run_smollm2(args, prov) -> dict:
         payload["results"] = others + list(rows.values())
         write_result(path, payload, prov)
         del model
+    if args.mixed:
+        _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload, path)
     dense_ppl = rows["dense"]["perplexity"]
     lines = [f"SmolLM2-135M perplexity ({args.lm_eval}), commit {prov['git_commit']}, "
              f"{prov['threads']} threads", f"`{prov['command']}`", "",
              "| row | perplexity | vs dense | seconds |", "|---|---|---|---|"]
-    for name, _ in smollm2_rows():
+    for name in [n for n, _ in smollm2_rows()] + [n for n in rows if n.startswith("mixed")]:
         if name in rows:
             r = rows[name]
             lines.append(f"| {name} | {r['perplexity']:.3f} | "
                          f"{r['perplexity'] / dense_ppl - 1:+.2%} | {r['seconds']:.1f} |")
     atomic_write_text(RESULTS / "smollm2.md", "\n".join(lines) + "\n")
     return payload
+
+
+def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload, path):
+    """Bits per layer from {2, 3, 4, 8, 16} at the size of uniform W3 g64: the DP on GPTQ's
+    error database (one calibration of the dense model), against uniform W3 g64 and the
+    HAWQ-style trace ordering at the same size; each allocation then applied by GPTQ block by
+    block, as the uniform rows are."""
+    from prunekit.evaluate import lm_perplexity
+    from prunekit.quant import mixed
+
+    kinds = ("uniform", "measured", "trace")
+    names = {k: f"mixed @ size(W3 g64) gptq {k}" for k in kinds}
+    if all(n in rows for n in names.values()):
+        return
+    head = ("lm_head",)
+    start = time.perf_counter()
+    db = mixed.database(dense, prunekit.GPTQ(group_size=64, exclude=head), calib,
+                        progress=False)
+    db_seconds = time.perf_counter() - start
+    budget = db.size(3)
+    apply_cfg = prunekit.GPTQ(group_size=64, exclude=head, sequential=True)
+    for alloc in (db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")):
+        name = names[alloc.sensitivity]
+        if name in rows:
+            continue
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        prunekit.quantize(model, apply_cfg, calib, budget=alloc.bits, progress=False)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        ppl = lm_perplexity(model, ids, 1024, windows=windows)
+        hist = {b: sum(1 for v in alloc.bits.values() if v == b) for b in db.levels}
+        rows[name] = dict(row=name, eval=args.lm_eval, perplexity=ppl, seconds=seconds,
+                          eval_seconds=time.perf_counter() - start, commit=prov["git_commit"],
+                          mean_bits=alloc.mean_bits, size_bits=alloc.size_bits,
+                          budget_bits=budget, db_error=alloc.error, layers_at_bits=hist,
+                          database_seconds=db_seconds, load_average=list(os.getloadavg()))
+        print(f"smollm2 {name:<28} ppl {ppl:8.3f} mean bits {alloc.mean_bits:.3f} "
+              f"({seconds:.1f} s)", flush=True)
+        payload["results"] = others + list(rows.values())
+        write_result(path, payload, prov)
+        del model
 
 
 def main(argv=None) -> int:
@@ -401,6 +474,11 @@ def main(argv=None) -> int:
                     help="rows of the slice OBQ runs on for layers of 385 to 1536 inputs")
     ap.add_argument("--gptq-ref", help="directory holding IST-DASLab/gptq's gptq.py, quant.py")
     ap.add_argument("--quick", action="store_true", help="model level: fewer test examples")
+    ap.add_argument("--models", default="minilm,resnet20-cifar10",
+                    help="model level: comma-separated models (minilm, resnet20-cifar10)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="SmolLM2: also mixed precision at the size of uniform W3 g64 (DP on "
+                         "GPTQ's error database against uniform bits and the trace ordering)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prov = provenance(argv)
