@@ -14,6 +14,14 @@ Rows (block parameters kept; the embedding and tied head are not counted):
   mix/25%     4 blocks dropped + MLP 1260 in the other 26 (75.0% kept)
   sparsegpt/2:4  SparseGPT 2:4 (block by block, the embedding and head dense) from
               prunekit.prune: half the block weights zero, none removed, so no speed here
+  width/25%/taylor, width/25%/error  MLP 1024 as width/25%, neurons ranked by first-order
+              Taylor (causal-LM loss gradients on the calibration tokens) or by the one-shot
+              output error with the refit (OBS: ||W_down[:, i]||^2 / [G^-1]_ii) instead of
+              the activation energy (LLMShrink.importance)
+  width/25%/dp  the same MLP parameters (at most 1024 x 30 neurons in all) spread over the
+              blocks by the DP, each block its own width in multiples of 64, least summed
+              activation score removed (LLMShrink.mlp_allocation="dp"; per-block widths, so
+              the speed_shapes run leaves it out and its speed is the one measured beside it)
   <row>~none, <row>~attention  the same cut with reconstruct="none" (kept weights unchanged)
               or "attention" (o_proj refit only) instead of "all": what the refit buys
   <row>+distill  the same model after --distill-steps steps of logit distillation from the
@@ -70,13 +78,17 @@ CONFIGS = {
     "depth/25%": LLMShrink(drop_blocks=8),
     "depth/50%": LLMShrink(drop_blocks=15),
     "mix/25%": LLMShrink(drop_blocks=4, mlp_ratio=1260 / 1536),
+    "width/25%/taylor": LLMShrink(mlp_ratio=1024 / 1536, importance="taylor"),
+    "width/25%/error": LLMShrink(mlp_ratio=1024 / 1536, importance="error"),
+    "width/25%/dp": LLMShrink(mlp_ratio=1024 / 1536, mlp_allocation="dp"),
 }
 #: the order rows run in (cheap and most wanted first)
 ORDER = ["dense", "width/25%", "depth/25%", "width/25%+distill", "width/50%", "depth/50%",
          "depth/25%+distill", "mix/25%", "width/25%-heads", "mix/25%+distill",
          "width/50%+distill", "depth/50%+distill", "sparsegpt/2:4",
          "width/25%~none", "width/25%-heads~none", "width/25%-heads~attention",
-         "width/25%+distill300", "depth/25%+distill300"]
+         "width/25%+distill300", "depth/25%+distill300",
+         "width/25%/taylor", "width/25%/error", "width/25%/dp"]
 
 
 def main(argv=None) -> int:
@@ -165,7 +177,9 @@ def main(argv=None) -> int:
                          calib_tokens=stats.tokens,
                          params=report.params_after, block_params_ratio=report.block_params_ratio,
                          dropped_blocks=report.dropped_blocks, heads=report.heads[0],
-                         kv_heads=report.kv_heads[0], mlp=report.mlp[0], hidden=report.hidden)
+                         kv_heads=report.kv_heads[0], hidden=report.hidden,
+                         mlp=report.mlp[0] if report.uniform else None,
+                         **({} if report.uniform else {"mlp_per_block": report.mlp}))
             if extra.startswith("distill"):
                 steps = int(extra[len("distill"):] or args.distill_steps)
                 batches = calibration_batches(
@@ -223,7 +237,7 @@ def speed_shapes(dense, results: dict, repeats: int, run: int) -> dict:
     models = {"dense": dense, "dense-copy": copy.deepcopy(dense)}
     for key in ORDER:
         r = results.get(key)
-        if r and "heads" in r and "+" not in key and "~" not in key:
+        if r and "heads" in r and r.get("mlp") and "+" not in key and "~" not in key:
             models[key] = shaped(dense, r)
     speed = compare_speed(models, 512, 32, repeats=repeats)
     base = speed["dense"]

@@ -19,11 +19,16 @@ import torch
 from prunekit.errors import PruneError
 from prunekit.structured.distill import distill, distill_loss
 from prunekit.structured.llm import (
+    IMPORTANCES,
     LLMShrink,
     collect_stats,
     load_llm,
+    mlp_widths,
+    removal_error,
     save_llm,
     shrink_llm,
+    taylor_scores,
+    unit_scores,
 )
 
 VOCAB = 128
@@ -308,6 +313,255 @@ def test_cli_shrinks_saves_and_refuses(tmp_path, capsys):
     assert "--flops-ratio" in capsys.readouterr().err
     assert main(["shrink", "tiny-bert", "--mlp-ratio", "0.5"]) == 2
     assert "prune causal LMs" in capsys.readouterr().err
+
+
+# -- importance (activation, taylor, error) and per-block MLP widths by the DP --------------
+
+def test_taylor_scores_match_a_hand_computation_and_leave_the_model_as_it_was():
+    """Per batch, (sum of grad * weight over the unit's gate slices)^2, summed over batches:
+    a head's o_proj columns, a group's heads' o_proj columns, a neuron's down_proj column, a
+    hidden channel's writers (embedding column, every o_proj and down_proj row), from
+    loss.backward of the causal-LM loss on a copy. The user's .grad, requires_grad flags and
+    per-module train/eval modes are left as they were."""
+    model = tiny(layers=2)
+    data = calib(batches=2)
+    model.train()
+    model.model.layers[1].mlp.eval()
+    down0 = model.model.layers[0].mlp.down_proj.weight
+    sentinel = torch.randn_like(down0)
+    down0.grad = sentinel
+    model.model.layers[1].self_attn.o_proj.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = taylor_scores(model, data)
+    assert down0.grad is sentinel and torch.equal(sentinel, down0.grad.clone())
+    assert all(p.grad is None for p in model.parameters() if p is not down0)
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert modes == {n: m.training for n, m in model.named_modules()}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(t.requires_grad for t in got.head + got.group + got.neuron + [got.hidden])
+
+    ref = copy.deepcopy(model).eval().requires_grad_(True)
+    head = [torch.zeros(8, dtype=torch.float64) for _ in range(2)]
+    group = [torch.zeros(2, dtype=torch.float64) for _ in range(2)]
+    neuron = [torch.zeros(128, dtype=torch.float64) for _ in range(2)]
+    hidden = torch.zeros(64, dtype=torch.float64)
+    for b in data:
+        ref.zero_grad(set_to_none=True)
+        ref(**b, labels=b["input_ids"], use_cache=False).loss.backward()
+
+        def gw(mod):
+            return (mod.weight.grad * mod.weight).double()
+
+        wire = gw(ref.model.embed_tokens).sum(0)  # (vocab, hidden): column c
+        for i, layer in enumerate(ref.model.layers):
+            o, down = gw(layer.self_attn.o_proj), gw(layer.mlp.down_proj)
+            h = o.sum(0).reshape(8, 8).sum(1)
+            head[i] += h ** 2
+            group[i] += h.reshape(2, 4).sum(1) ** 2
+            neuron[i] += down.sum(0) ** 2
+            wire += o.sum(1) + down.sum(1)
+        hidden += wire ** 2
+    close = dict(rtol=1e-3, atol=1e-9)
+    for i in range(2):
+        assert torch.allclose(got.head[i].double(), head[i], **close)
+        assert torch.allclose(got.group[i].double(), group[i], **close)
+        assert torch.allclose(got.neuron[i].double(), neuron[i], **close)
+    assert torch.allclose(got.hidden.double(), hidden, **close)
+    # pieces of one sequence give the same batch gradient, so the same scores
+    again = taylor_scores(model, data, micro_batch=1)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-9)
+               for a, b in zip(again.neuron + again.head + [again.hidden],
+                               got.neuron + got.head + [got.hidden]))
+
+
+def _seen(model, data, mods, what="output"):
+    """Every call's input or output of each of `mods` over the calibration batches."""
+    seen = {m: [] for m in mods}
+
+    def keep(m, t):
+        seen[m].append(t.reshape(-1, t.shape[-1]).double())
+
+    hooks = [m.register_forward_hook(lambda m, a, out: keep(m, out)) if what == "output"
+             else m.register_forward_pre_hook(lambda m, a: keep(m, a[0])) for m in mods]
+    with torch.no_grad():
+        for b in data:
+            model(**b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {m: torch.cat(v) for m, v in seen.items()}
+
+
+def test_error_score_is_the_output_change_of_removing_the_unit_alone():
+    """importance="error": without the refit, the energy by which a layer's output changes
+    on the calibration tokens when only that unit is zeroed (measured by running the
+    model); with the refit (damp=0), the least-squares residual of the layer's output when
+    the unit's inputs are removed and the other columns refit (lstsq, brute force)."""
+    model = tiny(layers=2)
+    g = torch.Generator().manual_seed(4)
+    data = [{"input_ids": torch.randint(0, VOCAB, (2, 48), generator=g)} for _ in range(2)]
+    stats = collect_stats(model, data)  # 192 tokens for down_proj's 128 inputs
+    plain = unit_scores(model, LLMShrink(importance="error", reconstruct="none"), stats)
+    refit = unit_scores(model, LLMShrink(importance="error", reconstruct="all", damp=0.0),
+                        stats)
+    names = {"o": "model.layers.1.self_attn.o_proj", "down": "model.layers.1.mlp.down_proj"}
+    cases = [("neuron", "down", [j]) for j in (0, 17, 101)] + \
+        [("head", "o", list(range(h * 8, h * 8 + 8))) for h in (0, 5)] + \
+        [("group", "o", list(range(32, 64)))]
+    mods = {k: model.get_submodule(n) for k, n in names.items()}
+    base = _seen(model, data, list(mods.values()))
+    x_in = _seen(model, data, list(mods.values()), what="input")
+    for kind, lin, cols in cases:
+        unit = cols[0] // len(cols)
+        cut = copy.deepcopy(model)
+        with torch.no_grad():
+            cut.get_submodule(names[lin]).weight[:, cols] = 0
+        out = _seen(cut, data, [cut.get_submodule(names[lin])])
+        measured = float((base[mods[lin]] - next(iter(out.values()))).pow(2).sum())
+        assert float(getattr(plain, kind)[1][unit]) == pytest.approx(measured, rel=1e-4)
+        x = x_in[mods[lin]]
+        y = x @ mods[lin].weight.detach().double().T
+        keep = [j for j in range(x.shape[1]) if j not in set(cols)]
+        fit = torch.linalg.lstsq(x[:, keep], y).solution
+        residual = float((x[:, keep] @ fit - y).pow(2).sum())
+        assert float(getattr(refit, kind)[1][unit]) == pytest.approx(residual, rel=1e-3)
+    # without the refit, a neuron's and a head's error is their activation score
+    assert torch.allclose(plain.neuron[1], stats.neuron[1], rtol=1e-5)
+    assert torch.allclose(plain.head[1], stats.head[1], rtol=1e-5)
+    # a hidden channel: what zeroing it takes from every reader's output (q, k, v, gate, up
+    # of every block, lm_head), from the readers' inputs
+    readers = [lin for b in model.model.layers for lin in (
+        b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.mlp.gate_proj,
+        b.mlp.up_proj)] + [model.lm_head]
+    xs = _seen(model, data, readers, what="input")
+    for c in (3, 40):
+        want = sum(float((xs[r][:, c:c + 1] @ r.weight.detach().double()[:, c:c + 1].T)
+                         .pow(2).sum()) for r in readers)
+        assert float(plain.hidden[c]) == pytest.approx(want, rel=1e-4)
+
+
+def test_removal_error_equals_brute_force_on_a_small_layer():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    x[:, 3] += 0.9 * x[:, 1]  # correlated inputs: the refit recovers part of a removal
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    y = x @ w.T
+    for size in (1, 2, 3):
+        plain = removal_error(w, x.T @ x, size)
+        refit = removal_error(w, x.T @ x, size, refit=True, damp=0.0)
+        for b in range(6 // size):
+            cols = list(range(b * size, (b + 1) * size))
+            keep = [j for j in range(6) if j not in cols]
+            want = float((x[:, cols] @ w[:, cols].T).pow(2).sum())
+            assert float(plain[b]) == pytest.approx(want, rel=1e-9)
+            fit = torch.linalg.lstsq(x[:, keep], y).solution
+            want = float((x[:, keep] @ fit - y).pow(2).sum())
+            assert float(refit[b]) == pytest.approx(want, rel=1e-7)
+            assert refit[b] <= plain[b] + 1e-9
+
+
+def _removed(scores, widths):
+    return sum(float(torch.sort(s).values[:len(s) - w].sum()) for s, w in zip(scores, widths))
+
+
+@pytest.mark.parametrize("ratio,round_to", [(0.5, 2), (0.3, 3), (0.6, 1)])
+def test_dp_mlp_widths_are_the_brute_force_optimum(ratio, round_to):
+    """Every combination of the allowed widths on 3 blocks: the DP's removes the least
+    summed score within uniform's kept total, and never more than uniform."""
+    import itertools
+    import math
+
+    g = torch.Generator().manual_seed(1)
+    scores = [torch.rand(8, generator=g) * scale for scale in (1.0, 5.0, 0.2)]
+    got = mlp_widths(scores, ratio, round_to)
+    uniform = [min(8, max(round_to, math.ceil(ratio * 8 / round_to - 1e-9) * round_to))] * 3
+    step = round_to if round_to > 1 else 64
+    options = sorted({8, uniform[0], *range(step, 8, step)})
+    best = min(_removed(scores, c) for c in itertools.product(options, repeat=3)
+               if sum(c) <= sum(uniform))
+    assert sum(got) <= sum(uniform) and all(w in options for w in got)
+    assert _removed(scores, got) == pytest.approx(best, abs=1e-9)
+    assert _removed(scores, got) <= _removed(scores, uniform) + 1e-9
+
+
+def test_dp_widths_through_shrink_save_and_reload(tmp_path):
+    """mlp_allocation="dp" on the tiny model: per-block widths, at most uniform's MLP
+    parameters, no more importance removed than uniform, shrunk equals masked, and the
+    prunekit-format file reloads with equal logits."""
+    model = tiny()
+    with torch.no_grad():  # make the blocks' MLPs unequal, so the DP has a reason to differ
+        model.model.layers[0].mlp.down_proj.weight.mul_(4)
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.25)
+    data = calib()
+    stats = collect_stats(model, data)
+    cfg = LLMShrink(mlp_ratio=0.5, round_to=16, reconstruct="none")
+    small, report = shrink_llm(model, cfg.replace(mlp_allocation="dp"), data, stats=stats)
+    flat, uni = shrink_llm(model, cfg, data, stats=stats)
+    assert not report.uniform and all(w % 16 == 0 for w in report.mlp)
+
+    def mlp_params(m):
+        return sum(p.numel() for b in m.model.layers for p in b.mlp.parameters())
+
+    assert mlp_params(small) <= mlp_params(flat) and sum(report.mlp) <= sum(uni.mlp)
+
+    def removed(plan):
+        return sum(float(stats.neuron[i].sum() - stats.neuron[i][plan.neurons[i]].sum())
+                   for i in plan.blocks)
+
+    assert removed(small.prune_plan) <= removed(flat.prune_plan)
+    assert torch.allclose(logits(small), logits(masked(model, small.prune_plan)), atol=2e-5,
+                          rtol=1e-4)
+    back = load_llm(save_llm(small, tmp_path / "dp.safetensors"))
+    assert [b.mlp.down_proj.in_features for b in back.model.layers] == report.mlp
+    assert torch.equal(logits(back), logits(small))
+
+
+@pytest.mark.parametrize("importance,allocation", [(k, "uniform") for k in IMPORTANCES] +
+                         [("error", "dp")])
+def test_every_importance_shrinks_to_the_masked_model(importance, allocation):
+    model = tiny()
+    cfg = LLMShrink(heads=2, kv_heads=1, mlp_ratio=0.5, hidden_ratio=0.75, drop_blocks=1,
+                    round_to=16, importance=importance, mlp_allocation=allocation, **EXACT)
+    small, report = shrink_llm(model, cfg, calib())
+    assert report.config["importance"] == importance
+    assert torch.allclose(logits(small), logits(masked(model, small.prune_plan)), atol=2e-5,
+                          rtol=1e-4)
+
+
+def test_bad_importance_and_allocation_name_the_field():
+    assert IMPORTANCES == ("activation", "taylor", "error")
+    with pytest.raises(PruneError, match=r"LLMShrink\.importance must be one of"):
+        LLMShrink(importance="flap")
+    with pytest.raises(PruneError, match=r"LLMShrink\.mlp_allocation='dp' .* mlp_ratio < 1"):
+        LLMShrink(mlp_allocation="dp")
+    with pytest.raises(PruneError, match=r"LLMShrink\.mlp_allocation='dp' .* not mlp_per_la"):
+        LLMShrink(mlp_allocation="dp", mlp_ratio=0.5, mlp_per_layer=(0.5,) * 4)
+    with pytest.raises(PruneError, match=r"LLMShrink\.mlp_allocation must be one of"):
+        LLMShrink(mlp_allocation="greedy")
+    model = tiny()
+    stats = collect_stats(model, calib(), grams=False)
+    with pytest.raises(PruneError, match=r"importance='error' reads the Gram matrices"):
+        shrink_llm(model, LLMShrink(mlp_ratio=0.5, importance="error", reconstruct="none"),
+                   calib(), stats=stats)
+
+
+def test_cli_importance_and_mlp_allocation(capsys):
+    from prunekit.cli import main
+
+    rc = main(["shrink", "tiny-llama", "--mlp-ratio", "0.5", "--importance", "taylor",
+               "--mlp-allocation", "dp", "--round-to", "16", "--reconstruct", "none",
+               "--calib-samples", "2",
+               "--calib-len", "16", "--eval-tokens", "0", "--prefill-tokens", "8",
+               "--decode-tokens", "1", "--json", "--quiet"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["config"]["importance"] == "taylor" and got["config"]["mlp_allocation"] == "dp"
+    assert sum(got["mlp"]) <= 64 * len(got["mlp"])
+    assert main(["shrink", "tiny-llama", "--mlp-ratio", "0.5", "--importance", "l1"]) == 2
+    assert "--importance l1 is a criterion of the traced graph" in capsys.readouterr().err
+    assert main(["shrink", "tiny-llama", "--mlp-ratio", "0.5", "--allocation", "dp"]) == 2
+    assert "--mlp-allocation dp" in capsys.readouterr().err
 
 
 @pytest.mark.slow

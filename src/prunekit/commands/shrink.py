@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("model", help="registry name (see `prunekit models`), module:function, or "
                                  "for the causal-LM options a .gguf file or transformers folder")
     from prunekit.structured.importance import CRITERIA
+    from prunekit.structured.llm import IMPORTANCES
 
     budget = p.add_mutually_exclusive_group()  # every ratio is the fraction KEPT
     budget.add_argument("--channel-ratio", type=float,
@@ -33,10 +34,12 @@ def register(sub) -> None:
                         help="FLOPs kept, as a fraction (the default: 0.5)")
     budget.add_argument("--params-ratio", type=float, help="parameters kept, as a fraction")
     budget.add_argument("--latency-ratio", type=float, help="measured latency kept")
-    p.add_argument("--importance", default="l1", choices=CRITERIA.names(),
+    p.add_argument("--importance", choices=CRITERIA.names() + [
+                       k for k in IMPORTANCES if k not in CRITERIA.names()],
                    help="; ".join(f"{e.name}: {e.summary.rstrip('.')}" + (
                        f", needs {e.meta['needs']}" if e.meta.get("needs") != "none" else "")
-                       for e in CRITERIA.entries()))
+                       for e in CRITERIA.entries()) + " (default l1). Causal LMs: " +
+                   ", ".join(IMPORTANCES) + " (default activation; structured.llm)")
     p.add_argument("--round-to", type=int, default=1, help="keep multiples of 8 or 16")
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--ignore", action="append", default=[], metavar="MODULE",
@@ -90,6 +93,10 @@ def _llm_options(p) -> None:
     g.add_argument("--mlp-ratio", type=float, help="fraction of MLP neurons kept per block")
     g.add_argument("--hidden-ratio", type=float, help="fraction of hidden channels kept")
     g.add_argument("--drop-blocks", type=count(0), help="whole blocks removed")
+    g.add_argument("--mlp-allocation", choices=("uniform", "dp"), default="uniform",
+                   help="uniform: --mlp-ratio in every block; dp: each block its own MLP "
+                        "width (multiples of --round-to, or of 64), at most uniform's MLP "
+                        "parameters in all, removing the least summed importance")
     g.add_argument("--block-metric", choices=("influence", "perplexity"), default="influence",
                    help="which blocks go: least 1 - cos(input, output), or least calibration "
                         "perplexity cost")
@@ -133,7 +140,8 @@ def cmd_shrink(args) -> int:
     config = ChannelPrune(
         channel_ratio=args.channel_ratio, flops_ratio=args.flops_ratio,
         params_ratio=args.params_ratio,
-        latency_ratio=args.latency_ratio, importance=args.importance, round_to=args.round_to,
+        latency_ratio=args.latency_ratio, importance=args.importance or "l1",
+        round_to=args.round_to,
         min_channels=args.min_channels, ignore=tuple(args.ignore),
         global_ranking=args.global_ranking, include_reduced=args.include_reduced,
         seed=args.seed, allocation=args.allocation, cut=tuple(args.cut) or ("*",),
@@ -161,7 +169,13 @@ def cmd_shrink_llm(args) -> int:
     perplexity before and after (and after distillation with --distill-steps)."""
     from prunekit.models import calibration_batches, get_info, load_model
     from prunekit.structured.distill import distill
-    from prunekit.structured.llm import LLMShrink, compare_speed, save_llm, shrink_llm
+    from prunekit.structured.llm import (
+        IMPORTANCES,
+        LLMShrink,
+        compare_speed,
+        save_llm,
+        shrink_llm,
+    )
 
     given = [f"--{k.replace('_', '-')}" for k in ("channel_ratio", "flops_ratio",
                                                   "params_ratio", "latency_ratio")
@@ -170,15 +184,23 @@ def cmd_shrink_llm(args) -> int:
         raise PruneError(f"{given[0]} is a budget of the traced graph; the causal-LM options "
                          f"(--heads, --kv-heads, --mlp-ratio, --hidden-ratio, --drop-blocks) "
                          f"set the widths themselves: use one kind or the other")
+    if args.allocation != "uniform":
+        raise PruneError("--allocation is the traced graph's; for a causal LM's per-block MLP "
+                         "widths use --mlp-allocation dp")
     info = get_info(args.model)
     if info.task != "causal-lm":
         raise PruneError(f"{args.model} is a {info.task} model; --heads, --kv-heads, "
                          f"--mlp-ratio, --hidden-ratio and --drop-blocks prune causal LMs")
+    importance = args.importance or "activation"
+    if importance not in IMPORTANCES:
+        raise PruneError(f"--importance {importance} is a criterion of the traced graph; "
+                         f"causal LMs are scored by {', '.join(IMPORTANCES)}")
     config = LLMShrink(heads=args.heads, kv_heads=args.kv_heads,
                        mlp_ratio=1.0 if args.mlp_ratio is None else args.mlp_ratio,
                        hidden_ratio=1.0 if args.hidden_ratio is None else args.hidden_ratio,
                        drop_blocks=args.drop_blocks or 0, block_metric=args.block_metric,
-                       round_to=args.round_to, reconstruct=args.reconstruct or "all")
+                       round_to=args.round_to, reconstruct=args.reconstruct or "all",
+                       importance=importance, mlp_allocation=args.mlp_allocation)
     out = None
     if args.out:
         from pathlib import Path

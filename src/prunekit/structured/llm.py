@@ -24,6 +24,45 @@ over calibration tokens (ShortGPT, Men et al. 2024), or by the calibration perpl
 model without that one block (Shortened LLaMA, Kim et al. 2024). The block list, the blocks'
 layer_idx (the KV cache's slot) and config.num_hidden_layers shrink together.
 
+Importance (`LLMShrink.importance`; higher is kept, depth is ranked by `block_metric` alone):
+- "activation" (the default): the energies above, from one forward pass with hooks.
+- "taylor": first-order Taylor from the causal-LM loss on the calibration tokens (labels =
+  inputs), per unit (sum over its gate slices of grad * weight)^2 per calibration batch,
+  summed over batches (Molchanov et al. 2019, as structured.importance's `taylor`). The gate
+  slices are those whose scaling by m scales the unit's contribution by m, so the sum is
+  exactly dL/dm, the first-order loss change of removing the unit: a query head's o_proj
+  columns; a key/value group's query heads' o_proj columns (k and v only feed them); an MLP
+  neuron's down_proj column (its up_proj row gives the same sum, the gate row a different
+  derivative, so adding them would count one removal twice or thrice); a hidden channel's
+  writers, every o_proj and down_proj row c and the embedding's output at c (the channel is
+  then zero in the residual stream, so what reads it adds nothing; the embedding is taken
+  at its output, so a tied head's own use of the same weight is not counted). Gradients come
+  from torch.autograd.grad in eval mode: the weights' .grad, requires_grad flags and
+  train/eval modes are left as they were.
+- "error": the one-shot output error of removing the unit alone, from the calibration Gram
+  matrices G = X^T X of the layer that reads the unit (W: that layer's weight, B: the
+  unit's input columns):
+    without the refit   E = tr(W_B G_BB W_B^T)           (neuron i: ||W[:, i]||^2 G_ii)
+    with the refit      E = tr(W_B [(G^-1)_BB]^-1 W_B^T) (neuron i: ||W[:, i]||^2 / [G^-1]_ii)
+  the second is Optimal Brain Surgeon's cost: the least-squares residual of the layer's
+  output when B is removed and the other columns refit (G damped as the refit damps it).
+  Neurons read down_proj (refit form when reconstruct="all"), query heads and whole
+  key/value groups the o_proj block of their columns (refit form when reconstruct is
+  "attention" or "all"); without the refit the neuron and head errors are exactly the
+  activation scores. A hidden channel's refit is not done (reconstruct refits o_proj and
+  down_proj, not the readers of the residual stream), so its error is the no-refit one
+  summed over every layer that reads it: q, k, v (input norm), gate, up (post-attention
+  norm), lm_head (final norm), ||W[:, c]||^2 times that norm's output energy at c.
+
+Per-block MLP widths (`mlp_allocation="dp"`): each kept block gets its own width, in
+multiples of `round_to` (of DP_STEP = 64 when round_to is 1: SmolLM2's 1536 gives 24
+choices) plus the width uniform `mlp_ratio` gives, such that the kept neurons, summed over the
+blocks, are at most uniform's (every block's neuron carries the same parameters, so that is
+the same parameter budget), minimising the summed scores of the neurons removed (the lowest
+in each block, by the chosen importance). The DP is widths.py's, prunekit.budget.dp.solve,
+in its exact integer mode; uniform's widths are among the choices, so the DP never removes
+more importance than uniform.
+
 The cut itself is structured.remove's (`remove_slices` on channel classes built from the known
 Llama layout rather than traced: the layout is checked module by module first).
 Recovery by distillation lives in structured.distill.
@@ -35,8 +74,9 @@ import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args, get_type_hints
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +86,7 @@ from prunekit.config import Config
 from prunekit.errors import PruneError
 from prunekit.progress import Progress
 from prunekit.structured.graph import ChannelClass
-from prunekit.structured.measure import count_params
+from prunekit.structured.measure import count_params, modes_restored
 from prunekit.structured.remove import copy_model, remove_slices
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -75,6 +115,10 @@ class LLMShrink(Config):
     SmolLM2 (MLP 1536 wide) keeping 1024 neurons, perplexity went 46.2 -> 40.0 with the
     refit on 64 x 256 tokens but 48.4 -> 52.3 on 16 x 256; shrink_llm warns below 8 tokens
     per input.
+    `importance`: how heads, groups, neurons and hidden channels are scored ("activation",
+    "taylor", "error"; the module docstring has the formulas). `mlp_allocation`: "uniform"
+    (mlp_ratio in every block) or "dp" (per-block widths whose kept MLP parameters are at
+    most uniform mlp_ratio's, chosen by the DP to remove the least summed importance).
     """
 
     name: ClassVar[str] = "llmshrink"
@@ -89,6 +133,8 @@ class LLMShrink(Config):
     round_to: int = 1
     reconstruct: Literal["none", "attention", "all"] = "all"
     damp: float = 0.01
+    importance: Literal["activation", "taylor", "error"] = "activation"
+    mlp_allocation: Literal["uniform", "dp"] = "uniform"
 
     def check(self) -> None:
         for k in ("mlp_ratio", "hidden_ratio"):
@@ -110,6 +156,17 @@ class LLMShrink(Config):
             raise PruneError(f"LLMShrink.round_to={self.round_to} must be at least 1")
         if not self.damp >= 0:
             raise PruneError(f"LLMShrink.damp={self.damp} must be >= 0")
+        if self.mlp_allocation == "dp" and self.mlp_per_layer is not None:
+            raise PruneError("LLMShrink.mlp_allocation='dp' chooses the per-block MLP widths "
+                             "itself: give the budget as mlp_ratio, not mlp_per_layer")
+        if self.mlp_allocation == "dp" and self.mlp_ratio >= 1:
+            raise PruneError(f"LLMShrink.mlp_allocation='dp' spreads an MLP cut over the "
+                             f"blocks: it needs mlp_ratio < 1 (the fraction of MLP parameters "
+                             f"kept), got {self.mlp_ratio}")
+
+
+#: the importance criteria LLMShrink takes (its Literal; the CLI's choices)
+IMPORTANCES: tuple[str, ...] = get_args(get_type_hints(LLMShrink)["importance"])
 
 
 # -- the layout ------------------------------------------------------------------------------
@@ -188,20 +245,35 @@ class LLMStats:
     tokens: int
     o_gram: list[torch.Tensor] | None = None  # X^T X of o_proj's input (grams=True)
     down_gram: list[torch.Tensor] | None = None  # X^T X of down_proj's input
+    # (hidden,) energy at each RMSNorm's output: block i's input and post-attention norms
+    # at 2i and 2i + 1, the final norm last (their sum is `hidden`)
+    norm_energy: list[torch.Tensor] = field(default_factory=list)
+    taylor: UnitScores | None = None  # importance="taylor" (taylor=True, or on first use)
+
+
+@dataclass
+class UnitScores:
+    """One criterion's score of every unit (higher is kept), per block in block order."""
+
+    head: list[torch.Tensor]  # (query heads,)
+    group: list[torch.Tensor]  # (key/value heads,): the group with all its query heads
+    neuron: list[torch.Tensor]  # (MLP width,)
+    hidden: torch.Tensor  # (hidden,)
 
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, calib, progress: bool = False,
-                  grams: bool = True) -> LLMStats:
+                  grams: bool = True, taylor: bool = False) -> LLMStats:
     """One pass over the calibration batches with hooks (nothing is kept but sums; with
-    `grams`, the Gram matrices of every o_proj and down_proj input, for reconstruct)."""
+    `grams`, the Gram matrices of every o_proj and down_proj input, for reconstruct and
+    importance="error"); with `taylor`, also the gradient pass of importance="taylor"."""
     layers = llama_layers(model)
     n = len(layers)
     gram = [None] * n
     sq = [None] * n
     o_full = [None] * n
     d_full = [None] * n
-    hidden = None
+    energy = [None] * (2 * n + 1)
     infl = [0.0] * n
     tokens = 0
     hooks = []
@@ -227,10 +299,11 @@ def collect_stats(model: nn.Module, calib, progress: bool = False,
             sq[i] = s if sq[i] is None else sq[i] + s
         return hook
 
-    def norm_out(m, args, out):
-        nonlocal hidden
-        s = out.detach().double().reshape(-1, out.shape[-1]).pow(2).sum(0)
-        hidden = s if hidden is None else hidden + s
+    def norm_out(k):
+        def hook(m, args, out):
+            s = out.detach().double().reshape(-1, out.shape[-1]).pow(2).sum(0)
+            energy[k] = s if energy[k] is None else energy[k] + s
+        return hook
 
     def block(i):
         def hook(m, args, kwargs, out):
@@ -245,10 +318,10 @@ def collect_stats(model: nn.Module, calib, progress: bool = False,
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
             o_in(i, layer.self_attn.head_dim)))
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(down_in(i)))
-        for nm in _NORMS:
-            hooks.append(getattr(layer, nm).register_forward_hook(norm_out))
+        for j, nm in enumerate(_NORMS):
+            hooks.append(getattr(layer, nm).register_forward_hook(norm_out(2 * i + j)))
         hooks.append(layer.register_forward_hook(block(i), with_kwargs=True))
-    hooks.append(model.model.norm.register_forward_hook(norm_out))
+    hooks.append(model.model.norm.register_forward_hook(norm_out(2 * n)))
     batches = list(as_batches(calib))
     if not batches:
         raise PruneError("structured.llm needs calibration batches (token ids) to score heads, "
@@ -279,14 +352,139 @@ def collect_stats(model: nn.Module, calib, progress: bool = False,
         heads.append(torch.einsum("hdi,hij,hdj->h", wh, gram[i], wh).float())
     neurons = [sq[i] * layer.mlp.down_proj.weight.detach().double().pow(2).sum(0)
                for i, layer in enumerate(layers)]
-    return LLMStats(head=heads, neuron=[s.float() for s in neurons], hidden=hidden.float(),
+    return LLMStats(head=heads, neuron=[s.float() for s in neurons],
+                    hidden=sum(energy).float(),
                     influence=[v / max(tokens, 1) for v in infl], tokens=tokens,
-                    o_gram=o_full if grams else None, down_gram=d_full if grams else None)
+                    o_gram=o_full if grams else None, down_gram=d_full if grams else None,
+                    norm_energy=energy,
+                    taylor=taylor_scores(model, batches, progress) if taylor else None)
 
 
 def _no_cache(batch):
     return {**batch, "use_cache": False} if isinstance(batch, dict) else \
         {"input_ids": batch, "use_cache": False}
+
+
+def taylor_scores(model: nn.Module, calib, progress: bool = False,
+                  micro_batch: int = 4) -> UnitScores:
+    """First-order Taylor importance (gate form, module docstring) of every query head,
+    key/value group, MLP neuron and hidden channel: per calibration batch, the sum of
+    grad * weight over the unit's gate slices, squared; summed over batches. The loss is the
+    batch's mean next-token cross-entropy (labels = inputs), its gradient accumulated over
+    pieces of `micro_batch` sequences (the same sum, less memory). Uses torch.autograd.grad,
+    so no .grad is written; requires_grad flags and every module's mode are restored."""
+    layers = llama_layers(model)
+    batches = [_no_cache(b) for b in as_batches(calib)]
+    if not batches:
+        raise PruneError("importance='taylor' needs calibration batches (token ids); got none")
+    if micro_batch < 1:
+        raise PruneError(f"micro_batch={micro_batch} must be at least 1")
+    o_w = [b.self_attn.o_proj.weight for b in layers]
+    down_w = [b.mlp.down_proj.weight for b in layers]
+    weights = o_w + down_w
+    shapes = [_heads(b) for b in layers]
+    d = model.model.embed_tokens.embedding_dim
+    head = [torch.zeros(hq, dtype=torch.float64) for hq, _, _ in shapes]
+    group = [torch.zeros(hkv, dtype=torch.float64) for _, hkv, _ in shapes]
+    neuron = [torch.zeros(w.shape[1], dtype=torch.float64) for w in down_w]
+    hidden = torch.zeros(d, dtype=torch.float64)
+    embedded = []
+
+    def leaf(m, args, out):  # the embedding's output as a leaf: its own gradient, nothing else
+        out = out.detach().requires_grad_(True)
+        embedded.append(out)
+        return out
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    hook = model.model.embed_tokens.register_forward_hook(leaf)
+    try:
+        with modes_restored(model), torch.enable_grad(), Progress(enabled=progress) as bar:
+            model.eval()
+            for p, _ in flags:  # gradients for the weights scored, none kept for the others
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            task = bar.add("Taylor: gradients", total=len(batches))
+            for b in batches:
+                grads = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+                emb = torch.zeros(d, dtype=torch.float64)
+                count = _targets(b)[1].sum()
+                for piece in _pieces(b, micro_batch):
+                    embedded.clear()
+                    logits = output_tensor(run_batch(model, piece))[:, :-1].float()
+                    labels, valid = _targets(piece)
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                          labels.reshape(-1), reduction="none")
+                    loss = (nll * valid.reshape(-1)).sum() / count
+                    got = torch.autograd.grad(loss, weights + embedded[:1], allow_unused=True)
+                    for acc, g in zip(grads, got):
+                        if g is not None:
+                            acc += g.double()
+                    x, g = embedded[0], got[-1]
+                    if g is not None:
+                        emb += (x.detach().double() * g.double()).reshape(-1, d).sum(0)
+                wire = emb
+                for i, (hq, hkv, hd) in enumerate(shapes):
+                    go = grads[i] * o_w[i].detach().double()  # (d, hq * hd)
+                    per_head = go.sum(0).reshape(hq, hd).sum(1)
+                    head[i] += per_head.pow(2)
+                    group[i] += per_head.reshape(hkv, hq // hkv).sum(1).pow(2)
+                    gd = grads[len(layers) + i] * down_w[i].detach().double()
+                    neuron[i] += gd.sum(0).pow(2)
+                    wire = wire + go.sum(1) + gd.sum(1)
+                hidden += wire.pow(2)
+                bar.advance(task)
+    finally:
+        hook.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return UnitScores([h.float() for h in head], [g.float() for g in group],
+                      [v.float() for v in neuron], hidden.float())
+
+
+def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token labels, 1.0 where counted): positions 1.. of input_ids, masked padding."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else \
+        mask[:, 1:].float()
+    return ids[:, 1:], valid
+
+
+def _pieces(batch: dict, size: int) -> list[dict]:
+    n = batch["input_ids"].shape[0]
+    return [{k: v[s:s + size] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+             for k, v in batch.items()} for s in range(0, n, size)]
+
+
+def _damped(g: torch.Tensor, damp: float) -> torch.Tensor:
+    """G + (damp * mean diagonal + 1e-12) I: the Gram matrix the refit and its cost solve."""
+    return g + torch.eye(len(g), dtype=g.dtype) * (
+        damp * float(torch.diagonal(g).mean()) + 1e-12)
+
+
+@torch.no_grad()
+def removal_error(weight: torch.Tensor, gram: torch.Tensor, size: int = 1,
+                  refit: bool = False, damp: float = 0.0) -> torch.Tensor:
+    """One-shot output error of removing each block of `size` consecutive input columns of a
+    linear layer alone, from the Gram matrix G = X^T X of its inputs: tr(W_B G_BB W_B^T)
+    without the refit, tr(W_B [(G^-1)_BB]^-1 W_B^T) with the least-squares refit of the
+    other columns (OBS; G damped as _damped says). Returns (in_features // size,)."""
+    w = weight.detach().double()
+    n = w.shape[1] // size
+    wb = w.reshape(w.shape[0], n, size).permute(1, 0, 2)  # (n, out, size)
+    g = gram.double()
+    if refit:
+        chol, info = torch.linalg.cholesky_ex(_damped(g, damp))
+        if info:
+            raise PruneError(f"the refit's Gram matrix ({len(g)} inputs) is singular: fewer "
+                             f"calibration tokens than inputs, or dead inputs; give damp > 0 "
+                             f"(got {damp}) or more calibration text")
+        g = torch.cholesky_inverse(chol)
+    blocks = g.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    if refit:
+        blocks = torch.linalg.inv(blocks)
+    return torch.einsum("nos,nst,not->n", wb, blocks, wb)
 
 
 @torch.no_grad()
@@ -340,6 +538,76 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist())
 
 
+def unit_scores(model: nn.Module, config: LLMShrink, stats: LLMStats) -> UnitScores:
+    """The scores config.importance ranks heads, groups, neurons and hidden channels by."""
+    layers = llama_layers(model)
+    if config.importance == "activation":
+        return UnitScores(stats.head, [h.reshape(_heads(b)[1], -1).sum(1)
+                                       for h, b in zip(stats.head, layers)],
+                          stats.neuron, stats.hidden)
+    if config.importance == "taylor":
+        if stats.taylor is None:
+            raise PruneError("LLMShrink.importance='taylor' needs the gradient pass: "
+                             "collect_stats(..., taylor=True) (shrink_llm runs it)")
+        return stats.taylor
+    if stats.o_gram is None or not stats.norm_energy:
+        raise PruneError("LLMShrink.importance='error' reads the Gram matrices: "
+                         "collect_stats(..., grams=True) (shrink_llm collects them)")
+    heads, groups, neurons = [], [], []
+    attn_refit, mlp_refit = config.reconstruct != "none", config.reconstruct == "all"
+    hidden = torch.zeros_like(stats.norm_energy[0])
+
+    def reads(e, *lins):  # what zeroing input channel c takes from these layers' outputs
+        return e * sum(lin.weight.detach().double().pow(2).sum(0) for lin in lins)
+
+    for i, b in enumerate(layers):
+        a, m = b.self_attn, b.mlp
+        hq, hkv, hd = _heads(b)
+        heads.append(removal_error(a.o_proj.weight, stats.o_gram[i], hd, attn_refit,
+                                   config.damp).float())
+        groups.append(removal_error(a.o_proj.weight, stats.o_gram[i], hd * hq // hkv,
+                                    attn_refit, config.damp).float())
+        neurons.append(removal_error(m.down_proj.weight, stats.down_gram[i], 1, mlp_refit,
+                                     config.damp).float())
+        hidden += reads(stats.norm_energy[2 * i], a.q_proj, a.k_proj, a.v_proj) + \
+            reads(stats.norm_energy[2 * i + 1], m.gate_proj, m.up_proj)
+    hidden += reads(stats.norm_energy[-1], model.lm_head)
+    return UnitScores(heads, groups, neurons, hidden.float())
+
+
+#: the width step of mlp_allocation="dp" when round_to is 1
+DP_STEP = 64
+
+
+def mlp_widths(neuron: list[torch.Tensor], ratio: float, round_to: int = 1) -> list[int]:
+    """Kept MLP width per block (the blocks of `neuron`, each its neurons' scores) with the
+    summed kept width at most uniform `ratio`'s, minimising the summed scores removed (the
+    lowest in each block). Choices per block: the full width, the multiples of round_to (of
+    DP_STEP when round_to is 1) below it, and uniform's width; solved exactly by
+    prunekit.budget.dp.solve (costs in kept neurons, every neuron the same parameters)."""
+    from prunekit.budget.dp import solve
+
+    full = [len(s) for s in neuron]
+    uniform = [_round_up(ratio * w, round_to, w) for w in full]
+    step = round_to if round_to > 1 else DP_STEP
+    choices = [sorted({w, u, *range(step, w, step)}, reverse=True)
+               for w, u in zip(full, uniform)]
+    errors = []
+    for s, ws in zip(neuron, choices):
+        low = torch.cat([torch.zeros(1, dtype=torch.float64),
+                         torch.sort(s.double()).values.cumsum(0)])
+        errors.append([float(low[len(s) - w]) for w in ws])  # the len(s) - w lowest go
+    unit = math.gcd(*(w for ws in choices for w in ws), sum(uniform))
+    levels = max(len(ws) for ws in choices)
+    err = np.full((len(full), levels), np.inf)
+    cost = np.zeros((len(full), levels))
+    for i, (ws, e) in enumerate(zip(choices, errors)):
+        err[i, :len(ws)] = e
+        cost[i, :len(ws)] = [w // unit for w in ws]
+    pick = solve(err, cost, sum(uniform) // unit, resolution=None)
+    return [ws[k] for ws, k in zip(choices, pick)]
+
+
 def plan_llm(model: nn.Module, config: LLMShrink, stats: LLMStats,
              block_scores: list[float] | None = None) -> LLMPlan:
     """Choose what stays (refusing a config the model cannot hold before any work)."""
@@ -355,21 +623,26 @@ def plan_llm(model: nn.Module, config: LLMShrink, stats: LLMStats,
     order = sorted(range(n), key=lambda i: scores[i])
     dropped = set(order[:config.drop_blocks])
     blocks = [i for i in range(n) if i not in dropped]
+    u = unit_scores(model, config, stats)
+    if config.mlp_allocation == "dp":
+        widths = dict(zip(blocks, mlp_widths([u.neuron[i] for i in blocks], config.mlp_ratio,
+                                             config.round_to)))
     heads, kvs, neurons = {}, {}, {}
     for i in blocks:
         hq, hkv, _ = _heads(layers[i])
         group = hq // hkv
         kv_keep = config.kv_heads or hkv
         per = (config.heads // kv_keep) if config.heads else group
-        s = stats.head[i].reshape(hkv, group)
-        kv = _top(s.sum(1), kv_keep)
+        s = u.head[i].reshape(hkv, group)
+        kv = _top(u.group[i], kv_keep)
         kvs[i] = kv
         heads[i] = [g * group + j for g in kv for j in _top(s[g], per)]
         width = layers[i].mlp.down_proj.in_features
         ratio = config.mlp_per_layer[i] if config.mlp_per_layer else config.mlp_ratio
-        neurons[i] = _top(stats.neuron[i], _round_up(ratio * width, config.round_to, width))
+        neurons[i] = _top(u.neuron[i], widths[i] if config.mlp_allocation == "dp" else
+                          _round_up(ratio * width, config.round_to, width))
     d = model.model.embed_tokens.embedding_dim
-    hidden = _top(stats.hidden, _round_up(config.hidden_ratio * d, config.round_to, d))
+    hidden = _top(u.hidden, _round_up(config.hidden_ratio * d, config.round_to, d))
     return LLMPlan(blocks, heads, kvs, neurons, hidden, list(scores))
 
 
@@ -507,9 +780,7 @@ def reconstruct(dense: nn.Module, small: nn.Module, plan: LLMPlan, stats: LLMSta
                               f"with fewer than {8 * big.in_features} it overfits them and may "
                               f"raise perplexity: give more calibration text or "
                               f"reconstruct='none'", stacklevel=3)
-            gk = g[keep][:, keep]
-            gk = gk + torch.eye(len(keep), dtype=gk.dtype) * (
-                damp * float(torch.diagonal(gk).mean()) + 1e-12)
+            gk = _damped(g[keep][:, keep], damp)
             w = big.weight.double()
             fit = torch.linalg.solve(gk, (w @ g[:, keep]).T).T  # (d, |K|): gk symmetric
             lin.weight.copy_(fit[rows].to(lin.weight.dtype))
@@ -600,12 +871,17 @@ def shrink_llm(model: nn.Module, config: LLMShrink, calib, progress: bool = Fals
                stats: LLMStats | None = None) -> tuple[nn.Module, LLMShrinkReport]:
     """Return (smaller model, report); the input model is not modified. `calib`: batches of
     token ids ({'input_ids': (b, T)} or tensors), e.g. models.calibration_batches. `stats`:
-    a collect_stats result for this model, reused (several configs from one pass)."""
+    a collect_stats result for this model, reused (several configs from one pass; the
+    Taylor scores are added to it the first time importance="taylor" needs them)."""
     if not isinstance(config, LLMShrink):
         raise PruneError(f"config must be an LLMShrink, got {type(config).__name__}")
     check_config(model, config)
+    taylor = config.importance == "taylor"
     if stats is None:
-        stats = collect_stats(model, calib, progress, grams=config.reconstruct != "none")
+        stats = collect_stats(model, calib, progress, taylor=taylor,
+                              grams=config.reconstruct != "none" or config.importance == "error")
+    elif taylor and stats.taylor is None:  # kept on the stats, for the next config
+        stats.taylor = taylor_scores(model, calib, progress)
     costs = None
     if config.block_metric == "perplexity" and config.drop_blocks:
         costs = block_perplexity_cost(model, calib)
