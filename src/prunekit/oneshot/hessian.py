@@ -7,25 +7,44 @@ import torch
 
 from prunekit.errors import PruneError
 
+#: How dampening is added to H's diagonal (the `dampening_rule` of the Hessian methods).
+#: "mean": dampening x the mean diagonal on every input (the published rule of OBC, GPTQ,
+#: SparseGPT); "input": dampening x each input's own H_ii (H + lambda diag(H)).
+DAMPENING_RULES = ("mean", "input")
+
 
 def damped_hessian(hessian: torch.Tensor, w: torch.Tensor, dampening: float, layer: str,
-                   dtype: torch.dtype = torch.float64):
+                   dtype: torch.dtype = torch.float64, rule: str = "mean"):
     """A copy of H in `dtype` with dead inputs fixed and dampening added; zeroes dead columns
     of w.
 
     A dead input (zero diagonal: the feature never fired on the calibration set) gets H_ii = 1
     so the matrix stays invertible; its weights cannot matter and are set to zero. Dampening
-    adds `dampening` times the mean diagonal to the diagonal (the published rule). The
-    diagonal is computed in float64 whatever `dtype` is, so a float32 copy holds exactly the
-    values of the float64 one rounded once (and costs one copy, not two).
+    (`rule`, DAMPENING_RULES) adds `dampening` times the mean diagonal to the diagonal (the
+    published rule), or `dampening` times each input's own diagonal entry ("input").
+
+    Why "input": LLM layers carry outlier features, a few inputs with 100x the others'
+    energy. The mean diagonal is then set by the outliers, and 1% of it swamps the diagonal of
+    every ordinary input, so the method's updates see an almost diagonal H there and lose the
+    correlations they exist to use. H + lambda diag(H) = D^1/2 (C + lambda I) D^1/2 (C the
+    inputs' correlation matrix) damps every input alike relative to its own scale. On a
+    synthetic layer (128 inputs whose scales decay 100x, three scaled 20x, 1024 rows;
+    tests/test_hessian_methods.py) SparseGPT at 50% has 3x Wanda's error under the mean rule
+    at 0.01 and less than Wanda's under the input rule.
+
+    The diagonal is computed in float64 whatever `dtype` is, so a float32 copy holds exactly
+    the values of the float64 one rounded once (and costs one copy, not two).
     """
     if not (dampening >= 0):
         raise PruneError(f"{layer}: dampening must be >= 0, got {dampening!r}")
+    if rule not in DAMPENING_RULES:
+        raise PruneError(f"{layer}: dampening rule must be one of {DAMPENING_RULES}, got "
+                         f"{rule!r}")
     diag = torch.diagonal(hessian).to(torch.float64).clone()
     dead = diag == 0
     diag[dead] = 1.0
     w[:, dead] = 0
-    diag += dampening * diag.mean()
+    diag += dampening * (diag.mean() if rule == "mean" else diag)
     h = hessian.to(dtype, copy=True)
     torch.diagonal(h).copy_(diag)
     return h

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -128,6 +129,9 @@ class OBS(JointQuantization, PruneConfig):
     """
 
     dampening: float = 0.01
+    #: "mean": dampening x the mean diagonal of H (published); "input": x each input's own
+    #: H_ii (prunekit.oneshot.hessian.damped_hessian says why)
+    dampening_rule: Literal["mean", "input"] = "mean"
     row_cap: float = 1.5
     batch: int = 32
     quant: Grid | str | None = None
@@ -150,7 +154,8 @@ class OBS(JointQuantization, PruneConfig):
         dtype = torch.float64
         rows, d = w.shape
         w = w.to(dtype).clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)
+        h = damped_hessian(hessian, w, self.dampening, layer,
+                           rule=self.dampening_rule)
         hinv = torch.cholesky_inverse(cholesky_lower(h, layer, self.dampening)).to(dtype)
         nm = pattern if isinstance(pattern, NM) else None
         if nm is not None or pattern.per == "row":
@@ -174,7 +179,8 @@ class OBS(JointQuantization, PruneConfig):
 
         pruned_w, keep = self.prune_matrix(w, hessian, pattern, sparsity, layer)
         w = w.to(torch.float64).clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)
+        h = damped_hessian(hessian, w, self.dampening, layer,
+                           rule=self.dampening_rule)
         hinv = torch.cholesky_inverse(cholesky_lower(h, layer, self.dampening))
         scales, zeros = grid.fit(pruned_w, layer)  # the range of the weights that remain
         return obq_matrix(w, hinv, grid, scales, zeros, pruned=~keep, batch=self.batch)

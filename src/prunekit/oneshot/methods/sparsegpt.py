@@ -19,6 +19,7 @@ GPTQ, which prunekit.quant.methods.gptq runs through it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -121,6 +122,9 @@ class SparseGPT(JointQuantization, PruneConfig):
 
     blocksize: int = 128
     dampening: float = 0.01
+    #: "mean": dampening x the mean diagonal of H (published); "input": x each input's own
+    #: H_ii (prunekit.oneshot.hessian.damped_hessian says why)
+    dampening_rule: Literal["mean", "input"] = "mean"
     quant: Grid | str | None = None
 
     name = "sparsegpt"
@@ -136,7 +140,8 @@ class SparseGPT(JointQuantization, PruneConfig):
 
     def prune_matrix(self, w, hessian, pattern, sparsity, layer):
         w = w.clone()
-        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32)
+        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32,
+                           rule=self.dampening_rule)
         u = inverse_cholesky_upper(h, layer, self.dampening)
         return sparsegpt_matrix(w, u, pattern, sparsity, self.blocksize)
 
@@ -145,7 +150,8 @@ class SparseGPT(JointQuantization, PruneConfig):
         the kept weights and widens their range, so a grid fitted on the starting weights
         clips them (at 50% per row, 8 bits per channel lost 1.6% output error to it)."""
         w = w.clone()
-        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32)
+        h = damped_hessian(hessian, w, self.dampening, layer, torch.float32,
+                           rule=self.dampening_rule)
         u = inverse_cholesky_upper(h, layer, self.dampening)
         pruned, _ = sparsegpt_matrix(w.clone(), u, pattern, sparsity, self.blocksize)
         quant = ColumnQuantizer(grid, pruned, layer, static=True)

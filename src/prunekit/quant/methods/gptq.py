@@ -17,6 +17,7 @@ need) by fitting every group's scales on the starting weights ("static groups").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -39,6 +40,9 @@ class GPTQ(QuantConfig):
     act_order: bool = False
     blocksize: int = 128
     dampening: float = 0.01
+    #: "mean": dampening x the mean diagonal of H (published); "input": x each input's own
+    #: H_ii (prunekit.oneshot.hessian.damped_hessian says why)
+    dampening_rule: Literal["mean", "input"] = "mean"
 
     name = "gptq"
     needs = "hessian"
@@ -51,7 +55,8 @@ class GPTQ(QuantConfig):
 
     def quantize_matrix(self, w, hessian, layer):
         w = w.clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)  # dead inputs' weights -> 0
+        h = damped_hessian(hessian, w, self.dampening, layer,
+                           rule=self.dampening_rule)  # dead inputs' weights -> 0
         perm = None
         if self.act_order:
             perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)

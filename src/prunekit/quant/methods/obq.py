@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -98,6 +99,9 @@ class OBQ(QuantConfig):
     so the downdate factors stay within FACTOR_BYTES). dampening: as GPTQ's."""
 
     dampening: float = 0.01
+    #: "mean": dampening x the mean diagonal of H (published); "input": x each input's own
+    #: H_ii (prunekit.oneshot.hessian.damped_hessian says why)
+    dampening_rule: Literal["mean", "input"] = "mean"
     batch: int = 32
 
     name = "obq"
@@ -111,7 +115,8 @@ class OBQ(QuantConfig):
 
     def quantize_matrix(self, w, hessian, layer):
         w = w.to(torch.float64).clone()
-        h = damped_hessian(hessian, w, self.dampening, layer)
+        h = damped_hessian(hessian, w, self.dampening, layer,
+                           rule=self.dampening_rule)
         hinv = torch.cholesky_inverse(cholesky_lower(h, layer, self.dampening))
         scales, zeros = self.grid.fit(w.float(), layer)
         return obq_matrix(w, hinv, self.grid, scales, zeros, batch=self.batch)
