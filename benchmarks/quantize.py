@@ -291,11 +291,14 @@ def run_models(args, prov) -> dict:
             dense = _score(model, dataset, limit)
             record(name, "dense", "-", dense, dense, 0.0)
         groups = [None, 128] if name == "minilm" else [None]
+        # block by block: MiniLM's encoder layers; ResNet-20's residual blocks (no ModuleList)
+        blocks = None if name == "minilm" else ("layer*.*",)
         for bits in (8, 4, 3):
             for group in groups:
                 label = f"W{bits}" + (f" g{group}" if group else "")
                 for cfg in (prunekit.RTN(bits=bits, group_size=group),
-                            prunekit.GPTQ(bits=bits, group_size=group, sequential=True)):
+                            prunekit.GPTQ(bits=bits, group_size=group, sequential=True,
+                                          blocks=blocks)):
                     if (name, label, cfg.method) in have:
                         continue
                     m = copy.deepcopy(model)
