@@ -10,7 +10,8 @@ Perplexity (prunekit.evaluate.lm_perplexity), on any of three evaluation sets:
 Calibration: segments drawn by seed from WikiText-2 validation, 32 x 512 tokens unless the
 row says otherwise; Wanda and SparseGPT run block by block (sequential=True); magnitude
 needs no calibration and gets none. Rows: each method x setting (seed 0), seeds 1 and 2 for
-the 50% and 2:4 rows of Wanda and SparseGPT, SparseGPT 50% with 128 x 512, 32 x 2048 and
+the 50% and 2:4 rows of Wanda and SparseGPT, SparseGPT at 50%, 70% and 2:4 with the
+per-input dampening rule (dampening_rule="input"), SparseGPT 50% with 128 x 512, 32 x 2048 and
 128 x 2048 tokens, and OWL (Yin et al. 2024) against uniform at 70% for Wanda and
 SparseGPT. Cheap rows run first. Peak resident memory while pruning is read from the
 kernel's high-water mark (reset before each pruning run).
@@ -65,6 +66,9 @@ def rows() -> list[dict]:
             for setting in ("50%", "2:4"):
                 out.append(dict(key=f"{method}/{setting}/seed{seed}", method=method,
                                 setting=setting, seed=seed))
+    for setting in ("50%", "70%", "2:4"):
+        out.append(dict(key=f"sparsegpt/{setting}/damp-input", method="sparsegpt",
+                        setting=setting, damp="input"))
     for n, length in ((128, 512), (32, 2048), (128, 2048)):
         out.append(dict(key=f"sparsegpt/50%/calib{n}x{length}", method="sparsegpt",
                         setting="50%", calib_n=n, calib_len=length))
@@ -73,6 +77,7 @@ def rows() -> list[dict]:
         r.setdefault("calib_n", 32)
         r.setdefault("calib_len", 512)
         r.setdefault("budget", "uniform")
+        r.setdefault("damp", "mean")
     return out
 
 
@@ -83,7 +88,7 @@ def config(row: dict):
     if row["method"] == "wanda":
         kw.setdefault("pattern", "unstructured:row")
         return prunekit.Wanda(sequential=True, **kw)
-    return prunekit.SparseGPT(sequential=True, **kw)
+    return prunekit.SparseGPT(sequential=True, dampening_rule=row["damp"], **kw)
 
 
 def eval_ids(name: str, tokenizer) -> tuple[torch.Tensor, int | None]:
