@@ -21,8 +21,9 @@ from prunekit.oneshot.methods.sparsegpt import SparseGPT
 from prunekit.oneshot.methods.wanda import Wanda
 from prunekit.oneshot.methods.woodfisher import WoodFisher
 from prunekit.oneshot.prune import prune, prune_layer, sparsity_report
+from prunekit.oneshot.stream import prune_folder
 
 __all__ = ["METHODS", "LayerReport", "LayerResult", "Report", "Transform", "layer_levels", "run",
            "transform_layer", "PruneConfig", "get_method", "register", "Magnitude", "OBS",
            "Random", "SparseGPT", "Wanda", "WoodFisher", "prune", "prune_layer",
-           "sparsity_report"]
+           "sparsity_report", "prune_folder"]
