@@ -18,10 +18,13 @@ One run of this script (in prunekit's environment) does, for each row:
      process), saved compressed (compressed-tensors);
   4. both saved models loaded by transformers in prunekit's environment (compressed-tensors
      0.20.0 decompresses llm-compressor's) and scored by prunekit.evaluate on the same
-     WikiText-2 test windows.
+     WikiText-2 test windows: --windows N spread over the rebuilt test set, or --eval
+     steering8 for the issue's 8 steering windows (benchmarks/llm_oneshot.py's eval_ids, the
+     windows llm_oneshot.py and llm_reference.py report).
 
     python benchmarks/llmcompressor_side.py --rows gptq-w4g64 --windows 16
     python benchmarks/llmcompressor_side.py --rows gptq-w4g64,sparsegpt-50,wanda-50
+    python benchmarks/llmcompressor_side.py --rows sparsegpt-50,wanda-50 --eval steering8
 
 Results: benchmarks/results/llmcompressor_side/side.json (provenance) and side.md.
 """
@@ -59,9 +62,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _without_benchmarks_on_path() -> None:
+    """Drop this file's folder from sys.path (a script's folder comes first there). It holds
+    benchmarks/kernels.py, which shadows the `kernels` package that transformers imports to
+    probe for it (is_kernels_available) when anything imports transformers.PreTrainedModel:
+    in the venv that import of prunekit's kernels.py fails (no prunekit there), and
+    transformers then reports "Could not import module 'PreTrainedModel'"."""
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE.parent]
+
+
 # -- the llm-compressor worker (runs in the venv: torch, transformers, llmcompressor only) --
 
 def llmc_worker(args) -> int:
+    _without_benchmarks_on_path()
     import llmcompressor
     import torch
     from datasets import Dataset
@@ -78,6 +91,11 @@ def llmc_worker(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
+    # llm-compressor 0.14.0.1's SparseGPT and Wanda modifiers name a module matched by
+    # targets=["Linear"] "lm_head." (its own name plus "." plus ""), so ignore=["lm_head"]
+    # never matches it and the tied head is pruned (its "auto-ignored ... add re:.*lm_head"
+    # warning does not fire either); the regex its warning suggests does match.
+    sparse_ignore = ["re:.*lm_head"]
     if spec["kind"] == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
@@ -92,13 +110,13 @@ def llmc_worker(args) -> int:
         from llmcompressor.modifiers.pruning import SparseGPTModifier
 
         recipe = SparseGPTModifier(sparsity=spec["sparsity"], mask_structure=spec["mask"],
-                                   targets=["Linear"], ignore=["lm_head"], block_size=128,
+                                   targets=["Linear"], ignore=sparse_ignore, block_size=128,
                                    dampening_frac=0.01)
     else:
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
         recipe = WandaPruningModifier(sparsity=spec["sparsity"], mask_structure=spec["mask"],
-                                      targets=["Linear"], ignore=["lm_head"])
+                                      targets=["Linear"], ignore=sparse_ignore)
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe,
             max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0],
@@ -115,6 +133,7 @@ def llmc_worker(args) -> int:
 # -- prunekit's side (prunekit's environment) ---------------------------------------------
 
 def prunekit_worker(args) -> int:
+    _without_benchmarks_on_path()
     import torch
     from safetensors.torch import load_file
 
@@ -176,15 +195,25 @@ def run_worker(cmd: list[str], log: Path) -> dict:
     return out
 
 
-def score(folder: Path, windows: int, threads: int) -> float:
+def eval_label(args) -> str:
+    return "steering8" if args.eval == "steering8" else f"wikitext2/{args.windows}"
+
+
+def score(folder: Path, args) -> float:
     import torch
 
-    from prunekit.evaluate import evaluate
+    from prunekit.evaluate import evaluate, lm_perplexity
     from prunekit.models.llm import from_pretrained
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     model = from_pretrained(folder)
-    return evaluate(model, dataset="wikitext2", windows=windows)["perplexity"]
+    if args.eval == "steering8":
+        sys.path.insert(0, str(HERE.parent))
+        from llm_oneshot import eval_ids  # a sibling script: the issue's steering windows
+
+        ids, windows = eval_ids("steering8", model.tokenizer)
+        return lm_perplexity(model, ids, 1024, windows=windows)
+    return evaluate(model, dataset="wikitext2", windows=args.windows)["perplexity"]
 
 
 def main(argv=None) -> int:
@@ -192,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="gptq-w4g64", help=f"comma-separated: {', '.join(ROWS)}")
     ap.add_argument("--windows", type=int, default=16,
                     help="WikiText-2 test windows of 1024 tokens for perplexity (spread evenly)")
+    ap.add_argument("--eval", choices=("wikitext2", "steering8"), default="wikitext2",
+                    help="steering8: the issue's 8 steering windows (--windows is ignored)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/prunekit_llmc_side")
     ap.add_argument("--llmc-worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,9 +245,11 @@ def main(argv=None) -> int:
     folder, calib = prepare(work)
     path = RESULTS / "side.json"
     payload = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-    payload["windows"] = args.windows
-    if "dense" not in payload["rows"]:
-        payload["rows"]["dense"] = {"ppl": score(folder, args.windows, args.threads)}
+    label = eval_label(args)
+    payload["eval"] = label
+    dense = payload["rows"].setdefault("dense", {"ppl": {}})
+    if label not in dense["ppl"]:
+        dense["ppl"][label] = score(folder, args)
     for row in args.rows.split(","):
         spec = ROWS[row]
         out = {}
@@ -229,8 +262,9 @@ def main(argv=None) -> int:
                                     str(dest), "--spec", text, "--threads",
                                     str(args.threads)], work / f"{row}-{side}.log")
             res["config"] = spec["prunekit"] if side == "prunekit" else spec["llmc"]
+            res["eval"] = label
             if "error" not in res:
-                res["ppl"] = score(dest, args.windows, args.threads)
+                res["ppl"] = score(dest, args)
             out[side] = res
             print(f"{row} {side}: {json.dumps({k: v for k, v in res.items() if k != 'config'})}",
                   flush=True)
@@ -239,14 +273,16 @@ def main(argv=None) -> int:
         write_result(path, payload, prov)
     lines = ["# prunekit and llm-compressor on SmolLM2-135M (same folder, calibration, "
              "evaluator)", "",
-             f"WikiText-2 test perplexity on {args.windows} windows of 1024 tokens; "
+             f"WikiText-2 test perplexity ({label}: windows of 1024 tokens); "
              f"{args.threads} threads; time = the method alone (model loaded); peak RSS of "
-             f"the whole process; dense {payload['rows']['dense']['ppl']:.3f}", "",
+             f"the whole process; dense {dense['ppl'][label]:.3f}", "",
              "| row | side | perplexity | seconds | peak RSS MB |", "|---|---|---|---|---|"]
     for row, sides in payload["rows"].items():
         if row == "dense":
             continue
         for side, r in sides.items():
+            if r.get("eval", label) != label:
+                continue  # measured on other windows
             if "error" in r:
                 lines.append(f"| {row} | {side} | error: {r['error'].splitlines()[-1][:80]} "
                              f"| | |")
