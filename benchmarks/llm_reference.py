@@ -323,8 +323,9 @@ def main(argv=None) -> int:
         complete = "ppl" in have if row["key"] == "dense" else "time_ratio" in have
         if complete and not args.redo:
             continue
+        # a replaced row (--redo) or an interrupted one (one side only) is kept under earlier
         earlier = [*have.get("earlier", []), {k: v for k, v in have.items() if k != "earlier"}
-                   ] if complete else have.get("earlier", [])
+                   ] if set(have) - {"earlier"} else have.get("earlier", [])
         entry = {"run": len(runs) - 1, "threads": args.threads}
         if earlier:
             entry["earlier"] = earlier
