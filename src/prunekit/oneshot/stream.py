@@ -438,9 +438,8 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
                 carry = []
                 if carried:
                     carry = [f"carry-{i + 1:05d}.safetensors"]
-                    hidden = {str(j): c["hidden_states"] for j, c in enumerate(carried)}
-                    atomic_write(work.path / carry[0],
-                                 lambda tmp, hidden=hidden: save_file(hidden, tmp))
+                    atomic_write(work.path / carry[0], lambda tmp: save_file(
+                        {str(j): c["hidden_states"] for j, c in enumerate(carried)}, tmp))
                 work.commit({"done": i + 1, "files": files[:i + 1] + carry,
                              "layers": [dataclasses.asdict(lr) for lr in report.layers],
                              "blocks": report.blocks})
