@@ -26,7 +26,7 @@ matrices for the widest layer and one batch's pass through one block: pass small
 embedding matrix is mapped (its pages count while the batches run through it). Freed heap
 pages go back to the system after each block (glibc's malloc_trim); a process with glibc's
 mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=1048576) fragments less within a block
-(benchmarks/llm_stream.py: SmolLM2 peaks 265 MB above the baseline with it, 359 MB without).
+(benchmarks/llm_stream.py: SmolLM2 peaks 241 MB above the baseline with it, 294 MB without).
 
 Resuming: the output is built in `.<out name>.prunekit-stream` beside `out` and renamed into
 place when complete. After each block, its shard, the carried hidden states and a progress
