@@ -401,9 +401,9 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
     iterable of batches of token ids, as for `prunekit.prune`. The pruned weights are those
     `prunekit.prune(model, config, calib)` gives the loaded model; layers outside the blocks
     (the head) must be excluded or tied to the embeddings. Returns the engine's report with
-    each block's cost (StreamReport). `out` gets the
-    source's config and tokenizer files and one safetensors shard per block; it appears
-    complete or not at all, and an interrupted run resumes from its last finished block."""
+    each block's cost (StreamReport). `out` gets the source's config and tokenizer files and
+    one safetensors shard per block; it appears complete or not at all, and an interrupted
+    run resumes from its last finished block."""
     src, out = Path(src), Path(out)
     batches = as_batches(calib)
     source = _Source(src)
@@ -432,7 +432,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
             bar.advance(task, done)
             for i in range(done, n_blocks):
                 record = _prune_block(i, skeleton, source, config, per_block[i], carried,
-                                      batches, work.path / files[i], report)
+                                      work.path / files[i], report)
                 record["end_s"] = time.perf_counter() - start
                 report.blocks.append(record)
                 carry = []
@@ -488,7 +488,7 @@ def _catch_inputs(skeleton: nn.Module, source: _Source, batches: list, work: _Wo
 
 
 def _prune_block(i: int, skeleton: nn.Module, source: _Source, config: PruneConfig,
-                 names: list[str], carried: list[dict], batches: list, shard: Path,
+                 names: list[str], carried: list[dict], shard: Path,
                  report: StreamReport) -> dict:
     """Read, prune and write block i; the carried hidden states move past it."""
     t0 = time.perf_counter()
