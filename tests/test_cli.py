@@ -80,12 +80,31 @@ def test_demo_without_shared_data_runs_what_it_can(tmp_path, monkeypatch, capsys
 
 
 def test_prune_cli_for_a_measured_speedup(tmp_path, monkeypatch, capsys, one_thread):
-    """--speedup: the real latency table sizes the budget; the measurement is replaced by a
-    deterministic stand-in (1 + the pruned layers' mean sparsity) so that the loop's choice
-    can be checked: no timing is asserted."""
+    """--speedup: the latency table (built in the model) sizes the budget and the loop
+    measures the result. Both timings are replaced by deterministic stand-ins that agree (a
+    layer at sparsity s takes 1/(1+s) of its dense time; the model's speedup is 1 + the
+    pruned layers' mean sparsity), so that the loop's choice can be checked on a loaded
+    machine too: no timing is asserted."""
+    import prunekit.budget.latency_table as latency_table
     import prunekit.budget.measured as measured
     from prunekit.layers import find_layers
 
+    level = [0.0]
+    probe = latency_table._probe_weights
+
+    def probe_at(module, lvl, pattern, gen):
+        level[0] = lvl
+        return probe(module, lvl, pattern, gen)
+
+    def timed(variants, names, batch, repeats):  # every layer at the last probed level
+        out = {}
+        for v in variants:
+            t = 1e-3 if v == "dense" else 1e-3 / (1 + level[0])
+            out[v] = {"total": [t * len(names)] * repeats, **{n: [t] * repeats for n in names}}
+        return out
+
+    monkeypatch.setattr(latency_table, "_probe_weights", probe_at)
+    monkeypatch.setattr(latency_table, "timed_forwards", timed)
     threads = []
 
     def fake(dense, pruned, batch, kernels, repeats, info=None):
