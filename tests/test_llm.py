@@ -277,7 +277,11 @@ def test_owl_budget_follows_outlier_ratios():
         model.model.layers[2].mlp.down_proj.weight[:, :3] *= 40
     calib = [torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))]
     layers = find_layers(model, exclude=("lm_head",))
+    head_calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: head_calls.append(1))
     ratios = outlier_ratios(model, layers, calib, m=5.0)
+    hook.remove()
+    assert not head_calls  # the pass stops after the last block: no logits are computed
     # by hand for block 2: Wanda scores of its 7 layers, share above 5x their mean
     norms = {}
     hooks = [mod.register_forward_pre_hook(

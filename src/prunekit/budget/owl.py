@@ -25,11 +25,17 @@ from prunekit.oneshot.calibrate import find_blocks, input_rows
 from prunekit.patterns import check_sparsity
 
 
+class _Stop(Exception):
+    """Raised after the last block has run: the rest of the forward pass is not needed."""
+
+
 @torch.no_grad()
-def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib
-                  ) -> dict[str, torch.Tensor]:
+def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib,
+                  stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """||X_j||_2 of every input feature of every layer over the calibration batches, as
-    (groups, in) per layer: one forward pass of the model as it is."""
+    (groups, in) per layer: one forward pass of the model as it is. stop_after: a module
+    after which every layer has run (e.g. the last block); the pass ends there, so a causal
+    LM's head and its logits (3.2 GB for SmolLM2 on 32 x 512 tokens) are never computed."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -43,11 +49,18 @@ def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib
     if not batches:
         raise PruneError("OWL needs calibration data (the inputs' feature norms): pass calib=")
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    if stop_after is not None:
+        def stop(module, args, out):
+            raise _Stop
+        handles.append(stop_after.register_forward_hook(stop))
     mode = model.training
     try:
         model.eval()
         for batch in batches:
-            run_batch(model, batch)
+            try:
+                run_batch(model, batch)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -67,8 +80,11 @@ def outlier_ratios(model: nn.Module, layers: Mapping[str, nn.Module], calib, m: 
     """Each block's share of Wanda scores above m times the block's mean score."""
     if m <= 0:
         raise PruneError(f"OWL's outlier threshold m must be positive, got {m}")
-    names = [b for b, _ in find_blocks(model, blocks)]
-    norms = feature_norms(model, layers, calib)
+    found = find_blocks(model, blocks)
+    names = [b for b, _ in found]
+    inside = {n: mod for n, mod in layers.items() if _block_of(n, names) is not None}
+    # only the layers inside the blocks count, and all of them have run after the last block
+    norms = feature_norms(model, inside, calib, stop_after=found[-1][1] if found else None)
     scores: dict[str, list[torch.Tensor]] = {}
     for name, module in layers.items():
         block = _block_of(name, names)
