@@ -97,6 +97,35 @@ def test_sequential_refuses_blocks_that_are_not_chained():
                         blocks=["blocks.0", "blocks.2"]).stages())
 
 
+def test_chain_check_runs_two_examples_of_the_first_batch():
+    net = Net()
+    seen = []
+    hook = net.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    batches = [torch.randn(6, 5, 8), torch.randn(6, 5, 8)]
+    Blockwise(net, find_layers(net), batches)._check_chained()
+    hook.remove()
+    assert seen == [2]
+    with pytest.raises(PruneError, match="blocks.0 and blocks.2 are not chained"):
+        Blockwise(net, find_layers(net), batches,
+                  blocks=["blocks.0", "blocks.2"])._check_chained()
+
+
+def test_first_rows_cuts_every_tensor_that_shares_the_batch_dimension():
+    from prunekit.batches import first_rows
+
+    ids, mask = torch.arange(12).view(4, 3), torch.ones(4, 3)
+    assert torch.equal(first_rows(ids), ids[:2])
+    cut = first_rows({"input_ids": ids, "attention_mask": mask, "flag": True})
+    assert torch.equal(cut["input_ids"], ids[:2]) and cut["attention_mask"].shape == (2, 3)
+    assert cut["flag"] is True
+    a, b = first_rows((ids, mask), rows=1)
+    assert a.shape == (1, 3) and b.shape == (1, 3)
+    odd = (ids, torch.ones(3))  # not one batch dimension: left whole
+    assert first_rows(odd) is odd
+    small = ids[:2]
+    assert first_rows(small) is small
+
+
 def test_no_prunable_layer_and_bad_globs():
     with pytest.raises(PruneError, match="no prunable layer"):
         find_layers(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))

@@ -45,6 +45,30 @@ def _check_batch(batch: Batch, index: int) -> None:
             raise PruneError(f"calibration batch {index} holds NaN or Inf")
 
 
+def first_rows(batch: Batch, rows: int = 2) -> Batch:
+    """The batch cut to its first `rows` examples: every tensor sliced along its first
+    dimension, when all of them share that dimension; otherwise the batch as it is."""
+    if isinstance(batch, torch.Tensor):
+        items = [batch]
+    elif isinstance(batch, Mapping):
+        items = list(batch.values())
+    else:
+        items = list(batch)
+    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    if not tensors or any(t.dim() == 0 for t in tensors) or \
+            len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] <= rows:
+        return batch
+
+    def cut(v):
+        return v[:rows] if isinstance(v, torch.Tensor) else v
+
+    if isinstance(batch, torch.Tensor):
+        return batch[:rows]
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(v) for v in batch)
+
+
 def run_batch(model: nn.Module, batch: Batch):
     if isinstance(batch, torch.Tensor):
         return model(batch)
