@@ -12,9 +12,11 @@ row says otherwise; Wanda and SparseGPT run block by block (sequential=True); ma
 needs no calibration and gets none. Rows: each method x setting (seed 0), seeds 1 and 2 for
 the 50% and 2:4 rows of Wanda and SparseGPT, SparseGPT at 50%, 70% and 2:4 with the
 per-input dampening rule (dampening_rule="input"), SparseGPT 50% with 128 x 512, 32 x 2048 and
-128 x 2048 tokens, and OWL (Yin et al. 2024) against uniform at 70% for Wanda and
-SparseGPT. Cheap rows run first. Peak resident memory while pruning is read from the
-kernel's high-water mark (reset before each pruning run).
+128 x 2048 tokens, OWL (Yin et al. 2024) against uniform at 70% for Wanda and SparseGPT,
+and Wanda and SparseGPT 50% calibrated in domain for TinyShakespeare (32 x 512 tokens of its
+first 90%; evaluate them with --eval tinyshakespeare). Cheap rows run first. Peak resident
+memory while pruning is read from the kernel's high-water mark (reset before each pruning
+run).
 
     python benchmarks/llm_oneshot.py --eval steering8            # every row, 8 windows
     python benchmarks/llm_oneshot.py --eval wikitext2,tinyshakespeare --only 'sparsegpt/*'
@@ -72,7 +74,11 @@ def rows() -> list[dict]:
     for n, length in ((128, 512), (32, 2048), (128, 2048)):
         out.append(dict(key=f"sparsegpt/50%/calib{n}x{length}", method="sparsegpt",
                         setting="50%", calib_n=n, calib_len=length))
+    for method in ("wanda", "sparsegpt"):  # in domain for the TinyShakespeare evaluation
+        out.append(dict(key=f"{method}/50%/calib-tinyshakespeare", method=method,
+                        setting="50%", calib_source="tinyshakespeare"))
     for r in out:
+        r.setdefault("calib_source", "wikitext2")
         r.setdefault("seed", 0)
         r.setdefault("calib_n", 32)
         r.setdefault("calib_len", 512)
@@ -136,7 +142,8 @@ def prune_row(dense, row: dict) -> tuple[torch.nn.Module, dict]:
     calib = None
     if cfg.needs != "none":
         calib = calibration_batches("smollm2-135m", n=row["calib_n"], seq_len=row["calib_len"],
-                                    seed=row["seed"], tokenizer=dense.tokenizer)
+                                    seed=row["seed"], source=row["calib_source"],
+                                    tokenizer=dense.tokenizer)
     base = _rss_mb()
     reset = _peak_reset()
     start = time.perf_counter()
