@@ -244,3 +244,17 @@ def test_transform_that_replaces_modules_is_undone_on_error():
     report = run(model, _HalfRank(), x, progress=False)
     assert isinstance(model.fc1, nn.Sequential) and len(report.layers) == 2
     assert all(lr.rel_error is not None and lr.rel_error > 0 for lr in report.layers)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    from prunekit.errors import all_finite
+
+    big = torch.full((4, 3), torch.finfo(torch.float32).max)  # finite; its sum overflows
+    assert all_finite(big) and all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(64, 8)
+        x[17, 3] = bad
+        assert not all_finite(x) and not all_finite(x.double()) and not all_finite(x.half())
+    both = torch.tensor([float("inf"), -float("inf"), 1.0])  # the sum is NaN
+    assert not all_finite(both)
+    assert not all_finite(torch.cat([big.reshape(-1), torch.tensor([float("nan")])]))

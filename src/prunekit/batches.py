@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 
 Batch = torch.Tensor | tuple | list | Mapping
 
@@ -41,7 +41,7 @@ def _check_batch(batch: Batch, index: int) -> None:
     if not tensors or any(t.numel() == 0 for t in tensors):
         raise PruneError(f"calibration batch {index} is empty")
     for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise PruneError(f"calibration batch {index} holds NaN or Inf")
 
 

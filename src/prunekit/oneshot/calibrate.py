@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.batches import Batch, first_rows, run_batch, token_mask
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 from prunekit.layers import groups_of, is_hf_conv1d
 
 
@@ -129,7 +129,7 @@ class StatsCollector:
             if x.numel() == 0:
                 raise PruneError(f"{name}: received an empty input during calibration")
             rows = input_rows(module, x.float())
-            if not torch.isfinite(rows).all():
+            if not all_finite(rows):
                 raise PruneError(
                     f"{name}: its calibration input holds NaN or Inf; check the calibration data "
                     f"and the layers before it"

@@ -29,7 +29,7 @@ from torch import nn
 
 from prunekit.batches import as_batches
 from prunekit.config import Config
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 from prunekit.layers import (
     check_writable,
     find_layers,
@@ -292,7 +292,7 @@ def check_layers(layers: Mapping[str, nn.Module], config: Transform,
         if w.numel() == 0:
             raise PruneError(f"{name}.weight is empty (shape {tuple(w.shape)}); exclude "
                              f"{name}")
-        if not torch.isfinite(w).all():
+        if not all_finite(w):
             raise PruneError(f"{name}.weight holds NaN or Inf; fix the weights before pruning")
         check_writable(name, module)
         (configs or {}).get(name, config).check_layer(name, module)
@@ -328,7 +328,7 @@ def transform_module(name: str, module: nn.Module, config: Transform,
         h = stats.hessian[g] if stats is not None else None
         parts.append(config.transform(wg.clone(), h, name, pg))
     result = LayerResult.cat(parts)
-    if not torch.isfinite(result.weight).all():
+    if not all_finite(result.weight):
         raise PruneError(f"{name}: {config.name} produced NaN or Inf; raise dampening")
     return result, relative_error(w, result.weight, stats, groups)
 
@@ -494,7 +494,7 @@ def transform_layer(weight: torch.Tensor, calib: torch.Tensor | None, config: Tr
         raise PruneError(f"{name}: weight has dtype {weight.dtype}; give a floating matrix")
     if weight.numel() == 0:
         raise PruneError(f"{name}: weight is empty (shape {tuple(weight.shape)})")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise PruneError(f"{name}: weight holds NaN or Inf")
     hessian = None
     if calib is not None:
@@ -509,7 +509,7 @@ def transform_layer(weight: torch.Tensor, calib: torch.Tensor | None, config: Tr
     stats = LayerStats(hessian.unsqueeze(0), 0) if hessian is not None else None
     plan = config.plan({name: probe}, {name: stats} if stats is not None else {}).get(name)
     result = config.transform(w, hessian, name, plan)
-    if not torch.isfinite(result.weight).all():
+    if not all_finite(result.weight):
         raise PruneError(f"{name}: {config.name} produced NaN or Inf; raise dampening")
     return result
 
@@ -522,7 +522,7 @@ def _hessian_from(calib: torch.Tensor, d: int, name: str) -> torch.Tensor:
     if not calib.is_floating_point():
         raise PruneError(f"{name}: calibration data has dtype {calib.dtype}; give floating "
                          f"point input rows or a Hessian")
-    if not torch.isfinite(calib).all():
+    if not all_finite(calib):
         raise PruneError(f"{name}: calibration data holds NaN or Inf")
     if calib.shape[0] == calib.shape[1]:  # a square tensor is taken as H itself
         h = calib.double()

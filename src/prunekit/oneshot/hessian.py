@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 
 #: How dampening is added to H's diagonal (the `dampening_rule` of the Hessian methods).
 #: "mean": dampening x the mean diagonal on every input (the published rule of OBC, GPTQ,
@@ -91,6 +91,6 @@ def inverse_cholesky_upper(h: torch.Tensor, layer: str, dampening: float) -> tor
     flipped = torch.flip(h, dims=(0, 1)).contiguous()
     chol = cholesky_lower(flipped, layer, dampening)
     inv = lower_inverse(chol)
-    if not torch.isfinite(inv).all():
+    if not all_finite(inv):
         raise PruneError(f"{layer}: the triangular inverse overflowed; raise dampening")
     return torch.flip(inv, dims=(0, 1)).contiguous()

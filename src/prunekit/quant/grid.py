@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 import torch
 
 from prunekit.config import Config
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 
 
 class GridViolation(PruneError):
@@ -366,7 +366,7 @@ def _matrix(w, layer: str) -> torch.Tensor:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise PruneError(f"{layer}: a grid takes a floating (out, in) matrix, got "
                          f"{getattr(w, 'shape', type(w).__name__)}")
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise PruneError(f"{layer}: the weight holds NaN or Inf")
     return w
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from prunekit.config import positive
-from prunekit.errors import PruneError
+from prunekit.errors import PruneError, all_finite
 from prunekit.oneshot.methods.base import PruneConfig, register
 from prunekit.patterns import Unstructured
 
@@ -179,5 +179,5 @@ class WoodFisher(PruneConfig):
                 m.weight.copy_(flat[offset:offset + n].view_as(m.weight).to(m.weight.dtype))
                 pruned_before[name] = new_pruned[offset:offset + n].view_as(m.weight).clone()
                 offset += n + (-n) % b
-        if not all(torch.isfinite(m.weight).all() for m in layers.values()):
+        if not all(all_finite(m.weight) for m in layers.values()):
             raise PruneError("WoodFisher produced NaN or Inf; raise dampening")
