@@ -240,6 +240,7 @@ def main(argv=None) -> int:
 
     prov = provenance(argv if argv is not None else sys.argv[1:], threads=args.threads)
     prov["loadavg_at_start"] = os.getloadavg()
+    os.environ["GIT_COMMIT"] = str(prov.get("git_commit", ""))  # the prunekit worker records it
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     folder, calib = prepare(work)
