@@ -47,9 +47,14 @@ wikitext2 (the whole test set; hours on 2 cores).
     python benchmarks/quantize.py --part smollm2 --lm-eval steering8
     python benchmarks/quantize.py --part smollm2 --mixed         # + mixed precision rows
     python benchmarks/quantize.py --part models --models resnet20-cifar10   # resumable
+    python benchmarks/quantize.py --part minilm-w3 --threads 1   # why GPTQ W3 loses there
 
-Results: benchmarks/results/quantize/{layers,models,smollm2}.json (with provenance) and .md
-tables. The SmolLM2 rows are resumable: finished rows are kept and skipped on a rerun.
+--part minilm-w3 (not in "all") looks into MiniLM at 3 bits per channel, where GPTQ scores
+below RTN: every layer's error for RTN, GPTQ and the reference's GPTQ, the sentence
+embeddings' error, and STS-B for GPTQ variants (run_minilm_w3 says what).
+
+Results: benchmarks/results/quantize/{layers,models,smollm2,minilm_w3}.json (with provenance)
+and .md tables. The SmolLM2 rows are resumable: finished rows are kept and skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -464,10 +469,100 @@ def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload
         del model
 
 
+def run_minilm_w3(args, prov) -> dict:
+    """Why GPTQ loses to RTN on MiniLM at 3 bits per output channel (STS-B), on the facts:
+    each encoder layer's output error for RTN, prunekit's GPTQ (with and without act_order)
+    and IST-DASLab/gptq's GPTQ class given the same H, on the 128 calibration sentences and
+    256 held-out STS-B dev sentences (inputs of the dense model; relative squared error, and
+    the median over tokens of each token's relative error); the sentence embeddings' error
+    against dense; and STS-B for GPTQ variants: calibration size, act_order, dampening, not
+    block by block."""
+    from prunekit.batches import run_batch
+    from prunekit.evaluate import evaluate
+    from prunekit.models import calibration_batches, create
+
+    ref, where = reference_module(args.gptq_ref)
+    model = create("minilm", pretrained=True).eval()
+    calib = calibration_batches("minilm", n=128, seed=0)
+    held = calibration_batches("minilm", n=256, seed=1)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def inputs(batches):
+        xs = {n: [] for n in linear}
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+            for n, m in linear.items()]
+        with torch.no_grad():
+            for b in batches:
+                run_batch(model, b)
+        for h in hooks:
+            h.remove()
+        return {n: torch.cat(v) for n, v in xs.items()}
+
+    def errors(w, q, x):
+        num, den = ((x @ (w - q).T) ** 2).sum(1), ((x @ w.T) ** 2).sum(1)
+        return float(num.sum() / den.sum()), float((num / den).median())
+
+    x_cal, x_held = inputs(calib), inputs(held)
+    layers = []
+    for name, m in linear.items():
+        w, x = m.weight.detach().clone(), x_cal[name]
+        qs = {"rtn": quantize_layer(w, None, prunekit.RTN(bits=3))[0],
+              "gptq": quantize_layer(w, x, prunekit.GPTQ(bits=3))[0],
+              "gptq act_order": quantize_layer(w, x, prunekit.GPTQ(bits=3, act_order=True))[0]}
+        if ref is not None:
+            qs["ist-gptq"] = reference_gptq(ref, w, x.double().T @ x.double(), 3)
+        row = {"layer": name}
+        for k, q in qs.items():
+            row[k] = dict(zip(("calib", "calib_token_median"), errors(w, q, x)))
+            row[k].update(zip(("held", "held_token_median"), errors(w, q, x_held[name])))
+        layers.append(row)
+        print(f"{name:<46} " + " ".join(f"{k} {v['calib']:.4f}/{v['held']:.4f}"
+                                          for k, v in row.items() if k != "layer"), flush=True)
+
+    def embeddings(m):
+        out = []
+        with torch.no_grad():
+            for b in held:
+                out.append(run_batch(m, b))  # prunekit's MiniLM gives sentence embeddings
+        return torch.cat(out)
+
+    e_dense = embeddings(model)
+    variants = {"rtn": (prunekit.RTN(bits=3), 128),
+                "gptq": (prunekit.GPTQ(bits=3, sequential=True), 128),
+                "gptq, 512 calibration sentences": (prunekit.GPTQ(bits=3, sequential=True),
+                                                    512),
+                "gptq act_order": (prunekit.GPTQ(bits=3, act_order=True, sequential=True), 128),
+                "gptq dampening 0.1": (prunekit.GPTQ(bits=3, dampening=0.1, sequential=True),
+                                       128),
+                "gptq dampening_rule input": (prunekit.GPTQ(bits=3, dampening_rule="input",
+                                                            sequential=True), 128),
+                "gptq not block by block": (prunekit.GPTQ(bits=3), 128)}
+    models = []
+    for name, (cfg, n) in variants.items():
+        m = copy.deepcopy(model)
+        prunekit.quantize(m, cfg, calibration_batches("minilm", n=n, seed=0), progress=False)
+        d = embeddings(m) - e_dense
+        row = dict(variant=name, calib_sentences=n,
+                   stsb=float(evaluate(m, dataset="stsb")["stsb_spearman"]),
+                   embedding_rel_error=float(d.norm() / e_dense.norm()),
+                   embedding_cosine=float(torch.nn.functional.cosine_similarity(
+                       e_dense + d, e_dense).mean()))
+        models.append(row)
+        print(f"{name:<34} STS-B {row['stsb']:.2f}  embedding error "
+              f"{row['embedding_rel_error']:.3f}  cosine {row['embedding_cosine']:.3f}",
+              flush=True)
+    payload = dict(reference=where if ref else None, dense_stsb=float(
+        evaluate(model, dataset="stsb")["stsb_spearman"]), layers=layers, models=models)
+    write_result(RESULTS / "minilm_w3.json", payload, prov)
+    return payload
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--part", choices=("layers", "models", "smollm2", "all"), default="all")
+    ap.add_argument("--part", default="all",
+                    choices=("layers", "models", "smollm2", "minilm-w3", "all"))
     ap.add_argument("--lm-eval", default="steering8", choices=("steering8", "wikitext2"),
                     help="SmolLM2's evaluation set (see the docstring)")
     ap.add_argument("--threads", type=int, default=2)
@@ -491,6 +586,8 @@ def main(argv=None) -> int:
         run_models(args, prov)
     if args.part in ("smollm2", "all"):
         run_smollm2(args, prov)
+    if args.part == "minilm-w3":
+        run_minilm_w3(args, prov)
     print(f"wrote {RESULTS}")
     return 0
 
