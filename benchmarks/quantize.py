@@ -31,13 +31,15 @@ MiniLM with SparseGPT 50% and 2:4, each alone and with int4:g128 in the same pas
 
 SmolLM2-135M (--part smollm2; the loader and perplexity of benchmarks/llm_oneshot.py):
 perplexity at W8, W4 per channel, W4 g64 and W3 g64 for RTN and GPTQ (block by block, 32 x 512
-calibration tokens from WikiText-2 validation), and SparseGPT 50% and 2:4 alone and with
+calibration tokens from WikiText-2 validation), W4 g64 also with asymmetric grids and with
+GPTQ's activation order, and SparseGPT 50% and 2:4 alone and with
 int4:g64 in the same pass; lm_head (tied to the embeddings) and the embeddings stay float.
 Groups of 64, not 128: the hidden size 576 is no multiple of 128. --mixed adds mixed
 precision at the size of uniform W3 g64 (bits per layer from {2, 3, 4, 8, 16} by the DP on
 GPTQ's error database, against uniform W3 g64 and the trace ordering, each applied by GPTQ
 block by block). SmolLM2's weights were stored as Q4_1 (asymmetric 4 bits in groups of 32);
-these symmetric grids are not that grid, so they do not land back on it. Evaluation:
+none of these grids is that grid (the asymmetric rows use groups of 64), so none lands back
+on it. Evaluation:
 --lm-eval steering8 (8 windows of 1024 tokens spread over WikiText-2 test, the default) or
 wikitext2 (the whole test set; hours on 2 cores).
 
@@ -371,6 +373,14 @@ def smollm2_rows() -> list[tuple[str, object]]:
                       ("W4 g64", dict(bits=4, group_size=64)),
                       ("W3 g64", dict(bits=3, group_size=64))):
         out.append((f"rtn {label}", prunekit.RTN(**kw, exclude=head)))
+        out.append((f"gptq {label}", prunekit.GPTQ(**kw, exclude=head, sequential=True)))
+    # W4 g64 beside the symmetric min-max rows: activation order, asymmetric grids, both
+    for label, kw in (("W4 g64 asym", dict(bits=4, group_size=64, sym=False)),):
+        out.append((f"rtn {label}", prunekit.RTN(**kw, exclude=head)))
+    for label, kw in (("W4 g64 act_order", dict(bits=4, group_size=64, act_order=True)),
+                      ("W4 g64 asym", dict(bits=4, group_size=64, sym=False)),
+                      ("W4 g64 asym act_order", dict(bits=4, group_size=64, sym=False,
+                                                     act_order=True))):
         out.append((f"gptq {label}", prunekit.GPTQ(**kw, exclude=head, sequential=True)))
     for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
         for quant in (None, "int4:g64"):
