@@ -206,3 +206,49 @@ def test_diagonal_statistics_are_the_hessians_diagonal():
         wa, wb = a.get_submodule(name).weight, b.get_submodule(name).weight
         assert torch.equal(wa == 0, wb == 0), name
     assert all(lr.rel_error is None for lr in ra.layers)
+
+
+def test_layers_reading_one_input_share_its_statistic_and_equal_separate_runs():
+    """q, k and v read the same tensor: computed once, equal to collecting each alone; a
+    change made in place between two readers is seen (no stale statistic)."""
+
+    class Fan(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 5), nn.Linear(6, 3)
+            self.inplace = inplace
+
+        def forward(self, x):
+            x = x * 1.0
+            ya = self.a(x)
+            if self.inplace:
+                x.mul_(3.0)
+            return ya.sum() + self.b(x).sum() + self.c(x).sum()
+
+    from prunekit.oneshot.calibrate import StatsCollector
+
+    computed = []
+    statistic = StatsCollector._statistic
+
+    def counted(self, name, module, x):
+        computed.append(name)
+        return statistic(self, name, module, x)
+
+    for inplace in (False, True):
+        net = Fan(inplace)
+        batches = [torch.randn(5, 7, 6) for _ in range(2)]
+        computed.clear()
+        StatsCollector._statistic = counted
+        try:
+            together = collect_stats(net, {"a": net.a, "b": net.b, "c": net.c}, batches)
+        finally:
+            StatsCollector._statistic = statistic
+        # once per batch; twice when the input changed in place after a read it
+        assert computed == (["a", "b", "a", "b"] if inplace else ["a", "a"])
+        for name in ("a", "b", "c"):
+            alone = collect_stats(net, {name: getattr(net, name)}, batches)
+            assert torch.equal(together[name].hessian, alone[name].hessian)
+            assert together[name].rows == alone[name].rows == 70
+        scale = 9.0 if inplace else 1.0
+        torch.testing.assert_close(together["b"].hessian, scale * together["a"].hessian,
+                                   rtol=1e-5, atol=1e-5)

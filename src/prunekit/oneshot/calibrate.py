@@ -71,6 +71,17 @@ def _conv_padding(module: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor
     return F.pad(x, flat, mode=mode)
 
 
+def _reader(module: nn.Module) -> tuple:
+    """What input_rows does with a layer's input: two layers with equal readers turn the same
+    input into the same rows."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (type(module), module.in_channels, module.kernel_size, module.stride,
+                module.padding, module.dilation, module.padding_mode)
+    if is_hf_conv1d(module):
+        return ("conv1d", module.weight.shape[0])
+    return ("linear", module.in_features)
+
+
 def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patches of a conv input as rows: (N*L, C_in*prod(k)) in the weight's memory order."""
     dims = len(module.kernel_size)
@@ -115,39 +126,58 @@ class StatsCollector:
         self.diagonal = diagonal  # gather only the sums of squares (d per layer, not d x d)
         self.stats: dict[str, LayerStats] = {}
         self.mask: torch.Tensor | None = None
+        # the statistic of the last input seen, for the layers that read the same tensor
+        # (q, k and v; gate and up): (input, its version, mask, how the layer reads it,
+        # statistic, rows). The input is held, so no other tensor can take its place while
+        # it is cached; the version counter sees a change made to it in place.
+        self._last: tuple | None = None
         self._handles = [
             m.register_forward_pre_hook(self._hook(name)) for name, m in self.layers.items()
         ]
 
     def _hook(self, name: str):
         def hook(module, args):
-            x = args[0].detach()
-            mask = self.mask
-            if (mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)
-                    and not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
-                x = x[mask]
-            if x.numel() == 0:
-                raise PruneError(f"{name}: received an empty input during calibration")
-            rows = input_rows(module, x.float())
-            if not all_finite(rows):
-                raise PruneError(
-                    f"{name}: its calibration input holds NaN or Inf; check the calibration data "
-                    f"and the layers before it"
-                )
-            if self.diagonal:
-                h = rows.double().square().sum(dim=1)  # (G, d)
+            x = args[0]
+            reads = (_reader(module), groups_of(module))
+            last = self._last
+            if (last is not None and last[0] is x and last[1] == x._version
+                    and last[2] is self.mask and last[3] == reads):
+                h, n = last[4], last[5]  # a layer beside the last one, on the same input
             else:
-                h = torch.matmul(rows.transpose(1, 2), rows).double()
+                self._last = None
+                h, n = self._statistic(name, module, x)
+                self._last = (x, x._version, self.mask, reads, h, n)
             if name in self.stats:
                 self.stats[name].hessian += h
-                self.stats[name].rows += rows.shape[1]
+                self.stats[name].rows += n
             else:
-                self.stats[name] = LayerStats(h, rows.shape[1], self.diagonal)
+                self.stats[name] = LayerStats(h.clone(), n, self.diagonal)
 
         return hook
 
+    def _statistic(self, name: str, module: nn.Module, x: torch.Tensor
+                   ) -> tuple[torch.Tensor, int]:
+        """(H = X^T X per group, or its diagonal; the number of rows) of one input."""
+        x = x.detach()
+        mask = self.mask
+        if (mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)
+                and not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))):
+            x = x[mask]
+        if x.numel() == 0:
+            raise PruneError(f"{name}: received an empty input during calibration")
+        rows = input_rows(module, x.float())
+        if not all_finite(rows):
+            raise PruneError(
+                f"{name}: its calibration input holds NaN or Inf; check the calibration data "
+                f"and the layers before it"
+            )
+        if self.diagonal:
+            return rows.double().square().sum(dim=1), rows.shape[1]  # (G, d)
+        return torch.matmul(rows.transpose(1, 2), rows).double(), rows.shape[1]
+
     def result(self) -> dict[str, LayerStats]:
         """The statistics gathered, diagonal ones as (G, d, d) diagonal matrices."""
+        self._last = None
         if self.diagonal:
             for st in self.stats.values():
                 if st.hessian.dim() == 2:
@@ -158,6 +188,7 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._last = None
 
     def __enter__(self):
         return self
