@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from prunekit.batches import as_batches, run_batch
+from prunekit.batches import as_batches, run_batch, token_mask
 from prunekit.budget.alloc import BUDGETS
 from prunekit.errors import PruneError
 from prunekit.layers import groups_of, weight_matrix
-from prunekit.oneshot.calibrate import find_blocks, input_rows
+from prunekit.oneshot.calibrate import StatsCollector, find_blocks
 from prunekit.patterns import check_sparsity
 
 
@@ -36,19 +36,13 @@ def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib,
     (groups, in) per layer: one forward pass of the model as it is. stop_after: a module
     after which every layer has run (e.g. the last block); the pass ends there, so a causal
     LM's head and its logits (3.2 GB for SmolLM2 on 32 x 512 tokens) are never computed."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def pre(module, args):
-            rows = input_rows(module, args[0].detach().float())
-            s = rows.double().square().sum(1)
-            sums[name] = sums[name] + s if name in sums else s
-        return pre
-
     batches = as_batches(calib)
     if not batches:
         raise PruneError("OWL needs calibration data (the inputs' feature norms): pass calib=")
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    # the calibration statistics' own diagonal (sums of squares per input, shared by the
+    # layers that read one tensor, padding tokens skipped)
+    collector = StatsCollector(layers, diagonal=True)
+    handles = []
     if stop_after is not None:
         def stop(module, args, out):
             raise _Stop
@@ -57,14 +51,17 @@ def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib,
     try:
         model.eval()
         for batch in batches:
+            collector.mask = token_mask(batch)
             try:
                 run_batch(model, batch)
             except _Stop:
                 pass
     finally:
+        collector.remove()
         for h in handles:
             h.remove()
         model.train(mode)
+    sums = {n: st.hessian for n, st in collector.stats.items()}  # (groups, in)
     missing = [n for n in layers if n not in sums]
     if missing:
         raise PruneError(f"layers never ran during OWL's calibration: {', '.join(missing[:5])}")
