@@ -25,15 +25,20 @@ def token_mask(batch: Batch) -> torch.Tensor | None:
     return None
 
 
-def _check_batch(batch: Batch, index: int) -> None:
-    tensors = []
+def _tensors(batch: Batch) -> list[torch.Tensor] | None:
+    """The tensors a batch holds (None: not a tensor, mapping, tuple or list)."""
     if isinstance(batch, torch.Tensor):
-        tensors = [batch]
-    elif isinstance(batch, Mapping):
-        tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
-    elif isinstance(batch, (tuple, list)):
-        tensors = [v for v in batch if isinstance(v, torch.Tensor)]
-    else:
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    if isinstance(batch, (tuple, list)):
+        return [v for v in batch if isinstance(v, torch.Tensor)]
+    return None
+
+
+def _check_batch(batch: Batch, index: int) -> None:
+    tensors = _tensors(batch)
+    if tensors is None:
         raise PruneError(
             f"calibration batch {index} is a {type(batch).__name__}; give tensors, tuples of "
             f"tensors (positional arguments) or dicts (keyword arguments)"
@@ -48,13 +53,7 @@ def _check_batch(batch: Batch, index: int) -> None:
 def first_rows(batch: Batch, rows: int = 2) -> Batch:
     """The batch cut to its first `rows` examples: every tensor sliced along its first
     dimension, when all of them share that dimension; otherwise the batch as it is."""
-    if isinstance(batch, torch.Tensor):
-        items = [batch]
-    elif isinstance(batch, Mapping):
-        items = list(batch.values())
-    else:
-        items = list(batch)
-    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    tensors = _tensors(batch)
     if not tensors or any(t.dim() == 0 for t in tensors) or \
             len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] <= rows:
         return batch

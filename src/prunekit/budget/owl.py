@@ -17,16 +17,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from prunekit.batches import as_batches, run_batch, token_mask
+from prunekit.batches import as_batches
 from prunekit.budget.alloc import BUDGETS
 from prunekit.errors import PruneError
 from prunekit.layers import groups_of, weight_matrix
-from prunekit.oneshot.calibrate import StatsCollector, find_blocks
+from prunekit.oneshot.calibrate import StatsCollector, _forward, _StopForward, find_blocks
 from prunekit.patterns import check_sparsity
-
-
-class _Stop(Exception):
-    """Raised after the last block has run: the rest of the forward pass is not needed."""
 
 
 @torch.no_grad()
@@ -40,24 +36,18 @@ def feature_norms(model: nn.Module, layers: Mapping[str, nn.Module], calib,
     if not batches:
         raise PruneError("OWL needs calibration data (the inputs' feature norms): pass calib=")
     # the calibration statistics' own diagonal (sums of squares per input, shared by the
-    # layers that read one tensor, padding tokens skipped)
-    collector = StatsCollector(layers, diagonal=True)
+    # layers that read one tensor, padding tokens skipped), run as the engine runs batches
     handles = []
     if stop_after is not None:
         def stop(module, args, out):
-            raise _Stop
+            raise _StopForward
         handles.append(stop_after.register_forward_hook(stop))
     mode = model.training
     try:
         model.eval()
-        for batch in batches:
-            collector.mask = token_mask(batch)
-            try:
-                run_batch(model, batch)
-            except _Stop:
-                pass
+        with StatsCollector(layers, diagonal=True) as collector:
+            _forward(model, batches, None, collector)
     finally:
-        collector.remove()
         for h in handles:
             h.remove()
         model.train(mode)
