@@ -49,6 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for setting in settings:  # before any work: "uniform" or M:lam with numbers
+        try:
+            if setting != "uniform":
+                m, lam = (float(v) for v in setting.split(":"))
+        except ValueError:
+            raise SystemExit(f"--settings: {setting!r} is neither 'uniform' nor M:lam "
+                             f"(e.g. 7:0.08)") from None
     torch.set_num_threads(args.threads)
     prov = provenance(argv, script=__file__, threads=args.threads)
     path = RESULTS / "results.json"
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
     val_ids = lm_tokens(dense.tokenizer, "wikitext2", "valid")
     calib = calibration_batches("smollm2-135m", n=32, seq_len=512, seed=0,
                                 tokenizer=dense.tokenizer)
-    for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
+    for setting in settings:
         key = f"{args.sparsity:g}/{setting}"
         if key in rows:
             continue
