@@ -126,6 +126,50 @@ def test_first_rows_cuts_every_tensor_that_shares_the_batch_dimension():
     assert first_rows(small) is small
 
 
+def test_micro_batches_cut_token_batches_only_and_keep_every_row():
+    from prunekit.batches import micro_batches
+
+    ids = torch.arange(40).view(10, 4)
+    mask = torch.ones(10, 4, dtype=torch.long)
+    pieces = micro_batches([{"input_ids": ids, "attention_mask": mask}], tokens=12)
+    assert [p["input_ids"].shape[0] for p in pieces] == [3, 3, 3, 1]
+    assert torch.equal(torch.cat([p["input_ids"] for p in pieces]), ids)
+    assert torch.equal(torch.cat([p["attention_mask"] for p in pieces]), mask)
+    assert len(micro_batches([ids], tokens=2)) == 10  # at least one example a piece
+    images = torch.randn(10, 3, 4, 4)
+    embeds = torch.randn(10, 4)  # floating point: not token ids
+    small = ids[:3]  # 12 tokens: one piece
+    kept = micro_batches([images, (embeds,), small], tokens=12)
+    assert len(kept) == 3 and kept[0] is images and kept[1][0] is embeds and kept[2] is small
+
+
+def test_micro_batched_calibration_prunes_as_the_whole_batch_does(monkeypatch):
+    """The engine cuts token batches into pieces of MICRO_TOKENS tokens (faster, less
+    memory): the statistics are the same sums, so the pruned model is the same."""
+    import prunekit
+    import prunekit.batches as batches
+
+    torch.manual_seed(0)
+    dense = prunekit.models.create("tiny-llama")
+    ids = torch.randint(0, dense.config.vocab_size, (6, 16))
+    layers = find_layers(dense, exclude=("lm_head",))
+    whole = collect_stats(dense, layers, [ids])
+    cut = collect_stats(dense, layers, batches.micro_batches([ids], tokens=32))
+    for name in layers:
+        assert cut[name].rows == whole[name].rows == 6 * 16
+        h = whole[name].hessian  # the same sums in another order: float32 rounding apart
+        torch.testing.assert_close(cut[name].hessian, h, rtol=0, atol=1e-6 * float(h.abs().max()))
+    models = []
+    for tokens in (10**9, 32):
+        monkeypatch.setattr(batches, "MICRO_TOKENS", tokens)
+        model = prunekit.models.create("tiny-llama")
+        model.load_state_dict(dense.state_dict())
+        prunekit.prune(model, prunekit.SparseGPT(sparsity=0.5, sequential=True,
+                                                 exclude=("lm_head",)), [ids], progress=False)
+        models.append(model.state_dict())
+    assert all(torch.allclose(models[0][k], models[1][k], atol=1e-5) for k in models[0])
+
+
 def test_no_prunable_layer_and_bad_globs():
     with pytest.raises(PruneError, match="no prunable layer"):
         find_layers(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))

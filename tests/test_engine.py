@@ -69,10 +69,8 @@ def test_weight_norm_layer_is_really_pruned():
     assert torch.allclose(model.fc1(x), ref, atol=1e-6)
 
 
-def test_weight_norm_restored_bit_for_bit_on_error(monkeypatch):
-    model = MLP().eval()
-    nn.utils.parametrizations.weight_norm(model.fc1)
-    before = _params(model)
+def _interrupt_second_layer(monkeypatch) -> list:
+    """Make the engine raise KeyboardInterrupt when it starts on its second layer."""
     import prunekit.oneshot.engine as engine
 
     real, calls = engine.transform_module, []
@@ -84,9 +82,56 @@ def test_weight_norm_restored_bit_for_bit_on_error(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(engine, "transform_module", fail_second)
+    return calls
+
+
+def test_weight_norm_restored_bit_for_bit_on_error(monkeypatch):
+    model = MLP().eval()
+    nn.utils.parametrizations.weight_norm(model.fc1)
+    before = _params(model)
+
+    calls = _interrupt_second_layer(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(model, prunekit.Magnitude(sparsity=0.5), progress=False)
-    assert _same(before, _params(model))
+    assert calls and _same(before, _params(model))
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled-to-disk"])
+def test_originals_come_back_bit_for_bit_from_memory_or_disk(monkeypatch, spill):
+    """Large models keep the copies to restore in an unlinked file (a model copy in memory
+    doubled SmolLM2's footprint while pruning): the restore is exact either way, for every
+    dtype, a shared parameter and an empty one."""
+    import prunekit.layers as layers
+
+    monkeypatch.setattr(layers, "SPILL_BYTES", -1 if spill else 2**40)
+    torch.manual_seed(0)
+    shared = nn.Parameter(torch.randn(3, 5))
+    params = [nn.Parameter(torch.randn(4, 6).to(dt)) for dt in
+              (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    params += [shared, nn.Parameter(torch.randn(6, 4).t()), shared, nn.Parameter(torch.empty(0))]
+    before = [p.detach().clone() for p in params]
+    originals = layers.Originals(params)
+    assert (originals.file is not None) == spill
+    with torch.no_grad():
+        for p in params:
+            p.mul_(0).add_(7)
+    originals.restore()
+    originals.close()
+    assert all(p.dtype == b.dtype and torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_model_restored_after_an_interrupt_with_its_originals_on_disk(monkeypatch):
+    import prunekit.layers as layers
+
+    monkeypatch.setattr(layers, "SPILL_BYTES", -1)
+    torch.manual_seed(0)
+    model = MLP().eval()
+    before = _params(model)
+    calls = _interrupt_second_layer(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(model, prunekit.SparseGPT(sparsity=0.5), torch.randn(32, 16),
+                       progress=False)
+    assert calls and _same(before, _params(model))
 
 
 def test_parametrization_without_inverse_is_refused_before_work():

@@ -8,6 +8,7 @@ in = in_channels/groups * prod(kernel_size) in PyTorch's memory order.
 from __future__ import annotations
 
 import fnmatch
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -139,16 +140,67 @@ def find_layers(
     return chosen
 
 
+#: parameters larger than this in all are kept in an unlinked temporary file while a
+#: transform runs, not in memory: the copy would double a language model's resident memory
+SPILL_BYTES = 256 * 2**20
+
+
+class Originals:
+    """Exact copies of parameters to write back: in memory when small, else their raw bytes
+    in an unlinked temporary file (in $TMPDIR), so nothing outlives the process."""
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        self.params = list({id(p): p for p in params}.values())  # a tied weight once
+        total = sum(p.numel() * p.element_size() for p in self.params)
+        self.file = None
+        if total <= SPILL_BYTES or any(p.is_meta for p in self.params):
+            self.saved = [p.detach().clone() for p in self.params]
+            return
+        self.saved = None
+        self.file = tempfile.TemporaryFile(prefix="prunekit-originals-")
+        try:
+            for p in self.params:
+                if p.numel():
+                    raw = p.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                    self.file.write(memoryview(raw.numpy()))
+            self.file.flush()
+        except BaseException:
+            self.close()
+            raise
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.file is None:
+            for p, saved in zip(self.params, self.saved):
+                p.copy_(saved)
+            return
+        self.file.seek(0)
+        for p in self.params:
+            size = p.numel() * p.element_size()
+            if not size:
+                continue
+            buf = bytearray(size)
+            if self.file.readinto(buf) != size:
+                raise PruneError("the saved copy of the original weights was cut short")
+            p.copy_(torch.frombuffer(buf, dtype=torch.uint8).view(p.dtype).view(p.shape))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 @contextmanager
 def restored_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[list]:
     """Run a transform that loses nothing: if it raises (Ctrl-C included), every layer's
     weight is written back as it was and the undo functions the caller appended to the
     yielded list run (last first: a replaced module put back, an added buffer removed).
     Every module's own train/eval mode is restored either way (a BatchNorm frozen in eval
-    inside a training model stays frozen)."""
+    inside a training model stays frozen). The copies of large layers wait on disk
+    (`Originals`), so the transform's memory is the model's plus its own work."""
     # every parameter of each layer (a parametrized weight lives in its parametrization's
     # originals, which a write through the right inverse would not restore bit for bit)
-    originals = [(p, p.detach().clone()) for m in layers.values() for p in m.parameters()]
+    originals = Originals([p for m in layers.values() for p in m.parameters()])
     modes = [(m, m.training) for m in model.modules()]
     undo: list = []
     try:
@@ -156,10 +208,9 @@ def restored_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iter
     except BaseException:
         for step in reversed(undo):
             step()
-        with torch.no_grad():
-            for p, saved in originals:
-                p.copy_(saved)
+        originals.restore()
         raise
     finally:
+        originals.close()
         for m, mode in modes:
             m.training = mode

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from prunekit.batches import as_batches
+from prunekit.batches import as_batches, micro_batches
 from prunekit.config import Config
 from prunekit.errors import PruneError, all_finite
 from prunekit.layers import (
@@ -396,7 +396,8 @@ def run(model: nn.Module, config: Transform, calib=None, *,
                                                  float((m.weight == 0).float().mean()), None,
                                                  0.0))
         elif config.sequential:
-            seq = Blockwise(model, layers, batches, config.blocks, diagonal=diagonal)
+            seq = Blockwise(model, layers, micro_batches(batches), config.blocks,
+                            diagonal=diagonal)
             task = bar.add(f"{config.name}: blocks", total=len(seq.blocks))
             for stage, stage_layers, stats in seq.stages(lambda b: bar.advance(task)):
                 _apply_stage(report, model, stage_layers, stats, config, configs, undo, bar,
@@ -404,8 +405,9 @@ def run(model: nn.Module, config: Transform, calib=None, *,
         else:
             stats = {}
             if batches:
-                task = bar.add("calibrating", total=len(batches))
-                stats = collect_stats(model, layers, batches, lambda: bar.advance(task),
+                pieces = micro_batches(batches)
+                task = bar.add("calibrating", total=len(pieces))
+                stats = collect_stats(model, layers, pieces, lambda: bar.advance(task),
                                       diagonal=diagonal)
             _apply_stage(report, model, layers, stats, config, configs, undo, bar, "layers")
     shared = shared_weights(model)
@@ -456,7 +458,7 @@ def layer_levels(model: nn.Module, config: Transform, calib, levels: Sequence,
     configs = {lv: config.at_level(lv) for lv in levels}
     for cfg in configs.values():
         check_layers(layers, cfg)
-    batches = as_batches(calib)
+    batches = micro_batches(as_batches(calib))
     if not batches:
         raise PruneError("a per-level database needs calibration data: pass calib=...")
     model.eval()

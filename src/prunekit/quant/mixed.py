@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.batches import as_batches
+from prunekit.batches import as_batches, micro_batches
 from prunekit.budget.dp import solve
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, weight_matrix
@@ -110,7 +110,7 @@ def database(model: nn.Module, config: QuantConfig, calib, levels: Sequence[int]
         raise PruneError(f"levels must be distinct bit widths, got {levels}")
     _, errors = layer_levels(model, config, calib, levels, include, exclude, progress)
     layers = find_layers(model, include, exclude)
-    stats = collect_stats(model, layers, as_batches(calib))
+    stats = collect_stats(model, layers, micro_batches(as_batches(calib)))
     names = list(errors)
     trace = np.zeros((len(names), len(levels)))
     costs = np.zeros((len(names), len(levels)))
