@@ -31,9 +31,10 @@ MiniLM with SparseGPT 50% and 2:4, each alone and with int4:g128 in the same pas
 
 SmolLM2-135M (--part smollm2; the loader and perplexity of benchmarks/llm_oneshot.py):
 perplexity at W8, W4 per channel, W4 g64 and W3 g64 for RTN and GPTQ (block by block, 32 x 512
-calibration tokens from WikiText-2 validation), W4 g64 also with asymmetric grids and with
-GPTQ's activation order, and SparseGPT 50% and 2:4 alone and with
-int4:g64 in the same pass; lm_head (tied to the embeddings) and the embeddings stay float.
+calibration tokens from WikiText-2 validation), W4 g64 also with asymmetric grids, with
+GPTQ's activation order and with scales from the MSE search over shrink factors, and
+SparseGPT 50% and 2:4 alone and with int4:g64 in the same pass; lm_head (tied to the
+embeddings) and the embeddings stay float.
 Groups of 64, not 128: the hidden size 576 is no multiple of 128. --mixed adds mixed
 precision at the size of uniform W3 g64 (bits per layer from {2, 3, 4, 8, 16} by the DP on
 GPTQ's error database, against uniform W3 g64 and the trace ordering, each applied by GPTQ
@@ -382,6 +383,11 @@ def smollm2_rows() -> list[tuple[str, object]]:
                       ("W4 g64 asym act_order", dict(bits=4, group_size=64, sym=False,
                                                      act_order=True))):
         out.append((f"gptq {label}", prunekit.GPTQ(**kw, exclude=head, sequential=True)))
+    # scales and zero points by the MSE search over shrink factors instead of min-max
+    mse = dict(bits=4, group_size=64, sym=False, search="mse")
+    out.append(("rtn W4 g64 asym mse", prunekit.RTN(**mse, exclude=head)))
+    out.append(("gptq W4 g64 asym act_order mse",
+                prunekit.GPTQ(**mse, act_order=True, exclude=head, sequential=True)))
     for label, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4"))):
         for quant in (None, "int4:g64"):
             name = f"sparsegpt {label}" + (f" + {quant}" if quant else "")

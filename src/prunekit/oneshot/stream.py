@@ -57,7 +57,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from prunekit.batches import as_batches, token_mask
+from prunekit import batches as batch_pieces
+from prunekit.batches import as_batches, micro_batches, token_mask
 from prunekit.errors import PruneError
 from prunekit.io import atomic_write, atomic_write_text, check_output, tensors_sha256
 from prunekit.layers import shared_weights
@@ -333,7 +334,8 @@ def _key(source: _Source, config: PruneConfig, batches: list) -> str:
 
     h = hashlib.sha256()
     h.update(json.dumps([source.fingerprint(), repr(config), torch.__version__,
-                         transformers.__version__], sort_keys=True).encode())
+                         transformers.__version__, batch_pieces.MICRO_TOKENS],
+                        sort_keys=True).encode())
     for i, b in enumerate(batches):
         parts = (b.items() if isinstance(b, Mapping) else
                  enumerate([b] if isinstance(b, torch.Tensor) else b))
@@ -423,7 +425,7 @@ def prune_folder(src: str | os.PathLike, out: str | os.PathLike, config: PruneCo
                          for lr in state.get("layers", [])]
         report.blocks = state.get("blocks", [])
         report.resumed = done
-        carried = (_catch_inputs(skeleton, source, batches, work, state)
+        carried = (_catch_inputs(skeleton, source, micro_batches(batches), work, state)
                    if batches and done < n_blocks else [])
         total = n_blocks + 1
         files = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
@@ -482,6 +484,10 @@ def _catch_inputs(skeleton: nn.Module, source: _Source, batches: list, work: _Wo
     saved = [f for f in state.get("files", []) if f.startswith("carry-")]
     if saved:
         with safe_open(str(work.path / saved[0]), framework="pt") as f:
+            if len(f.keys()) != len(carried):
+                raise PruneError(f"{work.path / saved[0]} holds {len(f.keys())} hidden states "
+                                 f"for {len(carried)} calibration pieces; remove "
+                                 f"{work.path} to start again")
             for j, item in enumerate(carried):
                 item["hidden_states"] = f.get_tensor(str(j)).clone()
     return carried
