@@ -31,10 +31,12 @@ class LayerStats:
     """Input statistics of one layer: hessian[g] = sum of x x^T over input rows of group g.
 
     With `diagonal` only the sums of squares were gathered (methods that read no more than
-    the input feature norms, such as Wanda): hessian[g] is then the diagonal matrix of them,
-    and the off-diagonal terms of X^T X are unknown, not zero."""
+    the input feature norms, such as Wanda): hessian is then (G, d), those sums, and the
+    off-diagonal terms of X^T X are unknown, not zero; `matrix(g)` gives group g's H as the
+    (d, d) matrix a method reads, built only while it is used (d x d float64 for every layer
+    at once was 1 GB on SmolLM2)."""
 
-    hessian: torch.Tensor  # (G, d, d) float64
+    hessian: torch.Tensor  # (G, d, d) float64, or (G, d) with `diagonal`
     rows: int
     diagonal: bool = False
 
@@ -42,9 +44,14 @@ class LayerStats:
     def groups(self) -> int:
         return self.hessian.shape[0]
 
+    def matrix(self, g: int) -> torch.Tensor:
+        """Group g's H = X^T X, (d, d); the diagonal matrix of the sums of squares when only
+        those were gathered."""
+        return torch.diag(self.hessian[g]) if self.diagonal else self.hessian[g]
+
     def col_sq(self) -> torch.Tensor:
         """Sum of squares of each input feature, (G, d): the square of Wanda's feature norm."""
-        return torch.diagonal(self.hessian, dim1=1, dim2=2)
+        return self.hessian if self.diagonal else torch.diagonal(self.hessian, dim1=1, dim2=2)
 
 
 def _conv_padding(module: nn.Module, x: torch.Tensor, dims: int) -> torch.Tensor:
@@ -179,12 +186,8 @@ class StatsCollector:
         return h, rows.shape[1]
 
     def result(self) -> dict[str, LayerStats]:
-        """The statistics gathered, diagonal ones as (G, d, d) diagonal matrices."""
+        """The statistics gathered."""
         self._last = None
-        if self.diagonal:
-            for st in self.stats.values():
-                if st.hessian.dim() == 2:
-                    st.hessian = torch.diag_embed(st.hessian)
         return self.stats
 
     def remove(self) -> None:

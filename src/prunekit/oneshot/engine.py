@@ -325,7 +325,7 @@ def transform_module(name: str, module: nn.Module, config: Transform,
     plans = plan.chunk(groups) if plan is not None else [None] * groups
     parts = []
     for g, (wg, pg) in enumerate(zip(w.chunk(groups), plans)):
-        h = stats.hessian[g] if stats is not None else None
+        h = stats.matrix(g) if stats is not None else None
         parts.append(config.transform(wg.clone(), h, name, pg))
     result = LayerResult.cat(parts)
     if not all_finite(result.weight):

@@ -137,6 +137,6 @@ class PruneConfig(Transform):
             w = weight_matrix(module).detach().float()
             st = stats.get(name)
             g = groups_of(module)
-            scores[name] = torch.cat([self.score(wg, st.hessian[i] if st else None, name)
+            scores[name] = torch.cat([self.score(wg, st.matrix(i) if st else None, name)
                                       for i, wg in enumerate(w.chunk(g))])
         return global_keep_masks(scores, self.target_sparsity)
