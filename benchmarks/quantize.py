@@ -37,9 +37,10 @@ SparseGPT 50% and 2:4 alone and with int4:g64 in the same pass; lm_head (tied to
 embeddings) and the embeddings stay float.
 Groups of 64, not 128: the hidden size 576 is no multiple of 128. --mixed adds mixed
 precision at the size of uniform W3 g64 (bits per layer from {2, 3, 4, 8, 16} by the DP on
-GPTQ's error database, against uniform W3 g64 and the trace ordering, each applied by GPTQ
-block by block). SmolLM2's weights were stored as Q4_1 (asymmetric 4 bits in groups of 32);
-none of these grids is that grid (the asymmetric rows use groups of 64), so none lands back
+GPTQ's error database, against uniform W3 g64, the trace ordering and SPDY's search scored
+by the loss on 4 calibration segments, each applied by GPTQ block by block). SmolLM2's
+weights were stored as Q4_1 (asymmetric 4 bits in groups of 32); none of these grids is that
+grid (the asymmetric rows use groups of 64), so none lands back
 on it. Evaluation:
 --lm-eval steering8 (8 windows of 1024 tokens spread over WikiText-2 test, the default) or
 wikitext2 (the whole test set; hours on 2 cores).
@@ -443,26 +444,52 @@ def run_smollm2(args, prov) -> dict:
     return payload
 
 
+#: SPDY's search for the mixed-precision rows: candidate allocations scored by the language
+#: model loss on the first SEARCH_SEGMENTS calibration segments
+SEARCH_STEPS, SEARCH_SEGMENTS = 60, 4
+
+
 def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload, path):
     """Bits per layer from {2, 3, 4, 8, 16} at the size of uniform W3 g64: the DP on GPTQ's
-    error database (one calibration of the dense model), against uniform W3 g64 and the
-    HAWQ-style trace ordering at the same size; each allocation then applied by GPTQ block by
-    block, as the uniform rows are."""
+    error database (one calibration of the dense model), against uniform W3 g64, the
+    HAWQ-style trace ordering and SPDY's search (per-layer coefficients on the database
+    errors, each candidate scored by the loss on SEARCH_SEGMENTS calibration segments with
+    the database's weights written in) at the same size; each allocation then applied by
+    GPTQ block by block, as the uniform rows are."""
+    from prunekit.batches import first_rows
     from prunekit.evaluate import lm_perplexity
     from prunekit.quant import mixed
 
-    kinds = ("uniform", "measured", "trace")
+    kinds = ("uniform", "measured", "trace", "searched")
     names = {k: f"mixed @ size(W3 g64) gptq {k}" for k in kinds}
     if all(n in rows for n in names.values()):
         return
     head = ("lm_head",)
     start = time.perf_counter()
     db = mixed.database(dense, prunekit.GPTQ(group_size=64, exclude=head), calib,
-                        progress=False)
+                        progress=False, keep_weights=names["searched"] not in rows)
     db_seconds = time.perf_counter() - start
     budget = db.size(3)
     apply_cfg = prunekit.GPTQ(group_size=64, exclude=head, sequential=True)
-    for alloc in (db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")):
+    allocs = [db.uniform(3), db.allocate(budget), db.allocate(budget, "trace")]
+    search = {}
+    if names["searched"] not in rows:
+        segs = first_rows(calib[0], SEARCH_SEGMENTS)["input_ids"]
+
+        def lm_loss(model):
+            with torch.inference_mode():
+                return float(model(input_ids=segs, labels=segs).loss)
+
+        start = time.perf_counter()
+        found = db.search(dense, budget, loss=lm_loss, steps=SEARCH_STEPS, seed=0,
+                          progress=False)
+        search = dict(search_seconds=time.perf_counter() - start, search_steps=SEARCH_STEPS,
+                      search_segments=SEARCH_SEGMENTS, search_loss=found.loss,
+                      search_loss_plain_dp=found.history[0],
+                      search_loss_uniform=_loss_at(db, dense, db.uniform(3).bits, lm_loss))
+        allocs.append(found)
+        db.quantized = None
+    for alloc in allocs:
         name = names[alloc.sensitivity]
         if name in rows:
             continue
@@ -477,12 +504,28 @@ def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload
                           eval_seconds=time.perf_counter() - start, commit=prov["git_commit"],
                           mean_bits=alloc.mean_bits, size_bits=alloc.size_bits,
                           budget_bits=budget, db_error=alloc.error, layers_at_bits=hist,
-                          database_seconds=db_seconds, load_average=list(os.getloadavg()))
+                          database_seconds=db_seconds, load_average=list(os.getloadavg()),
+                          **(search if alloc.sensitivity == "searched" else {}))
         print(f"smollm2 {name:<28} ppl {ppl:8.3f} mean bits {alloc.mean_bits:.3f} "
               f"({seconds:.1f} s)", flush=True)
         payload["results"] = others + list(rows.values())
         write_result(path, payload, prov)
         del model
+
+
+def _loss_at(db, model, bits: dict, loss) -> float:
+    """loss(model) with the database's weights of `bits` written in; the model restored."""
+    from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
+
+    layers = find_layers(model)
+    dense = {n: weight_matrix(layers[n]).detach().clone() for n in bits}
+    try:
+        for n, b in bits.items():
+            set_weight_matrix(layers[n], db.quantized[n][db.levels.index(b)])
+        return loss(model)
+    finally:
+        for n, w in dense.items():
+            set_weight_matrix(layers[n], w)
 
 
 def run_minilm_w3(args, prov) -> dict:

@@ -53,6 +53,43 @@ def test_allocation_beats_uniform_and_trace_at_equal_size(digits, bits):
         assert lr.rel_error == pytest.approx(db.errors[db.names.index(lr.name), k], rel=1e-6)
 
 
+def test_search_scores_no_worse_than_the_plain_dp_and_leaves_the_model(digits):
+    """SPDY's search on the bit database: within the budget, its calibration loss at most
+    that of the plain DP allocation (its first candidate), reproduced by writing the chosen
+    weights into a copy, the model unchanged afterwards, seeded."""
+    from prunekit.budget.spdy import output_error
+    from prunekit.layers import find_layers, set_weight_matrix
+
+    model, calib, _ = digits
+    db = mixed.database(model, RTN(), calib, levels=(2, 3, 4, 16), progress=False,
+                        keep_weights=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = db.size(3)
+    with torch.inference_mode():
+        ref = [model(b[0] if isinstance(b, (tuple, list)) else b).float() for b in calib]
+
+    def scored(bits):
+        m = copy.deepcopy(model)
+        layers = find_layers(m)
+        for n, b in bits.items():
+            set_weight_matrix(layers[n], db.quantized[n][db.levels.index(b)])
+        return output_error(m, calib, ref)
+
+    found = db.search(model, budget, calib, steps=12, seed=0, progress=False)
+    again = db.search(model, budget, calib, steps=12, seed=0, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plain = db.allocate(budget)
+    assert found.size_bits <= budget and found.sensitivity == "searched"
+    assert found.loss == pytest.approx(scored(found.bits), rel=1e-6)
+    assert found.loss <= scored(plain.bits) + 1e-12
+    assert found.history[0] == pytest.approx(scored(plain.bits), rel=1e-6)
+    assert all(a >= b for a, b in zip(found.history, found.history[1:]))
+    assert found.bits == again.bits and found.loss == again.loss
+    with pytest.raises(PruneError, match="keep_weights=True"):
+        mixed.database(model, RTN(), calib, levels=(2, 16), progress=False).search(
+            model, budget, calib)
+
+
 def test_mixed_bad_input(digits):
     model, calib, db = digits
     with pytest.raises(PruneError, match="below the cheapest"):

@@ -142,6 +142,48 @@ def assemble(layers: Mapping[str, nn.Module], db: Database, choice: Mapping[str,
         set_weight_matrix(layers[name], db.weights[name][k])
 
 
+def coefficient_search(errors: np.ndarray, costs: np.ndarray, cap: float,
+                       apply: Callable[[list[int]], None], loss: Callable[[], float],
+                       steps: int = 100, seed: int = 0, resolution: int = 2000,
+                       init: Sequence[float] | None = None, progress: bool = True
+                       ) -> tuple[np.ndarray, float, list[int], list[float]]:
+    """SPDY's search over per-layer coefficients c: each candidate is the DP's choice for
+    the errors c_l * e[l, level] under the cost cap, applied (`apply(choice)`) and scored
+    by `loss()`; the first candidate is the plain DP (c = 1, or `init`), then random starts
+    (a fifth of the steps, none with `init`), then a local search that perturbs many
+    coefficients early and few late. Returns (coefficients, best loss, its choice, best
+    loss after each step); the last candidate applied is not necessarily the best."""
+    rng = np.random.default_rng(seed)
+    n = errors.shape[0]
+
+    def evaluate(coef: np.ndarray) -> tuple[float, list[int]]:
+        choice = solve(errors * coef[:, None], costs, cap, resolution)
+        apply(choice)
+        return loss(), choice
+
+    coef = np.ones(n) if init is None else np.asarray(init, dtype=np.float64)
+    best_loss, best_choice = evaluate(coef)
+    history = [best_loss]
+    explore = 0 if init is not None else steps // 5
+    with Progress(enabled=progress) as bar:
+        task = bar.add("SPDY search", total=steps)
+        for step in range(steps):
+            if step < explore:  # random starting points first
+                trial = np.exp(rng.normal(0.0, 1.5, size=n))
+            else:  # then local search: perturb many coefficients early, few late
+                t = (step - explore) / max(steps - explore, 1)
+                count = max(1, int(round(max(1.0 / n, 0.5 * (1 - t)) * n)))
+                trial = coef.copy()
+                idx = rng.choice(n, size=count, replace=False)
+                trial[idx] *= np.exp(rng.normal(0.0, 1.0, size=count))
+            value, choice = evaluate(trial)
+            if value < best_loss:
+                coef, best_loss, best_choice = trial, value, choice
+            history.append(best_loss)
+            bar.advance(task)
+    return coef, best_loss, best_choice, history
+
+
 @BUDGETS.register("spdy", search=True)
 def spdy_search(model: nn.Module, db: Database, calib, target: Target,
                 table: LatencyTable | None = None, steps: int = 100, seed: int = 0,
@@ -158,6 +200,11 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
     """
     start = time.perf_counter()
     names = list(db.weights)
+    if init is not None:
+        missing = [n for n in names if n not in init]
+        if missing:
+            raise PruneError(f"init has no coefficient for layer(s) {missing[:3]}: pass the "
+                             "coefficients of a search over the same database")
     all_layers = find_layers(model)
     layers = {n: all_layers[n] for n in names}
     sizes = {n: float(m.weight.numel()) for n, m in layers.items()}
@@ -177,40 +224,10 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
         def loss(m):
             return output_error(m, batches, ref)
 
-    rng = np.random.default_rng(seed)
-
-    def evaluate(coef: np.ndarray) -> tuple[float, list[int]]:
-        choice = solve(errors * coef[:, None], costs, cap, resolution)
-        assemble(layers, db, dict(zip(names, choice)))
-        return loss(model), choice
-
-    if init is not None:
-        missing = [n for n in names if n not in init]
-        if missing:
-            raise PruneError(f"init has no coefficient for layer(s) {missing[:3]}: pass the "
-                             "coefficients of a search over the same database")
-        coef = np.array([float(init[n]) for n in names])
-    else:
-        coef = np.ones(len(names))
-    best_loss, best_choice = evaluate(coef)
-    history = [best_loss]
-    explore = 0 if init is not None else steps // 5
-    with Progress(enabled=progress) as bar:
-        task = bar.add("SPDY search", total=steps)
-        for step in range(steps):
-            if step < explore:  # random starting points first
-                trial = np.exp(rng.normal(0.0, 1.5, size=len(names)))
-            else:  # then local search: perturb many coefficients early, few late
-                t = (step - explore) / max(steps - explore, 1)
-                count = max(1, int(round(max(1.0 / len(names), 0.5 * (1 - t)) * len(names))))
-                trial = coef.copy()
-                idx = rng.choice(len(names), size=count, replace=False)
-                trial[idx] *= np.exp(rng.normal(0.0, 1.0, size=count))
-            value, choice = evaluate(trial)
-            if value < best_loss:
-                coef, best_loss, best_choice = trial, value, choice
-            history.append(best_loss)
-            bar.advance(task)
+    coef, best_loss, best_choice, history = coefficient_search(
+        errors, costs, cap, lambda choice: assemble(layers, db, dict(zip(names, choice))),
+        lambda: loss(model), steps, seed, resolution,
+        None if init is None else [float(init[n]) for n in names], progress)
     assemble(layers, db, dict(zip(names, best_choice)))
     budget = {n: db.levels[k] for n, k in zip(names, best_choice)}
     chosen_cost = float(sum(costs[i, k] for i, k in enumerate(best_choice)))
