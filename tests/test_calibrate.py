@@ -299,3 +299,14 @@ def test_layers_reading_one_input_share_its_statistic_and_equal_separate_runs():
         scale = 9.0 if inplace else 1.0
         torch.testing.assert_close(together["b"].hessian, scale * together["a"].hessian,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diagonal"])
+def test_nan_reaching_a_layer_inside_the_model_is_named(diagonal):
+    """Finite calibration data can still turn NaN inside the model (an overflow, a bad
+    weight upstream): the layer whose input holds it is named, in both statistic kinds."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias[2] = float("nan")
+    with pytest.raises(PruneError, match=r"^1: its calibration input holds NaN or Inf"):
+        collect_stats(model, {"1": model[1]}, [torch.randn(5, 4)], diagonal=diagonal)
