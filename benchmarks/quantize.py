@@ -486,7 +486,7 @@ def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload
         search = dict(search_seconds=time.perf_counter() - start, search_steps=SEARCH_STEPS,
                       search_segments=SEARCH_SEGMENTS, search_loss=found.loss,
                       search_loss_plain_dp=found.history[0],
-                      search_loss_uniform=_loss_at(db, dense, db.uniform(3).bits, lm_loss))
+                      search_loss_uniform=db.loss_at(dense, db.uniform(3).bits, lm_loss))
         allocs.append(found)
         db.quantized = None
     for alloc in allocs:
@@ -511,21 +511,6 @@ def _smollm2_mixed(args, prov, dense, calib, ids, windows, rows, others, payload
         payload["results"] = others + list(rows.values())
         write_result(path, payload, prov)
         del model
-
-
-def _loss_at(db, model, bits: dict, loss) -> float:
-    """loss(model) with the database's weights of `bits` written in; the model restored."""
-    from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
-
-    layers = find_layers(model)
-    dense = {n: weight_matrix(layers[n]).detach().clone() for n in bits}
-    try:
-        for n, b in bits.items():
-            set_weight_matrix(layers[n], db.quantized[n][db.levels.index(b)])
-        return loss(model)
-    finally:
-        for n, w in dense.items():
-            set_weight_matrix(layers[n], w)
 
 
 def run_minilm_w3(args, prov) -> dict:

@@ -136,6 +136,17 @@ def output_error(model: nn.Module, batches, reference: list[torch.Tensor]) -> fl
     return num / max(den, 1e-30)
 
 
+def output_loss(model: nn.Module, calib) -> Callable[[nn.Module], float]:
+    """loss(m): m's relative output error on `calib` against `model` as it is now."""
+    batches = as_batches(calib)
+    if not batches:
+        raise PruneError("scoring allocations needs data: pass calib=... or loss=...")
+    model.eval()
+    with torch.inference_mode():
+        ref = [output_tensor(run_batch(model, b)).float() for b in batches]
+    return lambda m: output_error(m, batches, ref)
+
+
 def assemble(layers: Mapping[str, nn.Module], db: Database, choice: Mapping[str, int]) -> None:
     """Write each layer's database weights at its chosen level into the model."""
     for name, k in choice.items():
@@ -217,12 +228,7 @@ def spdy_search(model: nn.Module, db: Database, calib, target: Target,
     errors = db.error_matrix(names)
     model.eval()
     if loss is None:
-        batches = as_batches(calib)
-        with torch.inference_mode():
-            ref = [output_tensor(run_batch(model, b)).float() for b in batches]
-
-        def loss(m):
-            return output_error(m, batches, ref)
+        loss = output_loss(model, calib)
 
     coef, best_loss, best_choice, history = coefficient_search(
         errors, costs, cap, lambda choice: assemble(layers, db, dict(zip(names, choice))),

@@ -383,6 +383,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
             raise PruneError(f"{config.name} needs gradients: pass loss_fn=lambda model, "
                              f"batch: <scalar loss>")
     diagonal = config.needs == "hessian" and config.statistic == "diagonal"
+    pieces = micro_batches(batches)  # calibration passes run token batches in pieces
     report = Report(config.name, config.target(), config.options(), skipped=skipped)
     if budget is not None:
         report.options["budget"] = dict(budget)
@@ -396,8 +397,7 @@ def run(model: nn.Module, config: Transform, calib=None, *,
                                                  float((m.weight == 0).float().mean()), None,
                                                  0.0))
         elif config.sequential:
-            seq = Blockwise(model, layers, micro_batches(batches), config.blocks,
-                            diagonal=diagonal)
+            seq = Blockwise(model, layers, pieces, config.blocks, diagonal=diagonal)
             task = bar.add(f"{config.name}: blocks", total=len(seq.blocks))
             for stage, stage_layers, stats in seq.stages(lambda b: bar.advance(task)):
                 _apply_stage(report, model, stage_layers, stats, config, configs, undo, bar,
@@ -405,7 +405,6 @@ def run(model: nn.Module, config: Transform, calib=None, *,
         else:
             stats = {}
             if batches:
-                pieces = micro_batches(batches)
                 task = bar.add("calibrating", total=len(pieces))
                 stats = collect_stats(model, layers, pieces, lambda: bar.advance(task),
                                       diagonal=diagonal)

@@ -26,13 +26,14 @@ end to end on calibration data, with the database's quantized weights written in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from prunekit.batches import as_batches, micro_batches, output_tensor, run_batch
+from prunekit.batches import as_batches, micro_batches
 from prunekit.budget.dp import solve
 from prunekit.errors import PruneError
 from prunekit.layers import find_layers, set_weight_matrix, weight_matrix
@@ -112,41 +113,15 @@ class Database:
         result scores no worse than it on that loss. The model is unchanged afterwards; the
         allocation is applied by `prunekit.quantize(..., budget=alloc.bits)` as the others.
         Needs database(keep_weights=True)."""
-        from prunekit.budget.spdy import coefficient_search, output_error
+        from prunekit.budget.spdy import coefficient_search, output_loss
 
-        if self.quantized is None:
-            raise PruneError("search needs the quantized weights of every level: build the "
-                             "database with database(..., keep_weights=True)")
-        all_layers = find_layers(model)
-        missing = [n for n in self.names if n not in all_layers]
-        if missing:
-            raise PruneError(f"the model has no layer {missing[0]!r} of this database; pass "
-                             f"the model the database was built from")
-        layers = {n: all_layers[n] for n in self.names}
+        self._check_search(model)
         if loss is None:
-            batches = as_batches(calib)
-            if not batches:
-                raise PruneError("search scores allocations on data: pass calib=... or loss=")
-            model.eval()
-            with torch.inference_mode():
-                ref = [output_tensor(run_batch(model, b)).float() for b in batches]
-
-            def loss(m):
-                return output_error(m, batches, ref)
-
-        dense = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
-
-        def apply(choice):
-            for n, k in zip(self.names, choice):
-                set_weight_matrix(layers[n], self.quantized[n][k])
-
-        try:
+            loss = output_loss(model, calib)
+        with self._written(model) as write:
             coef, best, choice, history = coefficient_search(
-                self.errors, self.costs, float(budget_bits), apply, lambda: loss(model),
+                self.errors, self.costs, float(budget_bits), write, lambda: loss(model),
                 steps, seed, init=None, progress=progress)
-        finally:
-            for n, w in dense.items():
-                set_weight_matrix(layers[n], w)
         rows = np.arange(len(self.names))
         alloc = Allocation({n: self.levels[k] for n, k in zip(self.names, choice)},
                            int(self.costs[rows, choice].sum()),
@@ -155,6 +130,43 @@ class Database:
         alloc.loss, alloc.history = best, history
         alloc.coefficients = dict(zip(self.names, coef.tolist()))
         return alloc
+
+    def loss_at(self, model: nn.Module, bits: dict[str, int],
+                loss: Callable[[nn.Module], float]) -> float:
+        """loss(model) with the database's weights of `bits` (a width for every layer)
+        written in; the model unchanged afterwards. Needs database(keep_weights=True)."""
+        self._check_search(model)
+        with self._written(model) as write:
+            write([self._level(bits[n]) for n in self.names])
+            return loss(model)
+
+    def _check_search(self, model: nn.Module) -> None:
+        if self.quantized is None:
+            raise PruneError("search needs the quantized weights of every level: build the "
+                             "database with database(..., keep_weights=True)")
+        layers = find_layers(model)
+        missing = [n for n in self.names if n not in layers]
+        if missing:
+            raise PruneError(f"the model has no layer {missing[0]!r} of this database; pass "
+                             f"the model the database was built from")
+
+    @contextmanager
+    def _written(self, model: nn.Module):
+        """write(choice): each layer's database matrix at level index choice[i] into the
+        model; every layer's own weights come back when the block ends."""
+        all_layers = find_layers(model)
+        layers = {n: all_layers[n] for n in self.names}
+        dense = {n: weight_matrix(m).detach().clone() for n, m in layers.items()}
+
+        def write(choice):
+            for n, k in zip(self.names, choice):
+                set_weight_matrix(layers[n], self.quantized[n][k])
+
+        try:
+            yield write
+        finally:
+            for n, w in dense.items():
+                set_weight_matrix(layers[n], w)
 
     def _level(self, bits: int) -> int:
         if bits not in self.levels:
